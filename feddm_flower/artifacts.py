@@ -1,0 +1,74 @@
+"""A run's output directory: config, metrics.jsonl, sample grids, checkpoint, final pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from torchvision.utils import save_image
+
+DEFAULT_RUNS_ROOT = Path.home() / "feddm-flower" / "runs"
+
+
+class RunDirectory:
+    """Everything one run writes, in one directory::
+
+    run_config.json       the validated run configuration
+    metrics.jsonl         one JSON object per finished round
+    samples/round_NNN.png sample grid of the global model after round NNN (000 = init)
+    checkpoint/           latest global U-Net (diffusers ``save_pretrained``)
+    pipeline/             final ``DDPMPipeline`` (``DDPMPipeline.from_pretrained``)
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        (path / "samples").mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def create(cls, output_dir: str, strategy: str) -> RunDirectory:
+        """``output_dir`` if given (relative to the working directory), else a fresh default."""
+        if output_dir:
+            return cls(Path(output_dir).expanduser().resolve())
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return cls(DEFAULT_RUNS_ROOT / f"{stamp}-{strategy}")
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def write_config(self, config: dict[str, object]) -> None:
+        (self.path / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def append_metrics(self, record: dict[str, object]) -> None:
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save_grid(self, images: torch.Tensor, server_round: int) -> Path:
+        """Save images in [0, 1] as a square-ish grid PNG."""
+        path = self.path / "samples" / f"round_{server_round:03d}.png"
+        save_image(images, path, nrow=math.ceil(math.sqrt(len(images))), padding=1)
+        return path
+
+    def save_checkpoint(self, unet: UNet2DModel) -> Path:
+        """Replace ``checkpoint/`` with ``unet``, atomically (never half-written)."""
+        return self._save_atomic(unet, "checkpoint")
+
+    def save_pipeline(self, unet: UNet2DModel, scheduler: DDPMScheduler) -> Path:
+        """Save the final model as a diffusers ``DDPMPipeline`` directory."""
+        return self._save_atomic(DDPMPipeline(unet=unet, scheduler=scheduler), "pipeline")
+
+    def _save_atomic(self, model: UNet2DModel | DDPMPipeline, name: str) -> Path:
+        final, tmp, old = self.path / name, self.path / f".{name}.tmp", self.path / f".{name}.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final

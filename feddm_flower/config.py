@@ -1,0 +1,116 @@
+"""Run configuration: every key, its default, and the check that runs before any training."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Value = bool | int | float | str
+Check = Callable[[Any], str | None]  # returns what is allowed when the value is not
+
+
+class ConfigError(ValueError):
+    """An invalid run-config value; the message names the key, the value and what is allowed."""
+
+
+def _one_of(*allowed: str) -> Check:
+    return lambda v: None if v in allowed else f"one of {', '.join(map(repr, allowed))}"
+
+
+def _at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f">= {low}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "> 0"
+
+
+def _fraction(v: float) -> str | None:
+    return None if 0 < v < 1 else "strictly between 0 and 1"
+
+
+def _unit_interval(v: float) -> str | None:
+    return None if 0 < v <= 1 else "in (0, 1]"
+
+
+def _any(_: Any) -> None:
+    return None
+
+
+def _key(default: Value, check: Check = _any, help: str = "") -> Any:
+    return field(default=default, metadata={"check": check, "help": help})
+
+
+STRATEGIES = ("vanilla",)
+PARTITIONINGS = ("iid", "dirichlet", "shards")
+DATASETS = ("fashion-mnist",)
+PRESETS = ("tiny", "paper")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Typed view of ``[tool.flwr.app.config]``; field ``foo_bar`` is run-config key ``foo-bar``."""
+
+    strategy: str = _key("vanilla", _one_of(*STRATEGIES), "federated strategy")
+    num_server_rounds: int = _key(3, _at_least(1), "federated rounds")
+    fraction_train: float = _key(1.0, _unit_interval, "fraction of nodes sampled to train")
+    fraction_evaluate: float = _key(1.0, _unit_interval, "fraction of nodes sampled to evaluate")
+    min_nodes: int = _key(2, _at_least(1), "nodes that must be connected and replying")
+    round_timeout: float = _key(86400.0, _positive, "seconds to wait for replies per round")
+    dataset: str = _key("fashion-mnist", _one_of(*DATASETS), "training data")
+    data_root: str = _key("", help="dataset directory; '' = ~/.cache/feddm-flower/data")
+    partitioning: str = _key("iid", _one_of(*PARTITIONINGS), "how labels are split over clients")
+    dirichlet_alpha: float = _key(0.5, _positive, "Dirichlet concentration (smaller = more skew)")
+    shards_per_client: int = _key(2, _at_least(1), "label-sorted shards per client")
+    eval_fraction: float = _key(0.1, _fraction, "held-out share of each client's partition")
+    seed: int = _key(0, _at_least(0), "seed for partitions, init, noise and sampling")
+    model_preset: str = _key("tiny", _one_of(*PRESETS), "U-Net size")
+    local_epochs: int = _key(1, _at_least(1), "local epochs per round (if local-steps = 0)")
+    local_steps: int = _key(0, _at_least(0), "local optimiser steps per round; 0 = use epochs")
+    batch_size: int = _key(64, _at_least(1), "local minibatch size")
+    learning_rate: float = _key(1e-3, _positive, "AdamW learning rate")
+    weight_decay: float = _key(0.0, _at_least(0.0), "AdamW weight decay")
+    eval_max_examples: int = _key(256, _at_least(1), "held-out images per client evaluation")
+    sample_steps: int = _key(50, _at_least(1), "DDIM steps for evaluation samples")
+    grid_samples: int = _key(16, _at_least(1), "images in each round's sample grid")
+    output_dir: str = _key("", help="results directory; '' = ~/feddm-flower/runs/<time>-<strategy>")
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Value]) -> RunConfig:
+        """Validate ``raw`` (dashed keys, missing keys take defaults) and build a RunConfig.
+
+        Raises ``ConfigError`` on the first unknown key, wrong type or disallowed value.
+        """
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        for key in raw:
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown run-config key {key!r}; allowed keys: {', '.join(sorted(fields))}"
+                )
+        values = {}
+        for key, f in fields.items():
+            value = raw.get(key, f.default)
+            value = _coerce(key, value, type(f.default))
+            allowed = f.metadata["check"](value)
+            if allowed is not None:
+                raise ConfigError(f"run-config {key}={value!r} is invalid: allowed is {allowed}")
+            values[f.name] = value
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Value]:
+        """Dashed-key dict, as written to ``run_config.json`` and accepted by ``from_mapping``."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+
+def _coerce(key: str, value: Any, kind: type) -> Value:
+    """Accept ints where floats are expected; reject everything else of the wrong type."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise ConfigError(
+            f"run-config {key}={value!r} has type {type(value).__name__}; "
+            f"allowed is a {kind.__name__}"
+        )
+    return value

@@ -1,0 +1,151 @@
+"""The diffusion task itself: local training, held-out denoising loss, sampling.
+
+Plain PyTorch + diffusers, nothing Flower-specific: the ClientApp, the ServerApp and the
+benchmarks all call these functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from .models import sampling_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call of :func:`train_local` did."""
+
+    mean_loss: float  # mean diffusion (MSE) loss over all steps, prox term excluded
+    steps: int
+    examples: int  # images seen, counting repeats
+    seconds: float
+
+
+def diffusion_loss(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    generator: torch.Generator,
+    timesteps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Epsilon-prediction MSE at random (or given) timesteps (Ho et al. 2020, Alg. 1)."""
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    if timesteps is None:
+        t = scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, t, (len(x0),), generator=generator, device=x0.device)
+    noisy = scheduler.add_noise(x0, noise, timesteps)
+    return F.mse_loss(unet(noisy, timesteps).sample, noise)
+
+
+def proximal_term(
+    unet: torch.nn.Module, global_params: list[torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx's (mu/2)·Σ‖w − w_global‖² (squared L2) against detached global weights."""
+    sq = sum(((w - g) ** 2).sum() for w, g in zip(unet.parameters(), global_params, strict=True))
+    return 0.5 * mu * sq
+
+
+def train_local(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    images: torch.Tensor,
+    *,
+    batch_size: int,
+    lr: float,
+    epochs: int = 1,
+    steps: int = 0,
+    weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+    label: str = "train",
+) -> TrainResult:
+    """Train ``unet`` in place with AdamW for ``steps`` steps, or ``epochs`` epochs if steps=0.
+
+    With ``proximal_mu`` > 0 the loss adds :func:`proximal_term` against the weights as they
+    were on entry. Logs one line per pass over ``images``.
+    """
+    if len(images) == 0:
+        raise ValueError(f"{label}: no training images")
+    device = next(unet.parameters()).device
+    total = steps or epochs * math.ceil(len(images) / batch_size)
+    shuffle = torch.Generator().manual_seed(seed)
+    noise = torch.Generator(device=device).manual_seed(seed + 1)
+    anchor = [p.detach().clone() for p in unet.parameters()] if proximal_mu > 0 else []
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)
+    unet.train()
+    losses: list[float] = []
+    examples, epoch, start = 0, 0, time.perf_counter()
+    while len(losses) < total:
+        epoch, first = epoch + 1, len(losses)
+        for idx in torch.randperm(len(images), generator=shuffle).split(batch_size):
+            x0 = images[idx].to(device)
+            loss = diffusion_loss(unet, scheduler, x0, noise)
+            objective = loss + proximal_term(unet, anchor, proximal_mu) if anchor else loss
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            opt.step()
+            losses.append(loss.item())
+            examples += len(x0)
+            if len(losses) == total:
+                break
+        elapsed = time.perf_counter() - start
+        log.info(
+            "%s: pass %d, step %d/%d, loss %.4f, %.0f img/s",
+            label,
+            epoch,
+            len(losses),
+            total,
+            float(np.mean(losses[first:])),
+            examples / elapsed,
+        )
+    return TrainResult(float(np.mean(losses)), total, examples, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def denoising_loss(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> float:
+    """Held-out epsilon-MSE on a fixed grid of timesteps and fixed noise.
+
+    Image i is noised at timestep ``i * T / N`` (evenly over the schedule), so the value is
+    deterministic for a given model and comparable across rounds.
+    """
+    if len(images) == 0:
+        raise ValueError("no evaluation images")
+    device = next(unet.parameters()).device
+    steps = scheduler.config.num_train_timesteps
+    grid = torch.linspace(0, steps - 1, len(images)).round().long()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    unet.eval()
+    total = 0.0
+    for x0, t in zip(images.split(batch_size), grid.split(batch_size), strict=True):
+        loss = diffusion_loss(unet, scheduler, x0.to(device), gen, t.to(device))
+        total += loss.item() * len(x0)
+    return total / len(images)
+
+
+def sample(
+    unet: UNet2DModel, scheduler: DDPMScheduler, num: int, *, steps: int, seed: int
+) -> torch.Tensor:
+    """``num`` DDIM samples in [0, 1], shape (N, C, H, W), reproducible for a given seed."""
+    unet.eval()
+    pipe = DDPMPipeline(unet=unet, scheduler=sampling_scheduler(scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator(device=unet.device).manual_seed(seed)
+    out = pipe(batch_size=num, generator=gen, num_inference_steps=steps, output_type="np")
+    return torch.from_numpy(out.images).permute(0, 3, 1, 2)
