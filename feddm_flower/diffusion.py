@@ -6,9 +6,11 @@ benchmarks all call these functions.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,47 +70,54 @@ def train_local(
     proximal_mu: float = 0.0,
     seed: int = 0,
     label: str = "train",
+    log_every: int = 50,
 ) -> TrainResult:
     """Train ``unet`` in place with AdamW for ``steps`` steps, or ``epochs`` epochs if steps=0.
 
     With ``proximal_mu`` > 0 the loss adds :func:`proximal_term` against the weights as they
-    were on entry. Logs one line per pass over ``images``.
+    were on entry. Logs progress every ``log_every`` steps and at the end.
     """
     if len(images) == 0:
         raise ValueError(f"{label}: no training images")
     device = next(unet.parameters()).device
     total = steps or epochs * math.ceil(len(images) / batch_size)
-    shuffle = torch.Generator().manual_seed(seed)
+    batches = itertools.islice(_epochs(len(images), batch_size, seed), total)
     noise = torch.Generator(device=device).manual_seed(seed + 1)
     anchor = [p.detach().clone() for p in unet.parameters()] if proximal_mu > 0 else []
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)
     unet.train()
     losses: list[float] = []
-    examples, epoch, start = 0, 0, time.perf_counter()
-    while len(losses) < total:
-        epoch, first = epoch + 1, len(losses)
-        for idx in torch.randperm(len(images), generator=shuffle).split(batch_size):
-            x0 = images[idx].to(device)
-            loss = diffusion_loss(unet, scheduler, x0, noise)
-            objective = loss + proximal_term(unet, anchor, proximal_mu) if anchor else loss
-            opt.zero_grad(set_to_none=True)
-            objective.backward()
-            opt.step()
-            losses.append(loss.item())
-            examples += len(x0)
-            if len(losses) == total:
-                break
-        elapsed = time.perf_counter() - start
-        log.info(
-            "%s: pass %d, step %d/%d, loss %.4f, %.0f img/s",
-            label,
-            epoch,
-            len(losses),
-            total,
-            float(np.mean(losses[first:])),
-            examples / elapsed,
-        )
+    examples, start = 0, time.perf_counter()
+    for step, (epoch, idx) in enumerate(batches, start=1):
+        x0 = images[idx].to(device)
+        loss = diffusion_loss(unet, scheduler, x0, noise)
+        objective = loss + proximal_term(unet, anchor, proximal_mu) if anchor else loss
+        opt.zero_grad(set_to_none=True)
+        objective.backward()
+        opt.step()
+        losses.append(loss.item())
+        examples += len(x0)
+        if step % log_every == 0 or step == total:
+            rate = examples / (time.perf_counter() - start)
+            recent = float(np.mean(losses[-log_every:]))
+            log.info(
+                "%s: epoch %d, step %d/%d, loss %.4f, %.0f img/s",
+                label,
+                epoch,
+                step,
+                total,
+                recent,
+                rate,
+            )
     return TrainResult(float(np.mean(losses)), total, examples, time.perf_counter() - start)
+
+
+def _epochs(n: int, batch_size: int, seed: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Endless (epoch, minibatch indices): a fresh seeded shuffle of ``range(n)`` per epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in itertools.count(1):
+        for idx in torch.randperm(n, generator=generator).split(batch_size):
+            yield epoch, idx
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 # ``tiny`` fits a 2-core CPU; ``paper`` follows the DDPM/DDIM papers' U-Nets (ch=128,
 # two residual blocks per level, self-attention at 16 px or the nearest level).
 _TINY = {
-    "block_out_channels": (32, 64, 64),
+    "block_out_channels": (16, 32, 32),
     "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
     "layers_per_block": 1,

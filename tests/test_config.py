@@ -1,0 +1,64 @@
+"""Run-config validation: bad values fail fast, naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from feddm_flower.config import ConfigError, RunConfig
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def test_pyproject_defaults_are_the_config_defaults() -> None:
+    app_config = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert app_config == RunConfig().to_dict()
+    assert RunConfig.from_mapping(app_config) == RunConfig()
+
+
+def test_overrides_are_typed_and_ints_widen_to_floats() -> None:
+    cfg = RunConfig.from_mapping(
+        {"num-server-rounds": 7, "learning-rate": 1, "strategy": "vanilla"}
+    )
+    assert cfg.num_server_rounds == 7
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("num-server-rounds", 0, ">= 1"),
+        ("dirichlet-alpha", 0.0, "> 0"),
+        ("dirichlet-alpha", -1.5, "> 0"),
+        ("batch-size", 0, ">= 1"),
+        ("strategy", "fedsgd", "'vanilla'"),
+        ("partitioning", "by-writer", "'dirichlet'"),
+        ("model-preset", "huge", "'paper'"),
+        ("eval-fraction", 1.0, "between 0 and 1"),
+        ("fraction-train", 0.0, "(0, 1]"),
+        ("learning-rate", -0.1, "> 0"),
+        ("local-steps", -1, ">= 0"),
+        ("seed", -3, ">= 0"),
+    ],
+)
+def test_invalid_values_name_key_value_and_allowed(key: str, value: object, allowed: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_mapping({key: value})
+    message = str(err.value)
+    assert key in message and repr(value) in message and allowed in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("batch-size", "64"), ("batch-size", 64.0), ("num-server-rounds", True), ("strategy", 1)],
+)
+def test_wrong_types_are_rejected(key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"{key}=.*has type"):
+        RunConfig.from_mapping({key: value})
+
+
+def test_unknown_key_lists_the_allowed_keys() -> None:
+    with pytest.raises(ConfigError, match="unknown run-config key 'num-rounds'.*num-server-rounds"):
+        RunConfig.from_mapping({"num-rounds": 3})
