@@ -4,24 +4,33 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from diffusers import UNet2DModel
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from . import configure_logging
+from .codecs import decode_update, encode_update
 from .config import RunConfig
 from .data import IMAGE_SHAPES, ImageSet, load_client_data
 from .diffusion import denoising_loss, train_local
 from .models import build_scheduler, build_unet
+from .records import payload_record
 
 app = ClientApp()
+RESIDUAL_KEY = "quant-residual"  # error-feedback residual in the node's context.state
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global U-Net on this node's partition; reply with the weights."""
+    """Train the received global U-Net on this node's partition; reply with the weights or,
+    under FedDM-quant, with the encoded update."""
     cfg, pid, train_set, _ = _setup(context)
-    server_round = int(msg.content["config"]["server-round"])
+    config: ConfigRecord = msg.content["config"]
+    server_round = int(config["server-round"])
+    seed = _round_seed(cfg.seed, server_round, pid)
     unet = _unet(cfg, msg)
+    received = {k: v.clone() for k, v in unet.state_dict().items()}
     result = train_local(
         unet,
         build_scheduler(),
@@ -31,7 +40,8 @@ def train(msg: Message, context: Context) -> Message:
         epochs=cfg.local_epochs,
         steps=cfg.local_steps,
         weight_decay=cfg.weight_decay,
-        seed=_round_seed(cfg.seed, server_round, pid),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        seed=seed,
         label=f"client {pid} round {server_round}",
     )
     metrics = MetricRecord(
@@ -42,7 +52,11 @@ def train(msg: Message, context: Context) -> Message:
             "train-seconds": result.seconds,
         }
     )
-    content = RecordDict({"arrays": ArrayRecord(unet.state_dict()), "metrics": metrics})
+    if "quant-bits" in config:
+        update = _encoded_update(unet.state_dict(), received, config, context, seed)
+        content = RecordDict({"update": update, "metrics": metrics})
+    else:
+        content = RecordDict({"arrays": ArrayRecord(unet.state_dict()), "metrics": metrics})
     return Message(content, reply_to=msg)
 
 
@@ -54,6 +68,32 @@ def evaluate(msg: Message, context: Context) -> Message:
     loss = denoising_loss(_unet(cfg, msg), build_scheduler(), images, seed=cfg.seed)
     metrics = MetricRecord({"num-examples": len(images), "eval-loss": loss})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _encoded_update(
+    local: dict[str, torch.Tensor],
+    received: dict[str, torch.Tensor],
+    config: ConfigRecord,
+    context: Context,
+    seed: int,
+) -> ArrayRecord:
+    """Quantize local − received (+ last residual under error feedback) into one payload."""
+    update = {k: local[k] - received[k] for k in local}
+    feedback = bool(config["error-feedback"])
+    if feedback and RESIDUAL_KEY in context.state:
+        residual = context.state[RESIDUAL_KEY].to_torch_state_dict()
+        update = {k: v + residual[k] for k, v in update.items()}
+    payload = encode_update(
+        update,
+        bits=int(config["quant-bits"]),
+        block_size=int(config["quant-block-size"]),
+        stochastic=bool(config["quant-stochastic"]),
+        seed=seed,
+    )
+    if feedback:
+        sent = decode_update(payload)
+        context.state[RESIDUAL_KEY] = ArrayRecord({k: v - sent[k] for k, v in update.items()})
+    return payload_record(payload)
 
 
 def _setup(context: Context) -> tuple[RunConfig, int, ImageSet, ImageSet]:
@@ -81,7 +121,8 @@ def _client_data(
     )
 
 
-def _unet(cfg: RunConfig, msg: Message):
+def _unet(cfg: RunConfig, msg: Message) -> UNet2DModel:
+    """The configured U-Net holding the received weights (fp16 downlink is widened to fp32)."""
     channels, size = IMAGE_SHAPES[cfg.dataset]
     unet = build_unet(cfg.model_preset, size, channels, seed=cfg.seed)
     unet.load_state_dict(msg.content["arrays"].to_torch_state_dict())

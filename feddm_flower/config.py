@@ -15,7 +15,7 @@ class ConfigError(ValueError):
     """An invalid run-config value; the message names the key, the value and what is allowed."""
 
 
-def _one_of(*allowed: str) -> Check:
+def _one_of(*allowed: Value) -> Check:
     return lambda v: None if v in allowed else f"one of {', '.join(map(repr, allowed))}"
 
 
@@ -43,7 +43,7 @@ def _key(default: Value, check: Check = _any, help: str = "") -> Any:
     return field(default=default, metadata={"check": check, "help": help})
 
 
-STRATEGIES = ("vanilla",)
+STRATEGIES = ("vanilla", "prox", "quant")
 PARTITIONINGS = ("iid", "dirichlet", "shards")
 DATASETS = ("fashion-mnist",)
 PRESETS = ("tiny", "paper")
@@ -59,6 +59,12 @@ class RunConfig:
     fraction_evaluate: float = _key(1.0, _unit_interval, "fraction of nodes sampled to evaluate")
     min_nodes: int = _key(2, _at_least(1), "nodes that must be connected and replying")
     round_timeout: float = _key(86400.0, _positive, "seconds to wait for replies per round")
+    proximal_mu: float = _key(0.01, _at_least(0.0), "prox: weight of (mu/2)·||w - w_global||²")
+    quant_bits: int = _key(8, _one_of(8, 4), "quant: bits per update value")
+    quant_block_size: int = _key(256, _at_least(1), "quant: values per absmax scale")
+    quant_stochastic: bool = _key(False, help="quant: unbiased seeded stochastic rounding")
+    error_feedback: bool = _key(False, help="quant: clients carry their residual to next round")
+    downlink_dtype: str = _key("fp32", _one_of("fp32", "fp16"), "dtype of weights sent down")
     dataset: str = _key("fashion-mnist", _one_of(*DATASETS), "training data")
     data_root: str = _key("", help="dataset directory; '' = ~/.cache/feddm-flower/data")
     partitioning: str = _key("iid", _one_of(*PARTITIONINGS), "how labels are split over clients")

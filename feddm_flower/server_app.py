@@ -14,7 +14,7 @@ from .config import RunConfig
 from .data import IMAGE_SHAPES
 from .diffusion import sample
 from .models import build_scheduler, build_unet, count_parameters
-from .strategies import STRATEGIES, FedDMVanilla
+from .strategies import FedDMProx, FedDMQuant, FedDMVanilla
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -32,13 +32,7 @@ def main(grid: Grid, context: Context) -> None:
     channels, size = IMAGE_SHAPES[cfg.dataset]
     unet = build_unet(cfg.model_preset, size, channels, seed=cfg.seed)
     log.info("Model: %s U-Net, %d parameters", cfg.model_preset, count_parameters(unet))
-    strategy = STRATEGIES[cfg.strategy](
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=cfg.min_nodes,
-        min_evaluate_nodes=cfg.min_nodes,
-        min_available_nodes=cfg.min_nodes,
-    )
+    strategy = build_strategy(cfg)
     reporter = RoundReporter(cfg, run, strategy, unet)
     result = strategy.start(
         grid=grid,
@@ -52,6 +46,29 @@ def main(grid: Grid, context: Context) -> None:
     path = run.save_pipeline(unet, build_scheduler())
     log.info("Saved DDPMPipeline to %s (load with DDPMPipeline.from_pretrained)", path)
     log.info("FedDM run finished; results in %s", run.path)
+
+
+def build_strategy(cfg: RunConfig) -> FedDMVanilla:
+    """The strategy named by run-config ``strategy``, with its keys from the run config."""
+    common = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_train_nodes": cfg.min_nodes,
+        "min_evaluate_nodes": cfg.min_nodes,
+        "min_available_nodes": cfg.min_nodes,
+        "downlink_dtype": cfg.downlink_dtype,
+    }
+    if cfg.strategy == "prox":
+        return FedDMProx(proximal_mu=cfg.proximal_mu, **common)
+    if cfg.strategy == "quant":
+        return FedDMQuant(
+            bits=cfg.quant_bits,
+            block_size=cfg.quant_block_size,
+            stochastic=cfg.quant_stochastic,
+            error_feedback=cfg.error_feedback,
+            **common,
+        )
+    return FedDMVanilla(**common)
 
 
 class RoundReporter:

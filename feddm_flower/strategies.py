@@ -1,84 +1,178 @@
-"""FedDM strategies: Flower Message-API strategies that also account traffic and keep history."""
+"""FedDM strategies: Flower Message-API strategies over diffusion U-Net weights.
+
+``FedDMVanilla`` is FedAvg; ``FedDMProx`` also sends ``proximal-mu`` for the clients' proximal
+term; ``FedDMQuant`` receives quantized weight *updates*. All three check every reply on its
+own (a bad one is logged and dropped, the rest are aggregated) and account their traffic.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
 
 from .accounting import CommLedger
-
-
-def message_bytes(content: RecordDict) -> int:
-    """Payload bytes of a message: tensor data, keys and values as Flower counts them."""
-    return sum(record.count_bytes() for record in content.values())
+from .aggregation import InvalidReply, State, check_like, weighted_mean
+from .codecs import CodecError, decode_update
+from .records import array_bytes, message_bytes, payload_from, to_record
 
 
 class FedDMVanilla(FedAvg):
-    """FedAvg over U-Net weights (FedDM-vanilla), with traffic accounting.
+    """FedAvg over U-Net weights (FedDM-vanilla), with reply checks and traffic accounting.
 
-    Aggregation is Flower's FedAvg unchanged. On top, every message sent and every reply
-    received is counted in ``self.ledger``, and the aggregated client metrics of each round
-    are kept in ``self.history[round]`` (keys ``train-*`` and ``eval-*``).
+    Each training reply must carry an ArrayRecord ``arrays`` with exactly the global model's
+    tensor names and shapes, all finite, and a MetricRecord ``metrics`` with a positive
+    ``num-examples``. Replies that do not are logged with the node id and the reason and left
+    out; with none left, the global model stays as it was. The accepted weights are averaged in
+    fp32, weighted by ``num-examples``.
+
+    Every message is counted in ``self.ledger`` (actual bytes and fp32-FedAvg bytes); the
+    aggregated client metrics of each round are kept in ``self.history[round]``.
 
     Parameters
     ----------
+    downlink_dtype : str (default: "fp32")
+        Dtype of the float weights sent to clients: "fp32" or "fp16".
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
 
-    def __init__(self, **kwargs: object) -> None:
+    def __init__(self, *, downlink_dtype: str = "fp32", **kwargs: object) -> None:
         super().__init__(**kwargs)
+        self.downlink_dtype = downlink_dtype
         self.ledger = CommLedger()
-        self.history: dict[int, dict[str, float]] = defaultdict(dict)
+        self.history: dict[int, dict[str, object]] = defaultdict(dict)
+        self.global_state: State = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's train messages, counted as downlink."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._count(server_round, "down", messages)
+        """FedAvg's train messages with this strategy's config, counted as downlink."""
+        self.global_state = arrays.to_torch_state_dict()
+        self.train_config(config)
+        messages = list(super().configure_train(server_round, self._downlink(), config, grid))
+        self._count_down(server_round, messages)
         return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's evaluate messages, counted as downlink."""
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self._count(server_round, "down", messages)
+        self.global_state = arrays.to_torch_state_dict()
+        messages = list(super().configure_evaluate(server_round, self._downlink(), config, grid))
+        self._count_down(server_round, messages)
         return messages
+
+    def train_config(self, config: ConfigRecord) -> None:
+        """Add what clients need to know about this strategy to the train config."""
+
+    def decode(self, content: RecordDict) -> State:
+        """The reply's model contribution as fp32 tensors; :class:`InvalidReply` if unusable."""
+        record = content.get("arrays")
+        if not isinstance(record, ArrayRecord):
+            raise InvalidReply("no ArrayRecord 'arrays'")
+        try:
+            state = record.to_torch_state_dict()
+        except Exception as exc:  # any undecodable Array is the client's fault
+            raise InvalidReply(f"arrays do not decode: {exc}") from exc
+        check_like(state, self.global_state)
+        return state
+
+    def apply(self, mean: State) -> State:
+        """The new global weights from the weighted mean of accepted contributions."""
+        return mean
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Count the replies as uplink, then aggregate them as FedAvg does."""
+        """Check each reply, then average the accepted ones (fp32, by ``num-examples``)."""
         replies = list(replies)
-        self._count(server_round, "up", replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        self._count_up(server_round, replies)
+        accepted: list[tuple[Message, float, State]] = []
+        for msg in replies:
+            try:
+                weight = self._weight(msg)
+                accepted.append((msg, weight, self.decode(msg.content)))
+            except InvalidReply as exc:
+                self._reject(server_round, "train", msg, str(exc))
+        log(INFO, "aggregate_train: %d of %d replies accepted", len(accepted), len(replies))
+        if not accepted:
+            log(WARNING, "Round %d: no valid training reply; global model unchanged", server_round)
+            return None, None
+        mean = weighted_mean([s for _, _, s in accepted], [w for _, w, _ in accepted])
+        arrays = ArrayRecord(self.apply(mean))
+        metrics = self.train_metrics_aggr_fn(
+            [m.content for m, _, _ in accepted], self.weighted_by_key
+        )
         self._remember(server_round, "train", metrics)
         return arrays, metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Count the replies as uplink, then average their metrics as FedAvg does."""
+        """Average the metrics of the replies that carry a valid ``num-examples``."""
         replies = list(replies)
-        self._count(server_round, "up", replies)
-        metrics = super().aggregate_evaluate(server_round, replies)
+        self._count_up(server_round, replies)
+        valid = []
+        for msg in replies:
+            try:
+                self._weight(msg)
+                valid.append(msg)
+            except InvalidReply as exc:
+                self._reject(server_round, "evaluate", msg, str(exc))
+        metrics = super().aggregate_evaluate(server_round, valid) if valid else None
         self._remember(server_round, "eval", metrics)
         return metrics
 
-    def _count(self, server_round: int, direction: str, messages: list[Message]) -> None:
+    def _downlink(self) -> ArrayRecord:
+        return to_record(self.global_state, self.downlink_dtype)
+
+    def _weight(self, msg: Message) -> float:
+        if msg.has_error():
+            raise InvalidReply(f"client error: {msg.error.reason}")
+        metrics = msg.content.get("metrics")
+        if not isinstance(metrics, MetricRecord):
+            raise InvalidReply("no MetricRecord 'metrics'")
+        weight = metrics.get(self.weighted_by_key)
+        if not isinstance(weight, int | float) or not 0 < weight < float("inf"):
+            raise InvalidReply(f"{self.weighted_by_key}={weight!r} is not a positive number")
+        return float(weight)
+
+    def _reject(self, server_round: int, phase: str, msg: Message, reason: str) -> None:
+        node = msg.metadata.src_node_id
+        log(
+            WARNING,
+            "Round %d: rejected %s reply from node %d: %s",
+            server_round,
+            phase,
+            node,
+            reason,
+        )
+        self.history[server_round].setdefault("rejected", []).append(
+            {"node": str(node), "phase": phase, "reason": reason}
+        )
+
+    def _count_down(self, server_round: int, messages: list[Message]) -> None:
+        fp32_model = 4 * sum(t.numel() for t in self.global_state.values())
         for msg in messages:
-            if direction == "down":
-                node = msg.metadata.dst_node_id
-            else:
-                node = msg.metadata.src_node_id
-            if not msg.has_error():
-                self.ledger.add(server_round, direction, node, message_bytes(msg.content))
+            actual = message_bytes(msg.content)
+            fp32 = actual - array_bytes(msg.content) + fp32_model
+            self.ledger.add(server_round, "down", msg.metadata.dst_node_id, actual, fp32)
+
+    def _count_up(self, server_round: int, replies: list[Message]) -> None:
+        fp32_model = 4 * sum(t.numel() for t in self.global_state.values())
+        for msg in replies:
+            if msg.has_error():
+                continue
+            actual = message_bytes(msg.content)
+            model_bytes = array_bytes(msg.content)
+            fp32 = actual - model_bytes + fp32_model if model_bytes else actual
+            self.ledger.add(server_round, "up", msg.metadata.src_node_id, actual, fp32)
 
     def _remember(self, server_round: int, phase: str, metrics: MetricRecord | None) -> None:
         for key, value in (metrics or {}).items():
@@ -86,4 +180,80 @@ class FedDMVanilla(FedAvg):
             self.history[server_round][name] = value
 
 
-STRATEGIES: dict[str, type[FedDMVanilla]] = {"vanilla": FedDMVanilla}
+class FedDMProx(FedDMVanilla):
+    """FedDM-prox: FedAvg whose clients add (mu/2)·‖w − w_global‖² to the diffusion loss.
+
+    The server only sends ``proximal-mu``; the client computes the term against a detached copy
+    of the weights it received (see ``diffusion.proximal_term``).
+
+    Parameters
+    ----------
+    proximal_mu : float
+        Weight of the proximal term; 0 makes the clients' objective that of FedDM-vanilla.
+    **kwargs
+        Passed to :class:`FedDMVanilla`.
+    """
+
+    def __init__(self, *, proximal_mu: float, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.proximal_mu = proximal_mu
+
+    def train_config(self, config: ConfigRecord) -> None:
+        config["proximal-mu"] = self.proximal_mu
+
+
+class FedDMQuant(FedDMVanilla):
+    """FedDM-quant: clients send their quantized update (local − received weights).
+
+    The server decodes each payload (``codecs.decode_update``, checked against the global
+    model's names and shapes), averages the updates in fp32 weighted by ``num-examples`` and adds
+    the mean to the global weights.
+
+    Parameters
+    ----------
+    bits : int
+        8 or 4 (two values per byte).
+    block_size : int
+        Values per absmax scale.
+    stochastic : bool
+        Unbiased stochastic rounding on the clients (seeded per round and client).
+    error_feedback : bool
+        Clients add last round's quantization residual to their next update.
+    **kwargs
+        Passed to :class:`FedDMVanilla`.
+    """
+
+    def __init__(
+        self,
+        *,
+        bits: int,
+        block_size: int,
+        stochastic: bool = False,
+        error_feedback: bool = False,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.bits, self.block_size = bits, block_size
+        self.stochastic, self.error_feedback = stochastic, error_feedback
+
+    def train_config(self, config: ConfigRecord) -> None:
+        config["quant-bits"] = self.bits
+        config["quant-block-size"] = self.block_size
+        config["quant-stochastic"] = self.stochastic
+        config["error-feedback"] = self.error_feedback
+
+    def decode(self, content: RecordDict) -> State:
+        try:
+            payload = payload_from(content.get("update"))
+            expected = {k: (tuple(v.shape), v.dtype) for k, v in self.global_state.items()}
+            update = decode_update(payload, expected)
+        except (ValueError, CodecError) as exc:
+            raise InvalidReply(f"update: {exc}") from exc
+        check_like(update, self.global_state)
+        return update
+
+    def apply(self, mean: State) -> State:
+        return {
+            k: (g + mean[k] if g.is_floating_point() else mean[k])
+            for k, g in self.global_state.items()
+        }

@@ -31,6 +31,18 @@ def test_totals_and_cumulative_match_a_direct_sum(rows: list[tuple[int, str, int
             assert sum(summary[f"bytes-{d}-per-node"].values()) == summary[f"bytes-{d}"]
 
 
+def test_compression_is_baseline_over_actual() -> None:
+    ledger = CommLedger()
+    ledger.add(1, "up", 0, 100, fp32_bytes=400)
+    ledger.add(1, "up", 1, 100, fp32_bytes=400)
+    ledger.add(1, "down", 0, 50)
+    ledger.add(2, "up", 0, 200, fp32_bytes=400)
+    assert ledger.round_summary(1)["compression-up"] == 4.0
+    assert ledger.round_summary(1)["compression-down"] == 1.0
+    assert ledger.round_summary(2)["compression-up"] == 3.0  # cumulative: 1200 / 400
+    assert ledger.round_summary(2)["compression-down"] == 1.0
+
+
 def test_unknown_direction_is_refused() -> None:
     with pytest.raises(ValueError, match="'sideways'"):
         CommLedger().add(1, "sideways", 0, 1)

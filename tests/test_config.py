@@ -33,7 +33,11 @@ def test_overrides_are_typed_and_ints_widen_to_floats() -> None:
         ("dirichlet-alpha", 0.0, "> 0"),
         ("dirichlet-alpha", -1.5, "> 0"),
         ("batch-size", 0, ">= 1"),
-        ("strategy", "fedsgd", "'vanilla'"),
+        ("strategy", "fedsgd", "'vanilla', 'prox', 'quant'"),
+        ("proximal-mu", -0.01, ">= 0.0"),
+        ("quant-bits", 2, "one of 8, 4"),
+        ("quant-block-size", 0, ">= 1"),
+        ("downlink-dtype", "bf16", "'fp32', 'fp16'"),
         ("partitioning", "by-writer", "'dirichlet'"),
         ("model-preset", "huge", "'paper'"),
         ("eval-fraction", 1.0, "between 0 and 1"),
@@ -52,7 +56,13 @@ def test_invalid_values_name_key_value_and_allowed(key: str, value: object, allo
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("batch-size", "64"), ("batch-size", 64.0), ("num-server-rounds", True), ("strategy", 1)],
+    [
+        ("batch-size", "64"),
+        ("batch-size", 64.0),
+        ("num-server-rounds", True),
+        ("strategy", 1),
+        ("error-feedback", 1),
+    ],
 )
 def test_wrong_types_are_rejected(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"{key}=.*has type"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from feddm_flower.data import load_dataset
-from feddm_flower.diffusion import denoising_loss, sample, train_local
+from feddm_flower.diffusion import denoising_loss, proximal_term, sample, train_local
 from feddm_flower.models import build_scheduler, build_unet
 
 
@@ -54,3 +54,45 @@ def test_empty_training_set_is_an_error() -> None:
             batch_size=8,
             lr=1e-3,
         )
+
+
+def _flat(unet: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in unet.parameters()])
+
+
+def test_proximal_term_is_zero_at_the_start_and_its_gradient_is_mu_times_drift() -> None:
+    unet = build_unet("tiny", 28, 1)
+    anchor = [p.detach().clone() for p in unet.parameters()]
+    assert proximal_term(unet, anchor, mu=0.5).item() == 0.0
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p))
+    unet.zero_grad()
+    term = proximal_term(unet, anchor, mu=0.5)
+    term.backward()
+    drift = [p.detach() - a for p, a in zip(unet.parameters(), anchor, strict=True)]
+    expected = 0.25 * sum((d**2).sum() for d in drift)  # (mu/2)·||w - w_g||², squared norm
+    torch.testing.assert_close(term.detach(), expected)
+    for p, d in zip(unet.parameters(), drift, strict=True):
+        torch.testing.assert_close(p.grad, 0.5 * d)
+    assert all(a.grad is None for a in anchor)  # the global copy is detached
+
+
+def test_mu_zero_is_bit_identical_to_vanilla(batch: torch.Tensor) -> None:
+    a, b = build_unet("tiny", 28, 1), build_unet("tiny", 28, 1)
+    kwargs = {"batch_size": 16, "lr": 2e-3, "steps": 5, "seed": 3}
+    train_local(a, build_scheduler(), batch, **kwargs)
+    train_local(b, build_scheduler(), batch, proximal_mu=0.0, **kwargs)
+    assert torch.equal(_flat(a), _flat(b))
+
+
+def test_larger_mu_keeps_the_local_model_closer_to_the_global_one(batch: torch.Tensor) -> None:
+    start = _flat(build_unet("tiny", 28, 1))
+    drift = {}
+    for mu in (0.0, 5.0):
+        unet = build_unet("tiny", 28, 1)
+        train_local(
+            unet, build_scheduler(), batch, batch_size=16, lr=2e-3, steps=20, proximal_mu=mu, seed=1
+        )
+        drift[mu] = (_flat(unet) - start).norm().item()
+    assert drift[5.0] < 0.8 * drift[0.0]

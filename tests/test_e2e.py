@@ -56,3 +56,27 @@ def test_invalid_run_config_fails_before_training(flwr_run, tmp_path: Path) -> N
     logs = proc.stdout + proc.stderr
     assert "dirichlet-alpha=0.0 is invalid: allowed is > 0" in logs
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_each_strategy_runs_through_the_same_server_app(flwr_run, tmp_path: Path) -> None:
+    """One real 1-round simulation per strategy; only `strategy` (and its keys) change."""
+    runs = {
+        "prox": {"strategy": "prox", "proximal-mu": 0.01},
+        "quant8": {"strategy": "quant", "quant-bits": 8},
+        "quant4": {"strategy": "quant", "quant-bits": 4, "error-feedback": True},
+    }
+    rows = {}
+    for name, overrides in runs.items():
+        out = tmp_path / name
+        proc = flwr_run({**TINY_RUN, "num-server-rounds": 1, **overrides, "output-dir": str(out)})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        [rows[name]] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert DDPMPipeline.from_pretrained(out / "pipeline").unet.config.sample_size == 28
+    assert rows["prox"]["strategy"] == "prox"
+    assert rows["prox"]["compression-up"] == 1.0 and "rejected" not in rows["prox"]
+    # Uplink payloads are int8 / packed int4 plus block scales: about 4x and 8x below fp32.
+    assert 3.8 < rows["quant8"]["compression-up"] < 4.0
+    assert 7.0 < rows["quant4"]["compression-up"] < 8.0
+    for name in ("quant8", "quant4"):
+        assert rows[name]["compression-down"] == 1.0  # fp32 downlink by default
+        assert rows[name]["train-loss"] > 0 and "rejected" not in rows[name]
