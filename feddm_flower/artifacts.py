@@ -49,6 +49,12 @@ class RunDirectory:
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def write_summary(self, last_round: dict[str, object]) -> dict[str, object]:
+        """Write ``summary.json``: the run's final metrics line (cumulative bytes, losses)."""
+        summary = {k: v for k, v in last_round.items() if not k.endswith("per-node")}
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
     def save_grid(self, images: torch.Tensor, server_round: int) -> Path:
         """Save images in [0, 1] as a square-ish grid PNG."""
         path = self.path / "samples" / f"round_{server_round:03d}.png"

@@ -45,6 +45,14 @@ def main(grid: Grid, context: Context) -> None:
         unet.load_state_dict(result.arrays.to_torch_state_dict())
     path = run.save_pipeline(unet, build_scheduler())
     log.info("Saved DDPMPipeline to %s (load with DDPMPipeline.from_pretrained)", path)
+    summary = run.write_summary(reporter.last)
+    log.info(
+        "Traffic: %d B down (%.2fx less than fp32 FedAvg), %d B up (%.2fx less)",
+        summary.get("bytes-down-cumulative", 0),
+        summary.get("compression-down") or 0,
+        summary.get("bytes-up-cumulative", 0),
+        summary.get("compression-up") or 0,
+    )
     log.info("FedDM run finished; results in %s", run.path)
 
 
@@ -79,7 +87,8 @@ class RoundReporter:
     ) -> None:
         self.cfg, self.run, self.strategy, self.unet = cfg, run, strategy, unet
         self.scheduler = build_scheduler()
-        self.start = self.last = time.perf_counter()
+        self.start = self.round_start = time.perf_counter()
+        self.last: dict[str, object] = {}  # the latest metrics line
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         self.unet.load_state_dict(arrays.to_torch_state_dict())
@@ -100,11 +109,11 @@ class RoundReporter:
             "strategy": self.cfg.strategy,
             **self.strategy.history.get(server_round, {}),
             **self.strategy.ledger.round_summary(server_round),
-            "round-seconds": round(now - self.last, 3),
+            "round-seconds": round(now - self.round_start, 3),
             "wall-seconds": round(now - self.start, 3),
             "sample-grid": str(grid_path.relative_to(self.run.path)),
         }
-        self.last = now
+        self.round_start, self.last = now, record
         self.run.append_metrics(record)
         log.info(
             "Round %d: train-loss %s, eval-loss %s, %d B down, %d B up, %.1f s",

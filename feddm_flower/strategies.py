@@ -157,15 +157,19 @@ class FedDMVanilla(FedAvg):
             {"node": str(node), "phase": phase, "reason": reason}
         )
 
+    def _fp32_model_bytes(self) -> int:
+        """Bytes of the global model as an fp32 ArrayRecord: what FedAvg would carry."""
+        return to_record(self.global_state, "fp32").count_bytes()
+
     def _count_down(self, server_round: int, messages: list[Message]) -> None:
-        fp32_model = 4 * sum(t.numel() for t in self.global_state.values())
+        fp32_model = self._fp32_model_bytes()
         for msg in messages:
             actual = message_bytes(msg.content)
             fp32 = actual - array_bytes(msg.content) + fp32_model
             self.ledger.add(server_round, "down", msg.metadata.dst_node_id, actual, fp32)
 
     def _count_up(self, server_round: int, replies: list[Message]) -> None:
-        fp32_model = 4 * sum(t.numel() for t in self.global_state.values())
+        fp32_model = self._fp32_model_bytes()
         for msg in replies:
             if msg.has_error():
                 continue

@@ -33,13 +33,16 @@ def test_two_rounds_write_metrics_samples_and_a_loadable_pipeline(flwr_run, tmp_
         assert r["strategy"] == "vanilla"
         assert r["train-loss"] > 0 and r["eval-loss"] > 0 and r["wall-seconds"] > 0
         # 2 nodes x (train + evaluate) carry the fp32 model down; 2 train replies carry it up.
-        assert 4 * model_bytes <= r["bytes-down"] < 4 * model_bytes * 1.01
-        assert 2 * model_bytes <= r["bytes-up"] < 2 * model_bytes * 1.01
+        assert 4 * model_bytes <= r["bytes-down"] < 4 * model_bytes * 1.05  # + tensor names
+        assert 2 * model_bytes <= r["bytes-up"] < 2 * model_bytes * 1.05
         assert len(r["bytes-up-per-node"]) == 2
     assert rows[1]["bytes-down-cumulative"] == rows[0]["bytes-down"] + rows[1]["bytes-down"]
     for rnd in (0, 1, 2):
         assert (out / "samples" / f"round_{rnd:03d}.png").stat().st_size > 0
     assert json.loads((out / "run_config.json").read_text())["num-server-rounds"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bytes-up-cumulative"] == rows[1]["bytes-up-cumulative"]
+    assert "Traffic:" in proc.stdout + proc.stderr
 
     pipe = DDPMPipeline.from_pretrained(out / "pipeline")
     images = pipe(batch_size=2, num_inference_steps=2, output_type="np").images
@@ -74,9 +77,10 @@ def test_each_strategy_runs_through_the_same_server_app(flwr_run, tmp_path: Path
         assert DDPMPipeline.from_pretrained(out / "pipeline").unet.config.sample_size == 28
     assert rows["prox"]["strategy"] == "prox"
     assert rows["prox"]["compression-up"] == 1.0 and "rejected" not in rows["prox"]
-    # Uplink payloads are int8 / packed int4 plus block scales: about 4x and 8x below fp32.
-    assert 3.8 < rows["quant8"]["compression-up"] < 4.0
-    assert 7.0 < rows["quant4"]["compression-up"] < 8.0
+    # Uplink payloads are int8 / packed int4 plus block scales: about 4x and 8x below fp32
+    # (a little more, as one payload saves Flower's per-tensor record overhead).
+    assert 3.8 < rows["quant8"]["compression-up"] < 4.3
+    assert 7.0 < rows["quant4"]["compression-up"] < 8.6
     for name in ("quant8", "quant4"):
         assert rows[name]["compression-down"] == 1.0  # fp32 downlink by default
         assert rows[name]["train-loss"] > 0 and "rejected" not in rows[name]
