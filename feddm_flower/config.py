@@ -58,6 +58,7 @@ class RunConfig:
     fraction_train: float = _key(1.0, _unit_interval, "fraction of nodes sampled to train")
     fraction_evaluate: float = _key(1.0, _unit_interval, "fraction of nodes sampled to evaluate")
     min_nodes: int = _key(2, _at_least(1), "nodes that must be connected and replying")
+    min_replies: int = _key(1, _at_least(1), "accepted training replies needed to update")
     round_timeout: float = _key(86400.0, _positive, "seconds to wait for replies per round")
     proximal_mu: float = _key(0.01, _at_least(0.0), "prox: weight of (mu/2)·||w - w_global||²")
     quant_bits: int = _key(8, _one_of(8, 4), "quant: bits per update value")

@@ -65,6 +65,7 @@ def build_strategy(cfg: RunConfig) -> FedDMVanilla:
         "min_evaluate_nodes": cfg.min_nodes,
         "min_available_nodes": cfg.min_nodes,
         "downlink_dtype": cfg.downlink_dtype,
+        "min_replies": cfg.min_replies,
     }
     if cfg.strategy == "prox":
         return FedDMProx(proximal_mu=cfg.proximal_mu, **common)

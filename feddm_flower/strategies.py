@@ -38,13 +38,21 @@ class FedDMVanilla(FedAvg):
     ----------
     downlink_dtype : str (default: "fp32")
         Dtype of the float weights sent to clients: "fp32" or "fp16".
+    min_replies : int (default: 1)
+        Fewest accepted training replies that update the global model; with fewer, the round
+        leaves it unchanged. Nodes that were sent work but never replied (dead, timed out) are
+        logged and listed under ``missing`` in the round's history.
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
 
-    def __init__(self, *, downlink_dtype: str = "fp32", **kwargs: object) -> None:
+    def __init__(
+        self, *, downlink_dtype: str = "fp32", min_replies: int = 1, **kwargs: object
+    ) -> None:
         super().__init__(**kwargs)
         self.downlink_dtype = downlink_dtype
+        self.min_replies = min_replies
+        self.sampled: dict[int, list[int]] = {}  # round -> nodes sent training work
         self.ledger = CommLedger()
         self.history: dict[int, dict[str, object]] = defaultdict(dict)
         self.global_state: State = {}
@@ -56,6 +64,7 @@ class FedDMVanilla(FedAvg):
         self.global_state = arrays.to_torch_state_dict()
         self.train_config(config)
         messages = list(super().configure_train(server_round, self._downlink(), config, grid))
+        self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         self._count_down(server_round, messages)
         return messages
 
@@ -100,9 +109,17 @@ class FedDMVanilla(FedAvg):
                 accepted.append((msg, weight, self.decode(msg.content)))
             except InvalidReply as exc:
                 self._reject(server_round, "train", msg, str(exc))
+        self._note_missing(server_round, replies)
         log(INFO, "aggregate_train: %d of %d replies accepted", len(accepted), len(replies))
-        if not accepted:
-            log(WARNING, "Round %d: no valid training reply; global model unchanged", server_round)
+        if len(accepted) < self.min_replies:
+            log(
+                WARNING,
+                "Round %d: %d valid training replies, fewer than min-replies=%d; "
+                "global model unchanged",
+                server_round,
+                len(accepted),
+                self.min_replies,
+            )
             return None, None
         mean = weighted_mean([s for _, _, s in accepted], [w for _, w, _ in accepted])
         arrays = ArrayRecord(self.apply(mean))
@@ -142,6 +159,13 @@ class FedDMVanilla(FedAvg):
         if not isinstance(weight, int | float) or not 0 < weight < float("inf"):
             raise InvalidReply(f"{self.weighted_by_key}={weight!r} is not a positive number")
         return float(weight)
+
+    def _note_missing(self, server_round: int, replies: list[Message]) -> None:
+        replied = {m.metadata.src_node_id for m in replies}
+        missing = [n for n in self.sampled.get(server_round, []) if n not in replied]
+        if missing:
+            log(WARNING, "Round %d: no training reply from nodes %s", server_round, missing)
+            self.history[server_round]["missing"] = [str(n) for n in missing]
 
     def _reject(self, server_round: int, phase: str, msg: Message, reason: str) -> None:
         node = msg.metadata.src_node_id

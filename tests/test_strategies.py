@@ -173,3 +173,11 @@ def test_quant_rejects_bad_payloads_and_keeps_the_good_one() -> None:
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], expected)
     rejected = {int(r["node"]) for r in strategy.history[1]["rejected"]}
     assert rejected == {31, 32, 33, 34, 35, 36}
+
+
+def test_min_replies_and_missing_nodes_are_reported() -> None:
+    strategy = _strategy(min_replies=2)
+    strategy.sampled[4] = [1, 2, 3]
+    arrays, _ = strategy.aggregate_train(4, [_weights_reply(1, _random_state(1))])
+    assert arrays is None  # one accepted reply < min-replies=2
+    assert strategy.history[4]["missing"] == ["2", "3"]
