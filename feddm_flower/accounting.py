@@ -36,6 +36,23 @@ class CommLedger:
         entry[0] += nbytes
         entry[1] += nbytes if fp32_bytes is None else fp32_bytes
 
+    def to_dict(self) -> dict[str, dict[str, dict[str, list[int]]]]:
+        """JSON-ready copy: round -> direction -> node -> [actual, fp32] bytes."""
+        out: dict[str, dict[str, dict[str, list[int]]]] = {}
+        for (rnd, d), nodes in self._bytes.items():
+            out.setdefault(str(rnd), {})[d] = {str(n): list(b) for n, b in nodes.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, dict[str, dict[str, list[int]]]]) -> CommLedger:
+        """Inverse of :meth:`to_dict`."""
+        ledger = cls()
+        for rnd, directions in data.items():
+            for d, nodes in directions.items():
+                for node, (actual, fp32) in nodes.items():
+                    ledger.add(int(rnd), d, int(node), actual, fp32)
+        return ledger
+
     def per_node(self, server_round: int, direction: str) -> dict[int, int]:
         """Bytes per node id in one round and direction."""
         return {n: b[0] for n, b in self._bytes.get((server_round, direction), {}).items()}

@@ -14,6 +14,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from torchvision.utils import save_image
 
 DEFAULT_RUNS_ROOT = Path.home() / "feddm-flower" / "runs"
+STATE_FILE = "feddm_state.json"
 
 
 class RunDirectory:
@@ -61,18 +62,45 @@ class RunDirectory:
         save_image(images, path, nrow=math.ceil(math.sqrt(len(images))), padding=1)
         return path
 
-    def save_checkpoint(self, unet: UNet2DModel) -> Path:
-        """Replace ``checkpoint/`` with ``unet``, atomically (never half-written)."""
-        return self._save_atomic(unet, "checkpoint")
+    def save_checkpoint(self, unet: UNet2DModel, state: dict[str, object]) -> Path:
+        """Replace ``checkpoint/`` with ``unet`` and ``state``, atomically (never half-written)."""
+        return self._save_atomic(unet, "checkpoint", {STATE_FILE: state})
+
+    def load_checkpoint(self) -> tuple[UNet2DModel, dict[str, object]]:
+        """The U-Net and state of the last completed round; FileNotFoundError if none."""
+        path = self.path / "checkpoint"
+        if not path.exists():  # a crash between the two renames of _save_atomic
+            path = self.path / ".checkpoint.old"
+        if not (path / STATE_FILE).exists():
+            raise FileNotFoundError(f"no checkpoint to resume from in {path}")
+        state = json.loads((path / STATE_FILE).read_text())
+        return UNet2DModel.from_pretrained(path), state
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop metrics lines after ``last_round`` (written before a crash, to be redone)."""
+        if not self.metrics_file.exists():
+            return
+        lines = self.metrics_file.read_text().splitlines()
+        kept = [x for x in lines if json.loads(x)["round"] <= last_round]
+        tmp = self.metrics_file.with_suffix(".tmp")
+        tmp.write_text("".join(x + "\n" for x in kept))
+        os.replace(tmp, self.metrics_file)
 
     def save_pipeline(self, unet: UNet2DModel, scheduler: DDPMScheduler) -> Path:
         """Save the final model as a diffusers ``DDPMPipeline`` directory."""
         return self._save_atomic(DDPMPipeline(unet=unet, scheduler=scheduler), "pipeline")
 
-    def _save_atomic(self, model: UNet2DModel | DDPMPipeline, name: str) -> Path:
+    def _save_atomic(
+        self,
+        model: UNet2DModel | DDPMPipeline,
+        name: str,
+        extra_json: dict[str, object] | None = None,
+    ) -> Path:
         final, tmp, old = self.path / name, self.path / f".{name}.tmp", self.path / f".{name}.old"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
+        for filename, content in (extra_json or {}).items():
+            (tmp / filename).write_text(json.dumps(content))
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)

@@ -82,6 +82,7 @@ class RunConfig:
     eval_max_examples: int = _key(256, _at_least(1), "held-out images per client evaluation")
     sample_steps: int = _key(50, _at_least(1), "DDIM steps for evaluation samples")
     grid_samples: int = _key(16, _at_least(1), "images in each round's sample grid")
+    resume: str = _key("", help="run directory to continue after its last finished round")
     output_dir: str = _key("", help="results directory; '' = ~/feddm-flower/runs/<time>-<strategy>")
 
     @classmethod

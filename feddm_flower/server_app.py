@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from dataclasses import replace
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -25,19 +28,27 @@ def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` of the configured FedDM strategy."""
     configure_logging()
     cfg = RunConfig.from_mapping(context.run_config)
-    run = RunDirectory.create(cfg.output_dir, cfg.strategy)
+    channels, size = IMAGE_SHAPES[cfg.dataset]
+    if cfg.resume:
+        run = RunDirectory(Path(cfg.resume).expanduser().resolve())
+        cfg = _resumed_config(cfg, run)
+        unet, state = run.load_checkpoint()
+        run.truncate_metrics(int(state["round"]))
+    else:
+        run = RunDirectory.create(cfg.output_dir, cfg.strategy)
+        unet, state = build_unet(cfg.model_preset, size, channels, seed=cfg.seed), None
     run.write_config(cfg.to_dict())
     log.info("FedDM run (%s) writing to %s", cfg.strategy, run.path)
-
-    channels, size = IMAGE_SHAPES[cfg.dataset]
-    unet = build_unet(cfg.model_preset, size, channels, seed=cfg.seed)
     log.info("Model: %s U-Net, %d parameters", cfg.model_preset, count_parameters(unet))
     strategy = build_strategy(cfg)
+    if state is not None:
+        strategy.restore(state)
+        log.info("Resuming after round %d of %d", strategy.round_offset, cfg.num_server_rounds)
     reporter = RoundReporter(cfg, run, strategy, unet)
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(unet.state_dict()),
-        num_rounds=cfg.num_server_rounds,
+        num_rounds=max(cfg.num_server_rounds - strategy.round_offset, 0),
         timeout=cfg.round_timeout,
         evaluate_fn=reporter,
     )
@@ -54,6 +65,19 @@ def main(grid: Grid, context: Context) -> None:
         summary.get("compression-up") or 0,
     )
     log.info("FedDM run finished; results in %s", run.path)
+
+
+def _resumed_config(given: RunConfig, run: RunDirectory) -> RunConfig:
+    """The resumed run's own config; only ``num-server-rounds`` may change on resume."""
+    saved = RunConfig.from_mapping(json.loads((run.path / "run_config.json").read_text()))
+    ignored = {
+        k: v
+        for k, v in given.to_dict().items()
+        if v != saved.to_dict()[k] and k not in ("num-server-rounds", "resume", "output-dir")
+    }
+    if ignored:
+        log.warning("Resuming with the run's saved config; ignoring overrides %s", ignored)
+    return replace(saved, num_server_rounds=given.num_server_rounds, resume=given.resume)
 
 
 def build_strategy(cfg: RunConfig) -> FedDMVanilla:
@@ -92,6 +116,9 @@ class RoundReporter:
         self.last: dict[str, object] = {}  # the latest metrics line
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and self.strategy.round_offset:
+            return None  # resumed: the start of this session is an already reported round
+        server_round += self.strategy.round_offset
         self.unet.load_state_dict(arrays.to_torch_state_dict())
         images = sample(
             self.unet,
@@ -103,7 +130,6 @@ class RoundReporter:
         grid_path = self.run.save_grid(images, server_round)
         if server_round == 0:
             return None
-        self.run.save_checkpoint(self.unet)
         now = time.perf_counter()
         record = {
             "round": server_round,
@@ -115,7 +141,9 @@ class RoundReporter:
             "sample-grid": str(grid_path.relative_to(self.run.path)),
         }
         self.round_start, self.last = now, record
+        # Metrics first, then the checkpoint: a crash in between is undone by truncate_metrics.
         self.run.append_metrics(record)
+        self.run.save_checkpoint(self.unet, self.strategy.state(server_round))
         log.info(
             "Round %d: train-loss %s, eval-loss %s, %d B down, %d B up, %.1f s",
             server_round,

@@ -32,7 +32,9 @@ class FedDMVanilla(FedAvg):
     fp32, weighted by ``num-examples``.
 
     Every message is counted in ``self.ledger`` (actual bytes and fp32-FedAvg bytes); the
-    aggregated client metrics of each round are kept in ``self.history[round]``.
+    aggregated client metrics of each round are kept in ``self.history[round]``. A resumed run
+    sets ``round_offset`` to the rounds already done, so that Flower's round 1 is round k+1
+    everywhere (messages, ledger, history).
 
     Parameters
     ----------
@@ -53,6 +55,7 @@ class FedDMVanilla(FedAvg):
         self.downlink_dtype = downlink_dtype
         self.min_replies = min_replies
         self.sampled: dict[int, list[int]] = {}  # round -> nodes sent training work
+        self.round_offset = 0
         self.ledger = CommLedger()
         self.history: dict[int, dict[str, object]] = defaultdict(dict)
         self.global_state: State = {}
@@ -61,6 +64,7 @@ class FedDMVanilla(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's train messages with this strategy's config, counted as downlink."""
+        server_round += self.round_offset
         self.global_state = arrays.to_torch_state_dict()
         self.train_config(config)
         messages = list(super().configure_train(server_round, self._downlink(), config, grid))
@@ -72,10 +76,25 @@ class FedDMVanilla(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's evaluate messages, counted as downlink."""
+        server_round += self.round_offset
         self.global_state = arrays.to_torch_state_dict()
         messages = list(super().configure_evaluate(server_round, self._downlink(), config, grid))
         self._count_down(server_round, messages)
         return messages
+
+    def state(self, completed_round: int) -> dict[str, object]:
+        """What a resumed run needs besides the weights: rounds done, ledger, history."""
+        return {
+            "round": completed_round,
+            "ledger": self.ledger.to_dict(),
+            "history": {str(k): v for k, v in self.history.items()},
+        }
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Continue after ``state["round"]`` (the inverse of :meth:`state`)."""
+        self.round_offset = int(state["round"])
+        self.ledger = CommLedger.from_dict(state["ledger"])
+        self.history.update({int(k): v for k, v in state["history"].items()})
 
     def train_config(self, config: ConfigRecord) -> None:
         """Add what clients need to know about this strategy to the train config."""
@@ -100,6 +119,7 @@ class FedDMVanilla(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check each reply, then average the accepted ones (fp32, by ``num-examples``)."""
+        server_round += self.round_offset
         replies = list(replies)
         self._count_up(server_round, replies)
         accepted: list[tuple[Message, float, State]] = []
@@ -133,6 +153,7 @@ class FedDMVanilla(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Average the metrics of the replies that carry a valid ``num-examples``."""
+        server_round += self.round_offset
         replies = list(replies)
         self._count_up(server_round, replies)
         valid = []

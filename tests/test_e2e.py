@@ -84,3 +84,23 @@ def test_each_strategy_runs_through_the_same_server_app(flwr_run, tmp_path: Path
     for name in ("quant8", "quant4"):
         assert rows[name]["compression-down"] == 1.0  # fp32 downlink by default
         assert rows[name]["train-loss"] > 0 and "rejected" not in rows[name]
+
+
+def test_resume_continues_after_the_last_checkpointed_round(flwr_run, tmp_path: Path) -> None:
+    out = tmp_path / "resumable"
+    first = flwr_run({**TINY_RUN, "num-server-rounds": 1, "output-dir": str(out)})
+    assert first.returncode == 0, first.stdout + first.stderr
+    # A server that died after writing round 2's metrics line but before its checkpoint:
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"round": 2, "strategy": "vanilla", "partial": True}) + "\n")
+
+    again = flwr_run({**TINY_RUN, "num-server-rounds": 3, "resume": str(out)})
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Resuming after round 1 of 3" in again.stdout + again.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert not any(r.get("partial") for r in rows)
+    ups = [r["bytes-up"] for r in rows]
+    assert rows[2]["bytes-up-cumulative"] == sum(ups)  # the ledger survived the restart
+    assert (out / "samples" / "round_003.png").exists()
+    assert DDPMPipeline.from_pretrained(out / "pipeline").unet.config.sample_size == 28
