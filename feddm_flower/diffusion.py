@@ -149,12 +149,22 @@ def denoising_loss(
 
 
 def sample(
-    unet: UNet2DModel, scheduler: DDPMScheduler, num: int, *, steps: int, seed: int
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    num: int,
+    *,
+    steps: int,
+    seed: int,
+    batch_size: int = 256,
 ) -> torch.Tensor:
     """``num`` DDIM samples in [0, 1], shape (N, C, H, W), reproducible for a given seed."""
     unet.eval()
     pipe = DDPMPipeline(unet=unet, scheduler=sampling_scheduler(scheduler))
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator(device=unet.device).manual_seed(seed)
-    out = pipe(batch_size=num, generator=gen, num_inference_steps=steps, output_type="np")
-    return torch.from_numpy(out.images).permute(0, 3, 1, 2)
+    batches = []
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
+        out = pipe(batch_size=n, generator=gen, num_inference_steps=steps, output_type="np")
+        batches.append(torch.from_numpy(out.images).permute(0, 3, 1, 2))
+    return torch.cat(batches)

@@ -14,8 +14,9 @@ from flwr.serverapp import Grid, ServerApp
 from . import configure_logging
 from .artifacts import RunDirectory
 from .config import RunConfig
-from .data import IMAGE_SHAPES
+from .data import IMAGE_SHAPES, load_dataset
 from .diffusion import sample
+from .fid import fid_kid, real_stats_name
 from .models import build_scheduler, build_unet, count_parameters
 from .strategies import FedDMProx, FedDMQuant, FedDMVanilla
 
@@ -130,6 +131,7 @@ class RoundReporter:
         grid_path = self.run.save_grid(images, server_round)
         if server_round == 0:
             return None
+        quality = self._fid() if self._fid_due(server_round) else {}
         now = time.perf_counter()
         record = {
             "round": server_round,
@@ -139,6 +141,7 @@ class RoundReporter:
             "round-seconds": round(now - self.round_start, 3),
             "wall-seconds": round(now - self.start, 3),
             "sample-grid": str(grid_path.relative_to(self.run.path)),
+            **quality,
         }
         self.round_start, self.last = now, record
         # Metrics first, then the checkpoint: a crash in between is undone by truncate_metrics.
@@ -154,6 +157,36 @@ class RoundReporter:
             record["round-seconds"],
         )
         return None
+
+    def _fid_due(self, server_round: int) -> bool:
+        every = self.cfg.eval_every
+        return every > 0 and (
+            server_round % every == 0 or server_round == self.cfg.num_server_rounds
+        )
+
+    def _fid(self) -> dict[str, object]:
+        """FID/KID of ``fid-samples`` DDIM samples against as many real test images."""
+        n, start = self.cfg.fid_samples, time.perf_counter()
+        real = load_dataset(self.cfg.dataset, self.cfg.data_root, train=False).images[:n]
+        fake = sample(
+            self.unet, self.scheduler, n, steps=self.cfg.sample_steps, seed=self.cfg.seed + 1
+        )
+        name = real_stats_name(self.cfg.dataset, real.shape[-1], len(real))
+        scores = fid_kid(fake, (real + 1) / 2, real_cache_name=name)
+        log.info(
+            "FID %.2f, KID %.4f (N=%d), %.0f s",
+            scores["fid"],
+            scores["kid"],
+            n,
+            time.perf_counter() - start,
+        )
+        return {
+            "fid": scores["fid"],
+            "kid": scores["kid"],
+            "kid-std": scores["kid-std"],
+            "fid-num-fake": scores["num-fake"],
+            "fid-num-real": scores["num-real"],
+        }
 
 
 def _fmt(value: object) -> str:
