@@ -22,14 +22,17 @@ therefore exactly ``quantize_dequantize(tensor)`` whichever tensors share the pa
 is what error feedback relies on. Offsets are not stored because they follow from the
 shapes; the decoder checks that the sections add up to the payload length exactly.
 
-For speed, all float tensors are processed as one virtual matrix of blocks, each tensor
-zero-padded to whole blocks, in slabs of about ``_CHUNK`` elements: a fixed handful of
-vectorised ops per slab, temporaries that stay in cache, and no per-block Python work.
+For speed the work is vectorised over a virtual matrix of blocks, one block per row, cut
+into slabs of about ``_CHUNK`` elements so that temporaries stay in cache. Large tensors are
+viewed in place as rows; small tensors and the short last blocks are gathered, zero-padded
+to whole rows, into shared slabs. Each slab costs a fixed handful of torch ops, and nothing
+loops over blocks or elements in Python.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
 import math
@@ -39,7 +42,9 @@ import warnings
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 FORMAT_VERSION: int = 1
@@ -58,9 +63,12 @@ _INT4_OFFSET = 8
 _MAX_NDIM = 64
 # Cap on the inflated metadata, so a tiny hostile payload cannot inflate to gigabytes.
 _MAX_METADATA = 64 << 20
-# Elements per slab: large enough that per-op overhead is amortised, small enough that
-# the float temporaries stay in the last-level cache.
+# Elements per slab: large enough to amortise per-op overhead, small enough that the
+# float temporaries stay in the last-level cache.
 _CHUNK = 1 << 20
+# Tensors with at least this many elements in whole blocks are used in place; gathering
+# smaller ones into shared slabs saves per-op overhead.
+_DIRECT_MIN = 1 << 16
 
 _FLOAT_DTYPES = {
     str(d).removeprefix("torch."): d
@@ -70,6 +78,7 @@ _RAW_DTYPES = {
     str(d).removeprefix("torch."): d
     for d in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 }
+_DTYPE_NAMES = {d: name for name, d in (_FLOAT_DTYPES | _RAW_DTYPES).items()}
 
 
 def _largest_scale(qmax: int) -> float:
@@ -81,11 +90,9 @@ def _largest_scale(qmax: int) -> float:
 
 
 _MAX_SCALE = {bits: _largest_scale(qmax) for bits, qmax in _QMAX.items()}
-_INF = torch.tensor(math.inf)
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):
     """One tensor's metadata: its name, original dtype name and shape."""
 
     name: str
@@ -146,89 +153,170 @@ class _Layout:
 
 @dataclass(frozen=True)
 class _Slab:
-    """Whole padded blocks processed together.
+    """Rows of one block each, processed together.
 
-    ``pieces`` are the ``(tensor index, start, length)`` runs of data in the slab;
-    ``sizes`` alternates their lengths with the zero padding that follows each one, or is
-    None when the slab is a single run without padding, which needs no gathering.
+    A direct slab is whole blocks of one tensor, viewed in place. A gathered slab packs runs
+    of several tensors, each zero-padded to whole rows: ``lengths`` alternates run and
+    padding lengths. ``spans`` groups runs that follow each other in the level stream, as
+    ``[first, stop)`` run indices, so that they can be handled in one go.
     """
 
-    blocks: slice
-    elements: slice
-    pieces: tuple[tuple[int, int, int], ...]
-    sizes: tuple[int, ...] | None
-
-    @property
-    def rows(self) -> int:
-        return self.blocks.stop - self.blocks.start
+    rows: int
+    width: int
+    pieces: tuple[tuple[int, int, int], ...]  # (tensor index, start, length) of each run
+    offsets: tuple[int, ...]  # each run's position in the payload's level stream
+    blocks: slice | torch.Tensor  # payload-order block number of each row
+    spans: tuple[tuple[int, int], ...] = ((0, 1),)
+    lengths: tuple[int, ...] | None = None  # None for a direct slab
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """How float tensors of given sizes map onto a padded block matrix, cut into slabs.
+    """How float tensors of given sizes map onto slabs of block rows.
 
-    The matrix width is ``min(block_size, largest tensor)``: when blocks are longer than
-    every tensor, each tensor is one block either way, and a narrower matrix needs less
-    padding.
+    Rows are ``width = min(block_size, largest tensor)`` elements wide: when blocks are
+    longer than every tensor, each tensor is one block either way. Short last blocks may go
+    to slabs of narrower rows, which need less padding.
     """
 
+    sizes: tuple[int, ...]
     width: int
+    block_starts: tuple[int, ...]  # each tensor's first block number
     n_blocks: int
-    n_elements: int
     slabs: tuple[_Slab, ...]
 
     @property
     def slab_capacity(self) -> int:
-        """Elements in the largest slab, the size of the temporaries."""
-        return max((s.rows for s in self.slabs), default=0) * self.width
+        """Padded elements in the largest slab, the size of the temporaries."""
+        return max((s.rows * s.width for s in self.slabs), default=0)
 
-    @classmethod
-    def of(cls, sizes: Sequence[int], block_size: int) -> _Plan:
-        width = max(1, min(block_size, max(sizes, default=0)))
-        rows_per_slab = max(1, _CHUNK // width)
-        slabs: list[_Slab] = []
-        pieces: list[tuple[int, int, int]] = []
-        pads: list[int] = []
-        block = element = 0  # next unassigned block and compact element
-        slab_block = slab_element = 0  # where the open slab starts
+    @property
+    def max_spans(self) -> int:
+        return max((len(s.spans) for s in self.slabs), default=0)
 
-        def close() -> None:
-            nonlocal slab_block, slab_element
-            if len(pieces) == 1 and pads[0] == 0:
-                sizes_ = None
-            else:
-                sizes_ = tuple(
-                    x for (_, _, n), pad in zip(pieces, pads, strict=True) for x in (n, pad)
-                )
-            slabs.append(
-                _Slab(
-                    slice(slab_block, block),
-                    slice(slab_element, element),
-                    tuple(pieces),
-                    sizes_,
-                )
+    def runs(self, slab: _Slab, flats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The slab's runs as views of per-tensor flat vectors."""
+        return [
+            flats[i] if n == self.sizes[i] else flats[i][start : start + n]
+            for i, start, n in slab.pieces
+        ]
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(sizes: tuple[int, ...], block_size: int) -> _Plan:
+    """Lay out tensors with ``sizes`` elements as slabs (cached: every round repeats them)."""
+    width = max(1, min(block_size, max(sizes, default=0)))
+    element_starts = (0, *itertools.accumulate(sizes))
+    block_starts = (0, *itertools.accumulate(-(-n // width) for n in sizes))
+    slabs: list[_Slab] = []
+    whole: list[tuple[int, int, int]] = []  # runs of whole blocks to gather
+    short: list[tuple[int, int, int]] = []  # last blocks shorter than a row
+    for i, n in enumerate(sizes):
+        body = n // width * width
+        if body >= _DIRECT_MIN:
+            slab_len = max(1, _CHUNK // width) * width
+            for start in range(0, body, slab_len):
+                rows = min(slab_len, body - start) // width
+                first = block_starts[i] + start // width
+                offset = element_starts[i] + start
+                piece = (i, start, rows * width)
+                slabs.append(_Slab(rows, width, (piece,), (offset,), slice(first, first + rows)))
+        elif body:
+            whole.append((i, 0, body))
+        if body < n:
+            short.append((i, body, n - body))
+
+    narrow = _narrow_width([n for *_, n in short], width)
+    thin = [run for run in short if run[2] <= narrow < width]
+    wide = sorted(whole + [run for run in short if not run[2] <= narrow < width])
+    slabs += _gathered_slabs(wide, width, width, element_starts, block_starts)
+    slabs += _gathered_slabs(thin, narrow, width, element_starts, block_starts)
+    return _Plan(sizes, width, block_starts[:-1], block_starts[-1], tuple(slabs))
+
+
+def _narrow_width(lengths: Sequence[int], width: int) -> int:
+    """Row width for short last blocks that minimises the padded elements to process.
+
+    Blocks up to the returned width share narrower rows, the rest get full ``width`` rows;
+    an extra slab is charged as ``_DIRECT_MIN`` elements of work.
+    """
+    best, best_cost = width, len(lengths) * width
+    row = 1
+    while row < width:
+        fit = sum(n <= row for n in lengths)
+        cost = fit * row + (len(lengths) - fit) * width + (_DIRECT_MIN if fit else 0)
+        if cost < best_cost:
+            best, best_cost = row, cost
+        row *= 2
+    return best
+
+
+def _gathered_slabs(
+    runs: Sequence[tuple[int, int, int]],
+    row: int,
+    width: int,
+    element_starts: Sequence[int],
+    block_starts: Sequence[int],
+) -> list[_Slab]:
+    """Pack runs (tensor index, start, length) into slabs of ``row``-element rows, each run
+    zero-padded to whole rows; long runs are cut at slab boundaries."""
+    slab_rows = max(1, _CHUNK // row)
+    slabs: list[_Slab] = []
+    pieces: list[tuple[int, int, int]] = []
+    rows = 0
+
+    def close() -> None:
+        nonlocal rows
+        offsets = [element_starts[i] + start for i, start, _ in pieces]
+        padded = [-(-n // row) * row for *_, n in pieces]
+        blocks: list[int] = []
+        for (i, start, _), p in zip(pieces, padded, strict=True):
+            first = block_starts[i] + start // width
+            blocks.extend(range(first, first + p // row))
+        breaks = [
+            k for k in range(1, len(pieces)) if offsets[k] != offsets[k - 1] + pieces[k - 1][2]
+        ]
+        slabs.append(
+            _Slab(
+                rows,
+                row,
+                tuple(pieces),
+                tuple(offsets),
+                torch.tensor(blocks, dtype=torch.int64),
+                tuple(itertools.pairwise([0, *breaks, len(pieces)])),
+                tuple(x for (*_, n), p in zip(pieces, padded, strict=True) for x in (n, p - n)),
             )
-            pieces.clear()
-            pads.clear()
-            slab_block, slab_element = block, element
+        )
+        pieces.clear()
+        rows = 0
 
-        for index, n in enumerate(sizes):
-            start = 0
-            while start < n:
-                # Take whole blocks up to the slab's end; the tensor's last block may be short.
-                room = (rows_per_slab - (block - slab_block)) * width
-                length = min(room, n - start)
-                rows = -(-length // width)
-                pieces.append((index, start, length))
-                pads.append(rows * width - length)
-                start += length
-                block += rows
-                element += length
-                if block - slab_block == rows_per_slab:
-                    close()
-        if pieces:
-            close()
-        return cls(width, block, element, tuple(slabs))
+    for i, start, n in runs:
+        while n:
+            # Whole rows up to the slab's end; the run's last row may be short.
+            length = min((slab_rows - rows) * row, n)
+            pieces.append((i, start, length))
+            rows += -(-length // row)
+            start, n = start + length, n - length
+            if rows == slab_rows:
+                close()
+    if pieces:
+        close()
+    return slabs
+
+
+def _gather(
+    runs: Sequence[torch.Tensor], slab: _Slab, zeros: torch.Tensor, buffer: torch.Tensor
+) -> torch.Tensor:
+    """The slab as one padded vector: a direct slab's single run, else the runs with zero
+    padding copied into ``buffer``."""
+    if slab.lengths is None:
+        return runs[0]
+    parts: list[torch.Tensor] = []
+    for run, pad in zip(runs, slab.lengths[1::2], strict=True):
+        parts.append(run)
+        if pad:
+            parts.append(zeros[:pad])
+    return torch.cat(parts, out=buffer[: slab.rows * slab.width])
 
 
 def _is_int(value: object) -> bool:
@@ -252,155 +340,186 @@ def _align(offset: int) -> int:
     return -(-offset // _ALIGN) * _ALIGN
 
 
-def _with_pads(
-    runs: Sequence[torch.Tensor], sizes: Sequence[int], zeros: torch.Tensor
-) -> list[torch.Tensor]:
-    """Interleave data runs with the zero padding that follows each, for ``torch.cat``."""
-    out: list[torch.Tensor] = []
-    for run, pad in zip(runs, sizes[1::2], strict=True):
-        out.append(run)
-        if pad:
-            out.append(zeros[:pad])
-    return out
+def _scales_from_absmax(absmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block scales ``absmax / qmax`` and the divisors to quantize with.
 
-
-def _scales_from_absmax(absmax: torch.Tensor, bits: int, out: torch.Tensor) -> None:
-    """Write per-block scales ``absmax / qmax``, nudged so that no level leaves ``±qmax``."""
+    All-zero blocks keep scale 0 but divide by 1, giving level 0 rather than NaN.
+    """
     qmax = _QMAX[bits]
-    torch.div(absmax, qmax, out=out)
-    # A subnormal absmax / qmax can round down by many ulps (even to 0); one step up restores
-    # qmax * scale >= absmax, which keeps the rounding error within half a step.
-    out.copy_(torch.where(out * qmax < absmax, torch.nextafter(out, _INF), out))
+    scales = absmax / qmax
+    # A subnormal quotient can round down by many ulps (even to 0); stepping one ulp towards
+    # absmax restores qmax * scale >= absmax, so round-to-nearest stays within half a step
+    # and never leaves [-qmax, qmax].
+    scales = torch.where(scales * qmax < absmax, torch.nextafter(scales, absmax), scales)
     # Cap so that qmax * scale, the largest decoded magnitude, stays finite.
-    out.clamp_(max=_MAX_SCALE[bits])
+    scales.clamp_(max=_MAX_SCALE[bits])
+    return scales, torch.where(scales > 0, scales, 1.0)
 
 
 def _uniform_noise(
-    xs: Sequence[torch.Tensor], generator: torch.Generator, n_elements: int
+    flats: Sequence[torch.Tensor], generator: torch.Generator, n_elements: int
 ) -> torch.Tensor:
     """U[0, 1) noise for all elements, drawn tensor by tensor as ``quantize_dequantize`` does."""
     noise = torch.empty(n_elements)
     offset = 0
-    for x in xs:
+    for x in flats:
         torch.rand(x.numel(), generator=generator, out=noise[offset : offset + x.numel()])
         offset += x.numel()
     return noise
 
 
 def _encode_floats(
-    xs: Sequence[torch.Tensor],
+    flats: Sequence[torch.Tensor],
     names: Sequence[str],
     plan: _Plan,
     *,
     bits: int,
     generator: torch.Generator | None,
-    scales: torch.Tensor,
-    levels: torch.Tensor,
-) -> None:
-    """Quantize flat float32 vectors ``xs`` into ``scales`` and back-to-back int8 ``levels``.
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Quantize flat float32 vectors; return the scales and the int8 level runs, both in
+    payload order.
 
     Without a generator this rounds to nearest; with one it rounds stochastically, drawing
     one uniform per element, tensor by tensor, so a seed fixes the result.
     """
-    qmax, width, capacity = _QMAX[bits], plan.width, plan.slab_capacity
+    qmax, capacity = _QMAX[bits], plan.slab_capacity
     gathered, work = torch.empty(capacity), torch.empty(capacity)
-    work_levels = torch.empty(capacity, dtype=torch.int8)
-    zeros = torch.zeros(width)
-    absmax = torch.empty(plan.n_blocks)
-    noise = None if generator is None else _uniform_noise(xs, generator, plan.n_elements)
-    gathered_noise = None if noise is None else torch.empty(capacity)
-
+    zeros = torch.zeros(plan.width)
+    absmax, scales = torch.empty(plan.n_blocks), torch.empty(plan.n_blocks)
+    noise = None if generator is None else _uniform_noise(flats, generator, sum(plan.sizes))
+    runs: list[tuple[int, torch.Tensor]] = []
     for slab in plan.slabs:
-        count = slab.rows * width
-        if slab.sizes is None:
-            index, start, length = slab.pieces[0]
-            x = xs[index][start : start + length]
-        else:
-            runs = [xs[i][s : s + n] for i, s, n in slab.pieces]
-            x = torch.cat(_with_pads(runs, slab.sizes, zeros), out=gathered[:count])
-        x = x.view(slab.rows, width)
-        t = work[:count].view(slab.rows, width)
-        torch.amax(torch.abs(x, out=t), dim=1, out=absmax[slab.blocks])
-        s = scales[slab.blocks]
-        _scales_from_absmax(absmax[slab.blocks], bits, out=s)
-        # All-zero blocks have scale 0; dividing them by 1 gives level 0 instead of NaN.
-        torch.div(x, torch.where(s > 0, s, 1.0)[:, None], out=t)
+        shape = (slab.rows, slab.width)
+        x = _gather(plan.runs(slab, flats), slab, zeros, gathered).view(shape)
+        t = work[: slab.rows * slab.width].view(shape)
+        a = torch.amax(torch.abs(x, out=t), dim=1)
+        s, divisors = _scales_from_absmax(a, bits)
+        absmax[slab.blocks], scales[slab.blocks] = a, s
+        torch.div(x, divisors[:, None], out=t)
         if noise is None:
-            t.round_()
+            t.round_()  # |t| < qmax + 1/2 (see _scales_from_absmax): no clamp needed
         else:
-            u = noise[slab.elements]
-            if slab.sizes is not None:
-                u = torch.cat(
-                    _with_pads(u.split(slab.sizes[0::2]), slab.sizes, zeros),
-                    out=gathered_noise[:count],
-                )
-            t.add_(u.view(slab.rows, width)).floor_()
-        # Stochastic rounding can step one past qmax; the clamp also guards the int8 cast.
-        t.clamp_(-qmax, qmax)
-        if slab.sizes is None:
-            levels[slab.elements].view(slab.rows, width).copy_(t)
-        else:
-            q = work_levels[:count].copy_(t.view(-1))
-            torch.cat(q.split(slab.sizes)[0::2], out=levels[slab.elements])
+            # x is consumed, so the noise may reuse its buffer.
+            u = [noise[o : o + n] for o, (_, _, n) in zip(slab.offsets, slab.pieces, strict=True)]
+            t.add_(_gather(u, slab, zeros, gathered).view(shape)).floor_()
+            t.clamp_(-qmax, qmax)  # u close to 1 can round the sum up past qmax
+        q = t.to(torch.int8).view(-1)
+        if slab.lengths is None:
+            runs.append((slab.offsets[0], q))
+            continue
+        unpadded = q.split(slab.lengths)[0::2]
+        for first, stop in slab.spans:
+            run = unpadded[first] if stop - first == 1 else torch.cat(unpadded[first:stop])
+            runs.append((slab.offsets[first], run))
 
     bad = torch.nonzero(~torch.isfinite(absmax))
     if bad.numel():
-        ends = list(itertools.accumulate(-(-x.numel() // width) for x in xs))
-        name = names[bisect.bisect_right(ends, int(bad[0]))]
+        name = names[bisect.bisect_right(plan.block_starts, int(bad[0])) - 1]
         raise ValueError(
             f"tensor {name!r} has non-finite values (NaN/inf, or beyond the float32 range)"
         )
+    runs.sort(key=lambda run: run[0])
+    return scales, [q for _, q in runs]
 
 
-def _decode_floats(levels: torch.Tensor, scales: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """Rebuild the compact float32 stream from back-to-back int8 levels and block scales."""
-    width, capacity = plan.width, plan.slab_capacity
-    out = torch.empty(plan.n_elements)
+def _unpack_int4(packed: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """Unpack nibble pairs into int8 levels in ``buffer``, low nibble first."""
+    words = buffer[: 2 * packed.numel()].view(torch.int16).copy_(packed)
+    # Spread byte b to the little-endian int16 (b & 0x0F) + 256 * (b >> 4).
+    words.bitwise_or_(words << 4).bitwise_and_(0x0F0F)
+    return words.view(torch.int8).sub_(_INT4_OFFSET)
+
+
+def _level_runs(
+    section: torch.Tensor, packed: bool, slab: _Slab, buffer: torch.Tensor
+) -> list[torch.Tensor]:
+    """The slab's runs of int8 levels: views of an int8 level section, or of int4 nibbles
+    unpacked into ``buffer`` span by span."""
+    pieces = [(offset, n) for offset, (_, _, n) in zip(slab.offsets, slab.pieces, strict=True)]
+    if not packed:
+        return [section[offset : offset + n] for offset, n in pieces]
+    runs: list[torch.Tensor] = []
+    at = 0
+    for first, stop in slab.spans:
+        start, end = pieces[first][0], sum(pieces[stop - 1])
+        nibbles = section[start // 2 : -(-end // 2)]
+        levels = _unpack_int4(nibbles, buffer[at:])[start % 2 :]
+        runs.extend(levels[offset - start : offset - start + n] for offset, n in pieces[first:stop])
+        at += 2 * nibbles.numel()
+    return runs
+
+
+def _decode_floats(
+    section: torch.Tensor,
+    bits: int,
+    scales: torch.Tensor,
+    plan: _Plan,
+    outs: Sequence[torch.Tensor],
+) -> None:
+    """Dequantize a level section into the flat float32 tensors ``outs``."""
+    capacity, qmax = plan.slab_capacity, _QMAX[bits]
+    packed = bits == 4
+    if packed and section.numel() <= _CHUNK:
+        # A small section unpacks in one go, cheaper than span by span.
+        section = _unpack_int4(section, torch.empty(2 * section.numel(), dtype=torch.int8))
+        packed = False
     # int8 * float32 in one op takes a slow mixed-dtype path; converting slabwise is faster.
     work = torch.empty(capacity)
     gathered = torch.empty(capacity, dtype=torch.int8)
-    zeros = torch.zeros(width, dtype=torch.int8)
+    # Each span unpacks whole bytes, so it may carry a neighbour's nibble at either end.
+    unpacked = torch.empty(capacity + 2 * plan.max_spans if packed else 0, dtype=torch.int8)
+    zeros = torch.zeros(plan.width, dtype=torch.int8)
     for slab in plan.slabs:
-        count = slab.rows * width
-        q = levels[slab.elements]
-        s = scales[slab.blocks, None]
-        t = work[:count].view(slab.rows, width)
-        if slab.sizes is None:
-            t.copy_(q.view(slab.rows, width))
-            torch.mul(t, s, out=out[slab.elements].view(slab.rows, width))
-        else:
-            q = torch.cat(
-                _with_pads(q.split(slab.sizes[0::2]), slab.sizes, zeros), out=gathered[:count]
-            )
-            t.copy_(q.view(slab.rows, width)).mul_(s)
-            torch.cat(t.view(-1).split(slab.sizes)[0::2], out=out[slab.elements])
-    return out
+        shape = (slab.rows, slab.width)
+        q = _gather(_level_runs(section, packed, slab, unpacked), slab, zeros, gathered)
+        if int(q.min()) < -qmax:
+            raise CodecError(f"level below -{qmax} in a {bits}-bit payload")
+        t = work[: slab.rows * slab.width].view(shape).copy_(q.view(shape))
+        s = scales[slab.blocks][:, None]
+        if slab.lengths is None:
+            torch.mul(t, s, out=plan.runs(slab, outs)[0].view(shape))
+            continue
+        t.mul_(s)
+        padded_runs = t.view(-1).split(slab.lengths)[0::2]
+        for out, run in zip(plan.runs(slab, outs), padded_runs, strict=True):
+            out.copy_(run)
 
 
-def _pack_int4(levels: torch.Tensor, out: torch.Tensor) -> None:
-    """Pack an even number of int8 levels in [-7, 7] into offset-binary nibble pairs.
+def _pack_int4(runs: Sequence[torch.Tensor], n_levels: int) -> list[np.ndarray]:
+    """Pack payload-order int8 level runs in [-7, 7] into offset-binary nibble pairs, low
+    nibble first, an odd total padded with level 0.
 
-    Overwrites ``levels`` with its nibbles to save a temporary.
+    Nibbles are staged through a slab-sized buffer, so no full-size temporary is needed.
     """
-    nibbles = levels.add_(_INT4_OFFSET).view(torch.uint8)
-    torch.bitwise_left_shift(nibbles[1::2], 4, out=out)
-    out.bitwise_or_(nibbles[0::2])
+    stage = torch.empty(2 * max(1, _CHUNK // 2), dtype=torch.int8)  # even, so pairs fit
+    packed: list[np.ndarray] = []
+    filled = 0
+
+    def flush() -> None:
+        # A little-endian int16 holds nibble pair lo + 256 * hi; the packed byte lo | hi << 4
+        # is the low byte of pairs | pairs >> 4, masked so that the uint8 cast is exact.
+        pairs = stage[:filled].view(torch.int16)
+        packed.append((pairs >> 4).bitwise_or_(pairs).bitwise_and_(0xFF).to(torch.uint8).numpy())
+
+    for run in [*runs, torch.zeros(n_levels % 2, dtype=torch.int8)]:
+        start = 0
+        while start < run.numel():
+            n = min(stage.numel() - filled, run.numel() - start)
+            torch.add(run[start : start + n], _INT4_OFFSET, out=stage[filled : filled + n])
+            filled, start = filled + n, start + n
+            if filled == stage.numel():
+                flush()
+                filled = 0
+    flush()  # the padded total is even, so the last batch is too
+    return packed
 
 
-def _unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Unpack ``n`` int8 levels from nibble pairs; a padding nibble must hold level 0."""
-    nibbles = torch.empty(2 * packed.numel(), dtype=torch.uint8)
-    torch.bitwise_and(packed, 0x0F, out=nibbles[0::2])
-    torch.bitwise_right_shift(packed, 4, out=nibbles[1::2])
-    levels = nibbles.view(torch.int8).sub_(_INT4_OFFSET)
-    if n % 2 and levels[n].item() != 0:
-        raise CodecError("int4 padding nibble does not hold level 0")
-    return levels[:n]
-
-
-def _as_float32_vector(t: torch.Tensor) -> torch.Tensor:
+def _flat_float32(t: torch.Tensor) -> torch.Tensor:
     """Flat float32 CPU view of ``t``, copying only when dtype, device or layout require it."""
-    return t.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+    flat = t.reshape(-1)
+    if flat.dtype != torch.float32 or not flat.is_cpu:
+        flat = flat.to("cpu", torch.float32)
+    return flat
 
 
 def _rng(stochastic: bool, generator: torch.Generator | None) -> torch.Generator | None:
@@ -413,6 +532,7 @@ def _rng(stochastic: bool, generator: torch.Generator | None) -> torch.Generator
     return generator
 
 
+@torch.no_grad()
 def quantize_dequantize(
     x: torch.Tensor,
     *,
@@ -430,22 +550,18 @@ def quantize_dequantize(
     _check_params(bits, block_size)
     if not x.is_floating_point():
         raise ValueError(f"quantize_dequantize needs a float tensor, got {x.dtype}")
-    flat = _as_float32_vector(x)
-    plan = _Plan.of([flat.numel()], block_size)
-    scales = torch.empty(plan.n_blocks)
-    levels = torch.empty(plan.n_elements, dtype=torch.int8)
-    _encode_floats(
-        [flat],
-        ["x"],
-        plan,
-        bits=bits,
-        generator=_rng(stochastic, generator),
-        scales=scales,
-        levels=levels,
-    )
-    return _decode_floats(levels, scales, plan).view(x.shape).to(x.device)
+    flat = _flat_float32(x)
+    plan = _plan((flat.numel(),), block_size)
+    rng = _rng(stochastic, generator)
+    scales, runs = _encode_floats([flat], ["x"], plan, bits=bits, generator=rng)
+    out = torch.empty(x.shape)
+    # int4 levels would unpack to these same int8 values, so skip the nibble round trip.
+    levels = torch.cat(runs) if runs else torch.empty(0, dtype=torch.int8)
+    _decode_floats(levels, 8, scales, plan, [out.view(-1)])
+    return out.to(x.device)
 
 
+@torch.no_grad()
 def encode_update(
     tensors: Mapping[str, torch.Tensor],
     *,
@@ -463,57 +579,24 @@ def encode_update(
     """
     _check_params(bits, block_size)
     _check_byteorder()
-    entries: list[_Entry] = []
-    for name, t in tensors.items():
-        if not isinstance(name, str):
-            raise ValueError(f"tensor names must be str, got {name!r}")
-        dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in _FLOAT_DTYPES and dtype not in _RAW_DTYPES:
-            raise ValueError(f"tensor {name!r} has unsupported dtype {t.dtype}")
-        entries.append(_Entry(name, dtype, tuple(t.shape)))
+    entries = tuple(_entry(name, t) for name, t in tensors.items())
+    floats = [(e.name, t) for e, t in zip(entries, tensors.values(), strict=True) if e.quantized]
+    flats = [_flat_float32(t) for _, t in floats]
+    plan = _plan(tuple(x.numel() for x in flats), block_size)
+    rng = _rng(stochastic, None if seed is None else torch.Generator().manual_seed(seed))
+    names = [name for name, _ in floats]
+    scales, runs = _encode_floats(flats, names, plan, bits=bits, generator=rng)
+    levels = [q.numpy() for q in runs] if bits == 8 else _pack_int4(runs, sum(plan.sizes))
 
-    metadata = zlib.compress(
-        json.dumps(
-            [[e.name, e.dtype, list(e.shape)] for e in entries], separators=(",", ":")
-        ).encode()
-    )
-    layout = _Layout.of(entries, bits, block_size, _align(_HEADER.size + len(metadata)))
-    payload = bytearray(layout.total)
-    _HEADER.pack_into(payload, 0, MAGIC, FORMAT_VERSION, bits, 0, block_size, len(metadata))
-    payload[_HEADER.size : _HEADER.size + len(metadata)] = metadata
-
-    floats = [
-        (e.name, _as_float32_vector(t))
+    metadata = _metadata(entries)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, bits, 0, block_size, len(metadata))
+    padding = bytes(-(len(header) + len(metadata)) % _ALIGN)
+    raw = [
+        t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         for e, t in zip(entries, tensors.values(), strict=True)
-        if e.quantized
+        if not e.quantized
     ]
-    plan = _Plan.of([x.numel() for _, x in floats], block_size)
-    scales = _buffer_view(payload, torch.float32, layout.data_start, layout.n_blocks)
-    if bits == 8:
-        levels = _buffer_view(payload, torch.int8, layout.levels_offset, layout.n_levels)
-    else:
-        # The padding level is 0, which packs to the level-0 nibble the decoder expects.
-        levels = torch.zeros(2 * layout.level_bytes, dtype=torch.int8)
-    _encode_floats(
-        [x for _, x in floats],
-        [name for name, _ in floats],
-        plan,
-        bits=bits,
-        generator=_rng(stochastic, None if seed is None else torch.Generator().manual_seed(seed)),
-        scales=scales,
-        levels=levels[: layout.n_levels],
-    )
-    if bits == 4:
-        packed = _buffer_view(payload, torch.uint8, layout.levels_offset, layout.level_bytes)
-        _pack_int4(levels, packed)
-
-    offset = layout.raw_offset
-    for e, t in zip(entries, tensors.values(), strict=True):
-        if not e.quantized:
-            raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            _buffer_view(payload, torch.uint8, offset, e.raw_nbytes).copy_(raw)
-            offset += e.raw_nbytes
-    return bytes(payload)
+    return b"".join([header, metadata, padding, scales.numpy(), *levels, *raw])
 
 
 def decode_update(
@@ -522,10 +605,9 @@ def decode_update(
 ) -> dict[str, torch.Tensor]:
     """Decode a payload from ``encode_update``.
 
-    Floats come back as float32 views into one shared buffer (clone one to keep it alone);
-    other tensors come back with their own dtype and storage. If ``expected`` is given, it
-    must name exactly the payload's tensors, each with its shape and the dtype it had before
-    encoding. Raises CodecError for anything malformed.
+    Floats come back as float32, other tensors with their own dtype. If ``expected`` is
+    given, it must name exactly the payload's tensors, each with its shape and the dtype it
+    had before encoding. Raises CodecError for anything malformed.
     """
     _check_byteorder()
     if len(payload) < _HEADER.size:
@@ -559,26 +641,18 @@ def decode_update(
         )
     if len(payload) > layout.total:
         raise CodecError(f"{len(payload) - layout.total} trailing bytes after the data")
-
-    qmax = _QMAX[bits]
     scales = _buffer_view(payload, torch.float32, layout.data_start, layout.n_blocks)
     # NaN fails both comparisons, so this also rejects non-finite scales.
     if not bool(((scales >= 0) & (scales <= _MAX_SCALE[bits])).all()):
         raise CodecError(f"scales must be finite and in [0, {_MAX_SCALE[bits]:.6g}]")
-    if bits == 8:
-        levels = _buffer_view(payload, torch.int8, layout.levels_offset, layout.n_levels)
-    else:
-        packed = _buffer_view(payload, torch.uint8, layout.levels_offset, layout.level_bytes)
-        levels = _unpack_int4(packed, layout.n_levels)
-    if levels.numel() and int(levels.min()) < -qmax:
-        raise CodecError(f"level below -{qmax} in a {bits}-bit payload")
+    level_dtype = torch.int8 if bits == 8 else torch.uint8
+    section = _buffer_view(payload, level_dtype, layout.levels_offset, layout.level_bytes)
+    if bits == 4 and layout.n_levels % 2 and section[-1].item() >> 4 != _INT4_OFFSET:
+        raise CodecError("int4 padding nibble does not hold level 0")
 
-    floats = [e for e in entries if e.quantized]
-    stream = _decode_floats(levels, scales, _Plan.of([e.numel for e in floats], block_size))
-    decoded = {
-        e.name: run.view(e.shape)
-        for e, run in zip(floats, stream.split([e.numel for e in floats]), strict=True)
-    }
+    decoded = {e.name: torch.empty(e.shape) for e in entries if e.quantized}
+    plan = _plan(tuple(t.numel() for t in decoded.values()), block_size)
+    _decode_floats(section, bits, scales, plan, [t.view(-1) for t in decoded.values()])
     out: dict[str, torch.Tensor] = {}
     offset = layout.raw_offset
     for e in entries:
@@ -612,8 +686,25 @@ def _buffer_view(
         return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
 
 
-def _parse_metadata(blob: bytes) -> list[_Entry]:
-    """Inflate and validate the metadata section."""
+def _entry(name: object, t: torch.Tensor) -> _Entry:
+    if not isinstance(name, str):
+        raise ValueError(f"tensor names must be str, got {name!r}")
+    dtype = _DTYPE_NAMES.get(t.dtype)
+    if dtype is None:
+        raise ValueError(f"tensor {name!r} has unsupported dtype {t.dtype}")
+    return _Entry(name, dtype, tuple(t.shape))
+
+
+@functools.lru_cache(maxsize=32)
+def _metadata(entries: tuple[_Entry, ...]) -> bytes:
+    """The compressed metadata section (cached: every round repeats it)."""
+    items = [[e.name, e.dtype, list(e.shape)] for e in entries]
+    return zlib.compress(json.dumps(items, separators=(",", ":")).encode())
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_metadata(blob: bytes) -> tuple[_Entry, ...]:
+    """Inflate and validate the metadata section (cached: every round repeats it)."""
     inflater = zlib.decompressobj()
     try:
         text = inflater.decompress(blob, _MAX_METADATA)
@@ -627,9 +718,8 @@ def _parse_metadata(blob: bytes) -> list[_Entry]:
         raise CodecError(f"metadata is not valid JSON: {exc}") from exc
     if not isinstance(items, list):
         raise CodecError("metadata must be a JSON list of [name, dtype, shape]")
-    entries = [_parse_entry(item) for item in items]
-    names = [e.name for e in entries]
-    if len(set(names)) != len(names):
+    entries = tuple(_parse_entry(item) for item in items)
+    if len({e.name for e in entries}) != len(entries):
         raise CodecError("metadata repeats a tensor name")
     return entries
 

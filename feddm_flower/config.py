@@ -54,7 +54,7 @@ class RunConfig:
     """Typed view of ``[tool.flwr.app.config]``; field ``foo_bar`` is run-config key ``foo-bar``."""
 
     strategy: str = _key("vanilla", _one_of(*STRATEGIES), "federated strategy")
-    num_server_rounds: int = _key(5, _at_least(1), "federated rounds")
+    num_server_rounds: int = _key(6, _at_least(1), "federated rounds")
     fraction_train: float = _key(1.0, _unit_interval, "fraction of nodes sampled to train")
     fraction_evaluate: float = _key(1.0, _unit_interval, "fraction of nodes sampled to evaluate")
     min_nodes: int = _key(2, _at_least(1), "nodes that must be connected and replying")
@@ -75,7 +75,7 @@ class RunConfig:
     seed: int = _key(0, _at_least(0), "seed for partitions, init, noise and sampling")
     model_preset: str = _key("tiny", _one_of(*PRESETS), "U-Net size")
     local_epochs: int = _key(1, _at_least(1), "local epochs per round (if local-steps = 0)")
-    local_steps: int = _key(250, _at_least(0), "local optimiser steps per round; 0 = use epochs")
+    local_steps: int = _key(200, _at_least(0), "local optimiser steps per round; 0 = use epochs")
     batch_size: int = _key(64, _at_least(1), "local minibatch size")
     learning_rate: float = _key(3e-3, _positive, "AdamW learning rate")
     weight_decay: float = _key(0.0, _at_least(0.0), "AdamW weight decay")
