@@ -158,6 +158,8 @@ def targets(models: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_codecs(args: argparse.Namespace) -> dict[str, Any]:
     """The ``codecs`` subcommand: every model x bits x block size."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pressure_before = _cpu_pressure()
     models = []
     for preset, image_size, channels in MODELS:
@@ -208,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         choices=[f"{preset}{size}" for preset, size, _ in MODELS],
         help="subset of the models (default: all)",
+    )
+    codecs.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's choice); 1 is steadier on a busy machine",
     )
     codecs.set_defaults(run=run_codecs)
     return parser

@@ -26,7 +26,8 @@ For speed the work is vectorised over a virtual matrix of blocks, one block per 
 into slabs of about ``_CHUNK`` elements so that temporaries stay in cache. Large tensors are
 viewed in place as rows; small tensors and the short last blocks are gathered, zero-padded
 to whole rows, into shared slabs. Each slab costs a fixed handful of torch ops, and nothing
-loops over blocks or elements in Python.
+loops over blocks or elements in Python. Layouts, metadata and work buffers are cached
+between calls, since every federated round repeats the same tensors.
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ import json
 import math
 import struct
 import sys
+import threading
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 FORMAT_VERSION: int = 1
@@ -68,7 +69,7 @@ _MAX_METADATA = 64 << 20
 _CHUNK = 1 << 20
 # Tensors with at least this many elements in whole blocks are used in place; gathering
 # smaller ones into shared slabs saves per-op overhead.
-_DIRECT_MIN = 1 << 16
+_DIRECT_MIN = 1 << 18
 
 _FLOAT_DTYPES = {
     str(d).removeprefix("torch."): d
@@ -90,6 +91,21 @@ def _largest_scale(qmax: int) -> float:
 
 
 _MAX_SCALE = {bits: _largest_scale(qmax) for bits, qmax in _QMAX.items()}
+_scratch = threading.local()
+
+
+def _scratch_buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread work buffer of ``numel`` elements, kept for later calls.
+
+    Rounds repeat the same sizes, and reusing memory saves the page faults of fresh
+    allocations, which on virtual machines can cost as much as the codec's arithmetic.
+    The buffers grow to the largest model seen and are never freed.
+    """
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        buffer = torch.empty(numel, dtype=dtype)
+        setattr(_scratch, name, buffer)
+    return buffer[:numel]
 
 
 class _Entry(NamedTuple):
@@ -189,6 +205,10 @@ class _Plan:
     def slab_capacity(self) -> int:
         """Padded elements in the largest slab, the size of the temporaries."""
         return max((s.rows * s.width for s in self.slabs), default=0)
+
+    @property
+    def padded_elements(self) -> int:
+        return sum(s.rows * s.width for s in self.slabs)
 
     @property
     def max_spans(self) -> int:
@@ -377,17 +397,20 @@ def _encode_floats(
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Quantize flat float32 vectors; return the scales and the int8 level runs, both in
-    payload order.
+    payload order. The runs are views of a scratch buffer, valid until the next call.
 
     Without a generator this rounds to nearest; with one it rounds stochastically, drawing
     one uniform per element, tensor by tensor, so a seed fixes the result.
     """
     qmax, capacity = _QMAX[bits], plan.slab_capacity
-    gathered, work = torch.empty(capacity), torch.empty(capacity)
+    gathered = _scratch_buffer("gathered", capacity, torch.float32)
+    work = _scratch_buffer("work", capacity, torch.float32)
+    levels = _scratch_buffer("levels", plan.padded_elements, torch.int8)
     zeros = torch.zeros(plan.width)
     absmax, scales = torch.empty(plan.n_blocks), torch.empty(plan.n_blocks)
     noise = None if generator is None else _uniform_noise(flats, generator, sum(plan.sizes))
     runs: list[tuple[int, torch.Tensor]] = []
+    at = 0  # where the slab's levels go in the levels buffer
     for slab in plan.slabs:
         shape = (slab.rows, slab.width)
         x = _gather(plan.runs(slab, flats), slab, zeros, gathered).view(shape)
@@ -403,7 +426,9 @@ def _encode_floats(
             u = [noise[o : o + n] for o, (_, _, n) in zip(slab.offsets, slab.pieces, strict=True)]
             t.add_(_gather(u, slab, zeros, gathered).view(shape)).floor_()
             t.clamp_(-qmax, qmax)  # u close to 1 can round the sum up past qmax
-        q = t.to(torch.int8).view(-1)
+        q = levels[at : at + t.numel()]
+        q.view(shape).copy_(t)
+        at += t.numel()
         if slab.lengths is None:
             runs.append((slab.offsets[0], q))
             continue
@@ -461,13 +486,14 @@ def _decode_floats(
     packed = bits == 4
     if packed and section.numel() <= _CHUNK:
         # A small section unpacks in one go, cheaper than span by span.
-        section = _unpack_int4(section, torch.empty(2 * section.numel(), dtype=torch.int8))
+        section = _unpack_int4(section, _scratch_buffer("nibbles", 2 * section.numel(), torch.int8))
         packed = False
     # int8 * float32 in one op takes a slow mixed-dtype path; converting slabwise is faster.
-    work = torch.empty(capacity)
-    gathered = torch.empty(capacity, dtype=torch.int8)
+    work = _scratch_buffer("work", capacity, torch.float32)
+    gathered = _scratch_buffer("gathered_levels", capacity, torch.int8)
     # Each span unpacks whole bytes, so it may carry a neighbour's nibble at either end.
-    unpacked = torch.empty(capacity + 2 * plan.max_spans if packed else 0, dtype=torch.int8)
+    spans = capacity + 2 * plan.max_spans if packed else 0
+    unpacked = _scratch_buffer("unpacked", spans, torch.int8)
     zeros = torch.zeros(plan.width, dtype=torch.int8)
     for slab in plan.slabs:
         shape = (slab.rows, slab.width)
@@ -485,21 +511,26 @@ def _decode_floats(
             out.copy_(run)
 
 
-def _pack_int4(runs: Sequence[torch.Tensor], n_levels: int) -> list[np.ndarray]:
+def _pack_int4(runs: Sequence[torch.Tensor], n_levels: int) -> torch.Tensor:
     """Pack payload-order int8 level runs in [-7, 7] into offset-binary nibble pairs, low
     nibble first, an odd total padded with level 0.
 
-    Nibbles are staged through a slab-sized buffer, so no full-size temporary is needed.
+    Nibbles are staged through a slab-sized buffer; the result is a view of a scratch
+    buffer, valid until the next call.
     """
-    stage = torch.empty(2 * max(1, _CHUNK // 2), dtype=torch.int8)  # even, so pairs fit
-    packed: list[np.ndarray] = []
-    filled = 0
+    stage = _scratch_buffer("stage", 2 * max(1, _CHUNK // 2), torch.int8)  # even: pairs fit
+    pairs = _scratch_buffer("pairs", stage.numel() // 2, torch.int16)
+    packed = _scratch_buffer("packed", (n_levels + 1) // 2, torch.uint8)
+    filled = written = 0
 
     def flush() -> None:
+        nonlocal written
         # A little-endian int16 holds nibble pair lo + 256 * hi; the packed byte lo | hi << 4
         # is the low byte of pairs | pairs >> 4, masked so that the uint8 cast is exact.
-        pairs = stage[:filled].view(torch.int16)
-        packed.append((pairs >> 4).bitwise_or_(pairs).bitwise_and_(0xFF).to(torch.uint8).numpy())
+        nibbles = stage[:filled].view(torch.int16)
+        p = torch.bitwise_right_shift(nibbles, 4, out=pairs[: filled // 2])
+        packed[written : written + p.numel()].copy_(p.bitwise_or_(nibbles).bitwise_and_(0xFF))
+        written += p.numel()
 
     for run in [*runs, torch.zeros(n_levels % 2, dtype=torch.int8)]:
         start = 0
@@ -586,17 +617,18 @@ def encode_update(
     rng = _rng(stochastic, None if seed is None else torch.Generator().manual_seed(seed))
     names = [name for name, _ in floats]
     scales, runs = _encode_floats(flats, names, plan, bits=bits, generator=rng)
-    levels = [q.numpy() for q in runs] if bits == 8 else _pack_int4(runs, sum(plan.sizes))
+    levels = runs if bits == 8 else [_pack_int4(runs, sum(plan.sizes))]
 
     metadata = _metadata(entries)
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, bits, 0, block_size, len(metadata))
     padding = bytes(-(len(header) + len(metadata)) % _ALIGN)
     raw = [
-        t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        t.to("cpu").contiguous().reshape(-1).view(torch.uint8)
         for e, t in zip(entries, tensors.values(), strict=True)
         if not e.quantized
     ]
-    return b"".join([header, metadata, padding, scales.numpy(), *levels, *raw])
+    parts = [scales, *levels, *raw]
+    return b"".join([header, metadata, padding, *(part.numpy() for part in parts)])
 
 
 def decode_update(
