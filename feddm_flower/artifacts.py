@@ -50,9 +50,11 @@ class RunDirectory:
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def write_summary(self, last_round: dict[str, object]) -> dict[str, object]:
-        """Write ``summary.json``: the run's final metrics line (cumulative bytes, losses)."""
-        summary = {k: v for k, v in last_round.items() if not k.endswith("per-node")}
+    def write_summary(self) -> dict[str, object]:
+        """Write ``summary.json``: the run's last metrics line (cumulative bytes, losses)."""
+        lines = self.metrics_file.read_text().splitlines() if self.metrics_file.exists() else []
+        last = json.loads(lines[-1]) if lines else {}
+        summary = {k: v for k, v in last.items() if not k.endswith("per-node")}
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 

@@ -57,7 +57,7 @@ def main(grid: Grid, context: Context) -> None:
         unet.load_state_dict(result.arrays.to_torch_state_dict())
     path = run.save_pipeline(unet, build_scheduler())
     log.info("Saved DDPMPipeline to %s (load with DDPMPipeline.from_pretrained)", path)
-    summary = run.write_summary(reporter.last)
+    summary = run.write_summary()
     log.info(
         "Traffic: %d B down (%.2fx less than fp32 FedAvg), %d B up (%.2fx less)",
         summary.get("bytes-down-cumulative", 0),
@@ -114,7 +114,6 @@ class RoundReporter:
         self.cfg, self.run, self.strategy, self.unet = cfg, run, strategy, unet
         self.scheduler = build_scheduler()
         self.start = self.round_start = time.perf_counter()
-        self.last: dict[str, object] = {}  # the latest metrics line
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and self.strategy.round_offset:
@@ -143,7 +142,7 @@ class RoundReporter:
             "sample-grid": str(grid_path.relative_to(self.run.path)),
             **quality,
         }
-        self.round_start, self.last = now, record
+        self.round_start = now
         # Metrics first, then the checkpoint: a crash in between is undone by truncate_metrics.
         self.run.append_metrics(record)
         self.run.save_checkpoint(self.unet, self.strategy.state(server_round))

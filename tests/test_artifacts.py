@@ -1,0 +1,40 @@
+"""The run directory: summary from the last metrics line, metrics truncation, atomic checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from feddm_flower.artifacts import RunDirectory
+from feddm_flower.models import build_unet
+
+
+def test_summary_is_the_last_metrics_line_without_per_node_detail(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path)
+    for rnd in (1, 2):
+        run.append_metrics({"round": rnd, "bytes-up": rnd * 10, "bytes-up-per-node": {"1": 5}})
+    assert run.write_summary() == {"round": 2, "bytes-up": 20}
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"round": 2, "bytes-up": 20}
+
+
+def test_truncate_drops_rounds_after_the_checkpoint(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path)
+    for rnd in (1, 2, 3):
+        run.append_metrics({"round": rnd})
+    run.truncate_metrics(2)
+    assert [json.loads(x)["round"] for x in run.metrics_file.read_text().splitlines()] == [1, 2]
+
+
+def test_checkpoint_round_trips_weights_and_state(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path)
+    unet = build_unet("tiny", 28, 1, seed=5)
+    run.save_checkpoint(unet, {"round": 3})
+    run.save_checkpoint(unet, {"round": 4})  # replaces the previous one
+    loaded, state = run.load_checkpoint()
+    assert state == {"round": 4}
+    for (k, a), b in zip(unet.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert not (tmp_path / ".checkpoint.tmp").exists()
+    assert not (tmp_path / ".checkpoint.old").exists()
