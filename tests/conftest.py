@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,23 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from feddm_flower.ablate import stop_local_superlink, toml_value
+
 REPO = Path(__file__).resolve().parents[1]
 FLWR = str(Path(sys.executable).with_name("flwr"))
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f"'{value}'"
-    return repr(value)
-
-
-def stop_local_superlink(flwr_home: Path) -> None:
-    """End the local SuperLink that `flwr run` started for ``flwr_home`` (no CLI does this)."""
-    out = subprocess.run(["pgrep", "-f", f"flower-superlink.*{flwr_home}"], capture_output=True)
-    for pid in out.stdout.split():
-        os.kill(int(pid), signal.SIGTERM)
+# A run small enough for tests: 2 rounds of 2 local steps, tiny evaluation and sampling.
+TINY_RUN = {
+    "num-server-rounds": 2,
+    "local-steps": 2,
+    "batch-size": 16,
+    "eval-max-examples": 16,
+    "sample-steps": 3,
+    "grid-samples": 4,
+}
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +39,7 @@ def flwr_run(flwr_home: Path):
     def run(
         run_config: dict[str, object], num_supernodes: int = 2, timeout: float = 600
     ) -> subprocess.CompletedProcess[str]:
-        overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         env = {
             **os.environ,
             "FLWR_HOME": str(flwr_home),

@@ -20,19 +20,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import TINY_RUN
 from diffusers import DDPMPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "scripts" / "deploy"
 BIN = Path(sys.executable).parent  # the venv's flwr, flower-superlink, flower-supernode
-TINY_RUN = {
-    "num-server-rounds": 2,
-    "local-steps": 2,
-    "batch-size": 16,
-    "eval-max-examples": 16,
-    "sample-steps": 3,
-    "grid-samples": 4,
-}
 RUN_TIMEOUT = 480  # seconds for one tiny run (about 1 min on 2 idle cores)
 
 pytestmark = [

@@ -6,18 +6,10 @@ import json
 from pathlib import Path
 
 import torch
+from conftest import TINY_RUN
 from diffusers import DDPMPipeline
 
 from feddm_flower.models import build_unet
-
-TINY_RUN = {
-    "num-server-rounds": 2,
-    "local-steps": 2,
-    "batch-size": 16,
-    "eval-max-examples": 16,
-    "sample-steps": 3,
-    "grid-samples": 4,
-}
 
 
 def test_two_rounds_write_metrics_samples_and_a_loadable_pipeline(flwr_run, tmp_path: Path):
