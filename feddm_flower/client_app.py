@@ -30,7 +30,9 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     seed = _round_seed(cfg.seed, server_round, pid)
     unet = _unet(cfg, msg)
-    received = {k: v.clone() for k, v in unet.state_dict().items()}
+    quantized = "quant-bits" in config
+    # Only FedDM-quant replies with an update, so only it needs the received weights kept.
+    received = {k: v.clone() for k, v in unet.state_dict().items()} if quantized else {}
     result = train_local(
         unet,
         build_scheduler(),
@@ -52,7 +54,7 @@ def train(msg: Message, context: Context) -> Message:
             "train-seconds": result.seconds,
         }
     )
-    if "quant-bits" in config:
+    if quantized:
         update = _encoded_update(unet.state_dict(), received, config, context, seed)
         content = RecordDict({"update": update, "metrics": metrics})
     else:
