@@ -16,11 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from .latent_pipeline import LatentDDPMPipeline
 from .models import sampling_scheduler
 
 log = logging.getLogger(__name__)
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,14 @@ def diffusion_loss(
         t = scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, t, (len(x0),), generator=generator, device=x0.device)
     noisy = scheduler.add_noise(x0, noise, timesteps)
-    return F.mse_loss(unet(noisy, timesteps).sample, noise)
+    # fp32 loss even under autocast: a half-precision MSE loses the small late-training values.
+    return F.mse_loss(unet(noisy, timesteps).sample.float(), noise)
+
+
+def autocast(device: torch.device, mixed_precision: str) -> torch.autocast:
+    """Autocast to ``mixed_precision`` ('fp16' or 'bf16') on ``device``; off for 'no'."""
+    dtype = AMP_DTYPES.get(mixed_precision, torch.bfloat16)
+    return torch.autocast(device.type, dtype=dtype, enabled=mixed_precision in AMP_DTYPES)
 
 
 def proximal_term(
@@ -68,6 +77,7 @@ def train_local(
     steps: int = 0,
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
+    mixed_precision: str = "no",
     seed: int = 0,
     label: str = "train",
     log_every: int = 50,
@@ -75,7 +85,8 @@ def train_local(
     """Train ``unet`` in place with AdamW for ``steps`` steps, or ``epochs`` epochs if steps=0.
 
     With ``proximal_mu`` > 0 the loss adds :func:`proximal_term` against the weights as they
-    were on entry. Logs progress every ``log_every`` steps and at the end.
+    were on entry. ``mixed_precision`` 'fp16' or 'bf16' runs the forward pass under autocast
+    (weights and optimiser stay fp32). Logs progress every ``log_every`` steps and at the end.
     """
     if len(images) == 0:
         raise ValueError(f"{label}: no training images")
@@ -85,16 +96,20 @@ def train_local(
     noise = torch.Generator(device=device).manual_seed(seed + 1)
     anchor = [p.detach().clone() for p in unet.parameters()] if proximal_mu > 0 else []
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
     unet.train()
     losses: list[float] = []
     examples, start = 0, time.perf_counter()
     for step, (epoch, idx) in enumerate(batches, start=1):
         x0 = images[idx].to(device)
-        loss = diffusion_loss(unet, scheduler, x0, noise)
+        with autocast(device, mixed_precision):
+            loss = diffusion_loss(unet, scheduler, x0, noise)
         objective = loss + proximal_term(unet, anchor, proximal_mu) if anchor else loss
         opt.zero_grad(set_to_none=True)
-        objective.backward()
-        opt.step()
+        scaler.scale(objective).backward()
+        scaler.step(opt)
+        scaler.update()
         losses.append(loss.item())
         examples += len(x0)
         if step % log_every == 0 or step == total:
@@ -156,10 +171,18 @@ def sample(
     steps: int,
     seed: int,
     batch_size: int = 256,
+    vae: AutoencoderKL | None = None,
 ) -> torch.Tensor:
-    """``num`` DDIM samples in [0, 1], shape (N, C, H, W), reproducible for a given seed."""
+    """``num`` DDIM samples in [0, 1], shape (N, C, H, W), reproducible for a given seed.
+
+    With a ``vae`` the U-Net samples latents, which the VAE decodes to images.
+    """
     unet.eval()
-    pipe = DDPMPipeline(unet=unet, scheduler=sampling_scheduler(scheduler))
+    ddim = sampling_scheduler(scheduler)
+    if vae is None:
+        pipe = DDPMPipeline(unet=unet, scheduler=ddim)
+    else:
+        pipe = LatentDDPMPipeline(unet=unet, vae=vae, scheduler=ddim)
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator(device=unet.device).manual_seed(seed)
     batches = []

@@ -40,27 +40,46 @@ _PAPER = {
         "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     },
 }
+# Latent space (f=8 VAE, 4 x 32 x 32 latents of 256 px images): the LDM paper's LSUN-Churches
+# U-Net (Rombach et al. 2022, Tab. 18, LDM-8: ch 192, multipliers 1,2,2,4,4, attention at
+# 32/16/8/4 px, 24 channels per head): 256 M parameters, as published.
+_PAPER_LATENT = {
+    32: {
+        "block_out_channels": (192, 384, 384, 768, 768),
+        "down_block_types": ("AttnDownBlock2D",) * 4 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("AttnUpBlock2D",) * 4,
+        "attention_head_dim": 24,
+    },
+}
 PRESETS = ("tiny", "paper")
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def unet_config(preset: str, image_size: int, channels: int) -> dict[str, Any]:
-    """Return the ``UNet2DModel`` config for ``preset`` at ``image_size`` px."""
+def unet_config(
+    preset: str, image_size: int, channels: int, latent: bool = False
+) -> dict[str, Any]:
+    """Return the ``UNet2DModel`` config for ``preset`` at ``image_size`` px (or latent px)."""
+    paper = _PAPER_LATENT if latent else _PAPER
     if preset == "tiny":
         blocks: dict[str, Any] = _TINY
-    elif preset == "paper" and image_size in _PAPER:
-        blocks = {**_PAPER[image_size], "layers_per_block": 2, "dropout": 0.1}
+    elif preset == "paper" and image_size in paper:
+        blocks = {**paper[image_size], "layers_per_block": 2}
+        if not latent:
+            blocks["dropout"] = 0.1
     else:
+        space = "latent " if latent else ""
         raise ValueError(
-            f"no model preset {preset!r} for {image_size} px; "
-            f"allowed: 'tiny' at any size, 'paper' at {sorted(_PAPER)} px"
+            f"no model preset {preset!r} for {image_size} {space}px; "
+            f"allowed: 'tiny' at any size, 'paper' at {sorted(paper)} {space}px"
         )
     return {"sample_size": image_size, "in_channels": channels, "out_channels": channels, **blocks}
 
 
-def build_unet(preset: str, image_size: int, channels: int, seed: int = 0) -> UNet2DModel:
+def build_unet(
+    preset: str, image_size: int, channels: int, seed: int = 0, latent: bool = False
+) -> UNet2DModel:
     """Build a freshly initialised U-Net; the same ``seed`` gives the same weights."""
-    config = unet_config(preset, image_size, channels)
+    config = unet_config(preset, image_size, channels, latent)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DModel(**config)
@@ -79,3 +98,59 @@ def sampling_scheduler(train_scheduler: DDPMScheduler) -> DDIMScheduler:
 def count_parameters(model: UNet2DModel) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters())
+
+
+def training_memory(unet: UNet2DModel, batch_size: int) -> int:
+    """Estimated bytes to train ``unet`` in fp32 with AdamW at ``batch_size``.
+
+    16 B per parameter (weights, gradients, two AdamW moments) plus the activations autograd
+    keeps for the backward pass, measured at batch 1 and scaled. Allocator slack and kernel
+    workspaces come on top, so a real peak is somewhat higher.
+    """
+    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:  # weights are counted once, above
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    x = torch.randn(1, channels, size, size)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        unet(x, torch.tensor([500])).sample.square().mean()
+    return 16 * count_parameters(unet) + batch_size * sum(saved.values())
+
+
+def presets_table(batch_size: int = 64) -> str:
+    """The documented presets table (docs/models.md): every dataset x preset, as Markdown."""
+    from .data import IMAGE_SHAPES  # only here: the models themselves need no data
+    from .latents import AUTO_VAE_LATENT, LATENT_FROM_PX
+
+    rows = [
+        "| dataset | images | U-Net space (C x H x W) | preset | parameters "
+        f"| fp32 training memory, batch {batch_size} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dataset, (channels, size) in IMAGE_SHAPES.items():
+        latent = size >= LATENT_FROM_PX
+        if latent:  # autoencoder='auto': the KL-f8 VAE
+            space, (c, s) = "latent", (AUTO_VAE_LATENT[0], size // AUTO_VAE_LATENT[1])
+        else:
+            space, (c, s) = "pixel", (channels, size)
+        for preset in PRESETS:
+            try:
+                unet = build_unet(preset, s, c, latent=latent)
+            except ValueError:
+                continue
+            gib = training_memory(unet, batch_size) / 2**30
+            rows.append(
+                f"| {dataset} | {channels} x {size}² | {space} {c} x {s} x {s} | `{preset}` "
+                f"| {count_parameters(unet) / 1e6:.2f} M | {gib:.1f} GiB |"
+            )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(presets_table())
