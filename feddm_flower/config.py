@@ -39,6 +39,10 @@ def _any(_: Any) -> None:
     return None
 
 
+def _non_empty(v: str) -> str | None:
+    return None if v.strip() else "a non-empty string"
+
+
 def _key(default: Value, check: Check = _any, help: str = "") -> Any:
     return field(default=default, metadata={"check": check, "help": help})
 
@@ -74,6 +78,11 @@ class RunConfig:
     eval_fraction: float = _key(0.1, _fraction, "held-out share of each client's partition")
     seed: int = _key(0, _at_least(0), "seed for partitions, init, noise and sampling")
     model_preset: str = _key("tiny", _one_of(*PRESETS), "U-Net size")
+    autoencoder: str = _key("auto", _non_empty, "'auto', 'none', or AutoencoderKL dir / hub id")
+    latent_cache_dir: str = _key("", help="'' = ~/.cache/feddm-flower/latents")
+    device: str = _key("auto", _one_of("auto", "cpu", "cuda"), "'auto' = cuda if available")
+    mixed_precision: str = _key("no", _one_of("no", "fp16", "bf16"), "autocast in training")
+    channels_last: bool = _key(False, help="channels-last memory format in training")
     local_epochs: int = _key(1, _at_least(1), "local epochs per round (if local-steps = 0)")
     local_steps: int = _key(200, _at_least(0), "local optimiser steps per round; 0 = use epochs")
     batch_size: int = _key(64, _at_least(1), "local minibatch size")
