@@ -120,6 +120,9 @@ def _client_data(
         shards_per_client=cfg.shards_per_client,
         eval_fraction=cfg.eval_fraction,
         seed=cfg.seed,
+        partition_by=cfg.partition_by,
+        celeba_attribute=cfg.celeba_attribute,
+        num_clusters=cfg.num_clusters,
     )
 
 

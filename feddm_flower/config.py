@@ -48,8 +48,8 @@ def _key(default: Value, check: Check = _any, help: str = "") -> Any:
 
 
 STRATEGIES = ("vanilla", "prox", "quant")
-PARTITIONINGS = ("iid", "dirichlet", "shards")
-DATASETS = ("fashion-mnist",)
+PARTITIONINGS = ("iid", "dirichlet", "shards", "quantity")
+DATASETS = ("fashion-mnist", "cifar10", "celeba", "lsun-church")
 PRESETS = ("tiny", "paper")
 
 
@@ -72,7 +72,12 @@ class RunConfig:
     downlink_dtype: str = _key("fp32", _one_of("fp32", "fp16"), "dtype of weights sent down")
     dataset: str = _key("fashion-mnist", _one_of(*DATASETS), "training data")
     data_root: str = _key("", help="dataset directory; '' = ~/.cache/feddm-flower/data")
-    partitioning: str = _key("iid", _one_of(*PARTITIONINGS), "how labels are split over clients")
+    partitioning: str = _key("iid", _one_of(*PARTITIONINGS), "how images are split over clients")
+    partition_by: str = _key(
+        "auto", _one_of("auto", "clusters"), "dirichlet/shards label: 'auto' or feature 'clusters'"
+    )
+    celeba_attribute: str = _key("Smiling", help="celeba, partition-by=auto: binary attribute")
+    num_clusters: int = _key(10, _at_least(2), "k-means clusters of image thumbnails")
     dirichlet_alpha: float = _key(0.5, _positive, "Dirichlet concentration (smaller = more skew)")
     shards_per_client: int = _key(2, _at_least(1), "label-sorted shards per client")
     eval_fraction: float = _key(0.1, _fraction, "held-out share of each client's partition")

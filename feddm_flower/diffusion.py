@@ -58,6 +58,16 @@ def autocast(device: torch.device, mixed_precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=mixed_precision in AMP_DTYPES)
 
 
+def to_model_range(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 images (0..255) as float32 in [-1, 1]; float tensors (e.g. latents) pass through.
+
+    Datasets stay uint8 in memory (4x smaller); each minibatch is converted on its device.
+    """
+    if batch.dtype == torch.uint8:
+        return batch.float().div(127.5).sub(1.0)
+    return batch
+
+
 def proximal_term(
     unet: torch.nn.Module, global_params: list[torch.Tensor], mu: float
 ) -> torch.Tensor:
@@ -102,7 +112,7 @@ def train_local(
     losses: list[float] = []
     examples, start = 0, time.perf_counter()
     for step, (epoch, idx) in enumerate(batches, start=1):
-        x0 = images[idx].to(device)
+        x0 = to_model_range(images[idx].to(device))
         with autocast(device, mixed_precision):
             loss = diffusion_loss(unet, scheduler, x0, noise)
         objective = loss + proximal_term(unet, anchor, proximal_mu) if anchor else loss
@@ -158,7 +168,7 @@ def denoising_loss(
     unet.eval()
     total = 0.0
     for x0, t in zip(images.split(batch_size), grid.split(batch_size), strict=True):
-        loss = diffusion_loss(unet, scheduler, x0.to(device), gen, t.to(device))
+        loss = diffusion_loss(unet, scheduler, to_model_range(x0.to(device)), gen, t.to(device))
         total += loss.item() * len(x0)
     return total / len(images)
 

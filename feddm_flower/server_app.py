@@ -166,12 +166,12 @@ class RoundReporter:
     def _fid(self) -> dict[str, object]:
         """FID/KID of ``fid-samples`` DDIM samples against as many real test images."""
         n, start = self.cfg.fid_samples, time.perf_counter()
-        real = load_dataset(self.cfg.dataset, self.cfg.data_root, train=False).images[:n]
+        real = load_dataset(self.cfg.dataset, self.cfg.data_root, train=False, limit=n).images
         fake = sample(
             self.unet, self.scheduler, n, steps=self.cfg.sample_steps, seed=self.cfg.seed + 1
         )
         name = real_stats_name(self.cfg.dataset, real.shape[-1], len(real))
-        scores = fid_kid(fake, (real + 1) / 2, real_cache_name=name)
+        scores = fid_kid(fake, real.float() / 255, real_cache_name=name)
         log.info(
             "FID %.2f, KID %.4f (N=%d), %.0f s",
             scores["fid"],

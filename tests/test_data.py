@@ -10,14 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from feddm_flower import data
-from feddm_flower.data import (
-    DataNotFoundError,
-    load_client_data,
-    load_dataset,
-    make_partitioner,
-    partition_indices,
-)
+from feddm_flower import datasets
+from feddm_flower.data import DataNotFoundError, load_client_data, load_dataset
+from feddm_flower.partitioning import make_partitioner, partition_indices
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +31,8 @@ def _parts(labels: np.ndarray, scheme: str, n: int, seed: int = 0, alpha: float 
 def test_real_fashion_mnist_loads() -> None:
     train, test = load_dataset("fashion-mnist", ""), load_dataset("fashion-mnist", "", train=False)
     assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000
-    assert train.images.min() == -1.0 and train.images.max() == 1.0
+    assert train.images.dtype == torch.uint8  # 4x smaller than float32; scaled per minibatch
+    assert train.images.min() == 0 and train.images.max() == 255
     assert torch.bincount(train.labels).tolist() == [6000] * 10
 
 
@@ -117,7 +113,7 @@ def test_unpacks_the_debian_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     for split, n in (("train", 12), ("t10k", 5)):
         _write_idx(debian / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         _write_idx(debian / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", debian)
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", debian)
     root = tmp_path / "root"
     loaded = load_dataset("fashion-mnist", str(root))
     assert loaded.images.shape == (12, 1, 28, 28)
@@ -125,11 +121,11 @@ def test_unpacks_the_debian_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_missing_data_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
 
     def offline(*args: object, **kwargs: object) -> None:
         raise RuntimeError("network unreachable")
 
-    monkeypatch.setattr(data, "FashionMNIST", offline)
+    monkeypatch.setattr(datasets, "FashionMNIST", offline)
     with pytest.raises(DataNotFoundError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", str(tmp_path / "empty"))

