@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
 from torchvision.utils import save_image
+
+from . import latent_pipeline
+from .latent_pipeline import LatentDDPMPipeline
 
 DEFAULT_RUNS_ROOT = Path.home() / "feddm-flower" / "runs"
 STATE_FILE = "feddm_state.json"
@@ -24,7 +27,8 @@ class RunDirectory:
     metrics.jsonl         one JSON object per finished round
     samples/round_NNN.png sample grid of the global model after round NNN (000 = init)
     checkpoint/           latest global U-Net (diffusers ``save_pretrained``)
-    pipeline/             final ``DDPMPipeline`` (``DDPMPipeline.from_pretrained``)
+    pipeline/             final ``DDPMPipeline``, or ``LatentDDPMPipeline`` with its VAE and
+                          source file (``pipeline.py``) for latent diffusion
     """
 
     def __init__(self, path: Path) -> None:
@@ -66,7 +70,7 @@ class RunDirectory:
 
     def save_checkpoint(self, unet: UNet2DModel, state: dict[str, object]) -> Path:
         """Replace ``checkpoint/`` with ``unet`` and ``state``, atomically (never half-written)."""
-        return self._save_atomic(unet, "checkpoint", {STATE_FILE: state})
+        return self._save_atomic(unet, "checkpoint", {STATE_FILE: json.dumps(state)})
 
     def load_checkpoint(self) -> tuple[UNet2DModel, dict[str, object]]:
         """The U-Net and state of the last completed round; FileNotFoundError if none."""
@@ -88,21 +92,30 @@ class RunDirectory:
         tmp.write_text("".join(x + "\n" for x in kept))
         os.replace(tmp, self.metrics_file)
 
-    def save_pipeline(self, unet: UNet2DModel, scheduler: DDPMScheduler) -> Path:
-        """Save the final model as a diffusers ``DDPMPipeline`` directory."""
-        return self._save_atomic(DDPMPipeline(unet=unet, scheduler=scheduler), "pipeline")
+    def save_pipeline(
+        self, unet: UNet2DModel, scheduler: DDPMScheduler, vae: AutoencoderKL | None = None
+    ) -> Path:
+        """Save the final model as a diffusers pipeline directory: a ``DDPMPipeline``, or with a
+        ``vae`` a ``LatentDDPMPipeline`` beside its own source, so that plain diffusers loads it
+        (``DiffusionPipeline.from_pretrained(dir, custom_pipeline=dir, trust_remote_code=True)``).
+        """
+        if vae is None:
+            return self._save_atomic(DDPMPipeline(unet=unet, scheduler=scheduler), "pipeline")
+        pipe = LatentDDPMPipeline(unet=unet, vae=vae, scheduler=scheduler)
+        source = Path(latent_pipeline.__file__).read_text()
+        return self._save_atomic(pipe, "pipeline", {"pipeline.py": source})
 
     def _save_atomic(
         self,
-        model: UNet2DModel | DDPMPipeline,
+        model: UNet2DModel | DDPMPipeline | LatentDDPMPipeline,
         name: str,
-        extra_json: dict[str, object] | None = None,
+        extra_files: dict[str, str] | None = None,
     ) -> Path:
         final, tmp, old = self.path / name, self.path / f".{name}.tmp", self.path / f".{name}.old"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-        for filename, content in (extra_json or {}).items():
-            (tmp / filename).write_text(json.dumps(content))
+        for filename, content in (extra_files or {}).items():
+            (tmp / filename).write_text(content)
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
@@ -14,7 +15,8 @@ from .codecs import decode_update, encode_update
 from .config import RunConfig
 from .data import IMAGE_SHAPES, ImageSet, load_client_data
 from .diffusion import denoising_loss, train_local
-from .models import build_scheduler, build_unet
+from .latents import DEFAULT_LATENT_CACHE, cached_encode, model_space
+from .models import build_scheduler, build_unet, resolve_device
 from .records import payload_record
 
 app = ClientApp()
@@ -25,7 +27,7 @@ RESIDUAL_KEY = "quant-residual"  # error-feedback residual in the node's context
 def train(msg: Message, context: Context) -> Message:
     """Train the received global U-Net on this node's partition; reply with the weights or,
     under FedDM-quant, with the encoded update."""
-    cfg, pid, train_set, _ = _setup(context)
+    cfg, pid, train_inputs, _ = _setup(context)
     config: ConfigRecord = msg.content["config"]
     server_round = int(config["server-round"])
     seed = _round_seed(cfg.seed, server_round, pid)
@@ -33,22 +35,26 @@ def train(msg: Message, context: Context) -> Message:
     quantized = "quant-bits" in config
     # Only FedDM-quant replies with an update, so only it needs the received weights kept.
     received = {k: v.clone() for k, v in unet.state_dict().items()} if quantized else {}
+    _place(unet, cfg)
     result = train_local(
         unet,
         build_scheduler(),
-        train_set.images,
+        train_inputs,
         batch_size=cfg.batch_size,
         lr=cfg.learning_rate,
         epochs=cfg.local_epochs,
         steps=cfg.local_steps,
         weight_decay=cfg.weight_decay,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        mixed_precision=cfg.mixed_precision,
         seed=seed,
         label=f"client {pid} round {server_round}",
     )
+    # Records carry plain CPU tensors in the default memory layout, whatever trained them.
+    unet.to("cpu", memory_format=torch.contiguous_format)
     metrics = MetricRecord(
         {
-            "num-examples": len(train_set),
+            "num-examples": len(train_inputs),
             "train-loss": result.mean_loss,
             "train-steps": result.steps,
             "train-seconds": result.seconds,
@@ -65,10 +71,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out denoising loss of the received global U-Net on this node's eval split."""
-    cfg, _, _, eval_set = _setup(context)
-    images = eval_set.images[: cfg.eval_max_examples]
-    loss = denoising_loss(_unet(cfg, msg), build_scheduler(), images, seed=cfg.seed)
-    metrics = MetricRecord({"num-examples": len(images), "eval-loss": loss})
+    cfg, _, _, eval_inputs = _setup(context)
+    unet = _place(_unet(cfg, msg), cfg)
+    loss = denoising_loss(unet, build_scheduler(), eval_inputs, seed=cfg.seed)
+    metrics = MetricRecord({"num-examples": len(eval_inputs), "eval-loss": loss})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
@@ -98,15 +104,37 @@ def _encoded_update(
     return payload_record(payload)
 
 
-def _setup(context: Context) -> tuple[RunConfig, int, ImageSet, ImageSet]:
+def _setup(context: Context) -> tuple[RunConfig, int, torch.Tensor, torch.Tensor]:
+    """Config, partition id and this node's (train, held-out) model inputs."""
     configure_logging()
     cfg = RunConfig.from_mapping(context.run_config)
     pid = int(context.node_config["partition-id"])
     num = int(context.node_config["num-partitions"])
-    return (cfg, pid, *_client_data(cfg, pid, num))
+    return (cfg, pid, *_model_inputs(cfg, pid, num))
 
 
 @lru_cache(maxsize=2)
+def _model_inputs(
+    cfg: RunConfig, partition_id: int, num_partitions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) images, or with an autoencoder their latents (encoded once, cached)."""
+    train_set, eval_set = _client_data(cfg, partition_id, num_partitions)
+    held_out = eval_set.images[: cfg.eval_max_examples]
+    vae, _, _ = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
+    if vae is None:
+        return train_set.images, held_out
+    cache = Path(cfg.latent_cache_dir or DEFAULT_LATENT_CACHE).expanduser()
+    device = resolve_device(cfg.device)
+
+    def encode(images: torch.Tensor, split: str) -> torch.Tensor:
+        label = f"client {partition_id} {split} latents"
+        return cached_encode(
+            vae, images, cache, batch_size=cfg.batch_size, device=device, label=label
+        )
+
+    return encode(train_set.images, "train"), encode(held_out, "held-out")
+
+
 def _client_data(
     cfg: RunConfig, partition_id: int, num_partitions: int
 ) -> tuple[ImageSet, ImageSet]:
@@ -127,11 +155,17 @@ def _client_data(
 
 
 def _unet(cfg: RunConfig, msg: Message) -> UNet2DModel:
-    """The configured U-Net holding the received weights (fp16 downlink is widened to fp32)."""
-    channels, size = IMAGE_SHAPES[cfg.dataset]
-    unet = build_unet(cfg.model_preset, size, channels, seed=cfg.seed)
+    """The configured U-Net (on CPU) holding the received weights (fp16 downlink is widened)."""
+    vae, channels, size = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
+    unet = build_unet(cfg.model_preset, size, channels, seed=cfg.seed, latent=vae is not None)
     unet.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return unet
+
+
+def _place(unet: UNet2DModel, cfg: RunConfig) -> UNet2DModel:
+    """Move ``unet`` to the configured device, channels-last if asked."""
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return unet.to(resolve_device(cfg.device), memory_format=layout)
 
 
 def _round_seed(seed: int, server_round: int, partition_id: int) -> int:

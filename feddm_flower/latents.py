@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from .diffusion import to_model_range
+
 log = logging.getLogger(__name__)
 
 # What autoencoder='auto' loads for datasets of at least LATENT_FROM_PX pixels: the KL-f8 VAE of
@@ -105,9 +107,7 @@ def encode(
     chunks, done, start = [], 0, time.perf_counter()
     batches = images.split(batch_size)
     for i, batch in enumerate(batches, start=1):
-        x = batch.to(device)
-        x = x.float().div(127.5).sub(1.0) if x.dtype == torch.uint8 else x.float()
-        mean = vae.encode(x).latent_dist.mean
+        mean = vae.encode(to_model_range(batch.to(device)).float()).latent_dist.mean
         chunks.append((mean * vae.config.scaling_factor).float().cpu())
         done += len(batch)
         if i == len(batches) or i % max(len(batches) // 10, 1) == 0:

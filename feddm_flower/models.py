@@ -95,8 +95,20 @@ def sampling_scheduler(train_scheduler: DDPMScheduler) -> DDIMScheduler:
     return DDIMScheduler.from_config(train_scheduler.config)
 
 
-def count_parameters(model: UNet2DModel) -> int:
-    """Number of trainable parameters."""
+def resolve_device(name: str) -> torch.device:
+    """Run-config ``device``: 'auto' is CUDA when visible (Ray hides GPUs from ClientApps that
+    were given none), else CPU; 'cuda' without a visible GPU is an error, not a silent CPU run."""
+    cuda = torch.cuda.is_available()
+    if name == "cuda" and not cuda:
+        raise RuntimeError(
+            "run-config device='cuda' but no CUDA device is visible here; in simulation give "
+            "each ClientApp a GPU share (client-resources-num-gpus > 0, README)"
+        )
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and cuda) else "cpu")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters (trainable or frozen)."""
     return sum(p.numel() for p in model.parameters())
 
 

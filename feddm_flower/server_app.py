@@ -8,6 +8,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKL, UNet2DModel
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -17,7 +19,8 @@ from .config import RunConfig
 from .data import IMAGE_SHAPES, load_dataset
 from .diffusion import sample
 from .fid import fid_kid, real_stats_name
-from .models import build_scheduler, build_unet, count_parameters
+from .latents import model_space
+from .models import build_scheduler, build_unet, count_parameters, resolve_device
 from .strategies import FedDMProx, FedDMQuant, FedDMVanilla
 
 log = logging.getLogger(__name__)
@@ -29,34 +32,51 @@ def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` of the configured FedDM strategy."""
     configure_logging()
     cfg = RunConfig.from_mapping(context.run_config)
-    channels, size = IMAGE_SHAPES[cfg.dataset]
     if cfg.resume:
         run = RunDirectory(Path(cfg.resume).expanduser().resolve())
         cfg = _resumed_config(cfg, run)
         unet, state = run.load_checkpoint()
         run.truncate_metrics(int(state["round"]))
+        vae, _, _ = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
     else:
         run = RunDirectory.create(cfg.output_dir, cfg.strategy)
-        unet, state = build_unet(cfg.model_preset, size, channels, seed=cfg.seed), None
+        vae, channels, size = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
+        latent = vae is not None
+        unet = build_unet(cfg.model_preset, size, channels, seed=cfg.seed, latent=latent)
+        state = None
     run.write_config(cfg.to_dict())
     log.info("FedDM run (%s) writing to %s", cfg.strategy, run.path)
-    log.info("Model: %s U-Net, %d parameters", cfg.model_preset, count_parameters(unet))
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    log.info(
+        "Model: %s U-Net on %s, %d parameters",
+        cfg.model_preset,
+        " x ".join(map(str, shape)),
+        count_parameters(unet),
+    )
+    if vae is not None:
+        log.info(
+            "Latent diffusion: frozen VAE %s (%d parameters) encodes on the clients and decodes "
+            "samples here; only the U-Net travels",
+            vae.config._name_or_path,
+            count_parameters(vae),
+        )
     strategy = build_strategy(cfg)
     if state is not None:
         strategy.restore(state)
         log.info("Resuming after round %d of %d", strategy.round_offset, cfg.num_server_rounds)
-    reporter = RoundReporter(cfg, run, strategy, unet)
+    initial_arrays = ArrayRecord(unet.state_dict())  # before the reporter moves it to a GPU
+    reporter = RoundReporter(cfg, run, strategy, unet, vae)
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(unet.state_dict()),
+        initial_arrays=initial_arrays,
         num_rounds=max(cfg.num_server_rounds - strategy.round_offset, 0),
         timeout=cfg.round_timeout,
         evaluate_fn=reporter,
     )
     if len(result.arrays) > 0:
         unet.load_state_dict(result.arrays.to_torch_state_dict())
-    path = run.save_pipeline(unet, build_scheduler())
-    log.info("Saved DDPMPipeline to %s (load with DDPMPipeline.from_pretrained)", path)
+    path = run.save_pipeline(unet, build_scheduler(), vae)
+    log.info("Saved the final pipeline to %s (loading it: README, 'Where results land')", path)
     summary = run.write_summary()
     log.info(
         "Traffic: %d B down (%.2fx less than fp32 FedAvg), %d B up (%.2fx less)",
@@ -109,9 +129,17 @@ class RoundReporter:
     """Flower ``evaluate_fn``: after each round, write samples, checkpoint and metrics line."""
 
     def __init__(
-        self, cfg: RunConfig, run: RunDirectory, strategy: FedDMVanilla, unet: object
+        self,
+        cfg: RunConfig,
+        run: RunDirectory,
+        strategy: FedDMVanilla,
+        unet: UNet2DModel,
+        vae: AutoencoderKL | None = None,
     ) -> None:
-        self.cfg, self.run, self.strategy, self.unet = cfg, run, strategy, unet
+        self.cfg, self.run, self.strategy = cfg, run, strategy
+        device = resolve_device(cfg.device)
+        self.unet = unet.to(device)
+        self.vae = vae.to(device) if vae is not None else None
         self.scheduler = build_scheduler()
         self.start = self.round_start = time.perf_counter()
 
@@ -120,13 +148,7 @@ class RoundReporter:
             return None  # resumed: the start of this session is an already reported round
         server_round += self.strategy.round_offset
         self.unet.load_state_dict(arrays.to_torch_state_dict())
-        images = sample(
-            self.unet,
-            self.scheduler,
-            self.cfg.grid_samples,
-            steps=self.cfg.sample_steps,
-            seed=self.cfg.seed,
-        )
+        images = self._sample(self.cfg.grid_samples, seed=self.cfg.seed)
         grid_path = self.run.save_grid(images, server_round)
         if server_round == 0:
             return None
@@ -157,6 +179,18 @@ class RoundReporter:
         )
         return None
 
+    def _sample(self, num: int, seed: int) -> torch.Tensor:
+        """``num`` DDIM samples of the global model as images in [0, 1] (latents decoded)."""
+        return sample(
+            self.unet,
+            self.scheduler,
+            num,
+            steps=self.cfg.sample_steps,
+            seed=seed,
+            batch_size=self.cfg.batch_size,
+            vae=self.vae,
+        )
+
     def _fid_due(self, server_round: int) -> bool:
         every = self.cfg.eval_every
         return every > 0 and (
@@ -167,9 +201,7 @@ class RoundReporter:
         """FID/KID of ``fid-samples`` DDIM samples against as many real test images."""
         n, start = self.cfg.fid_samples, time.perf_counter()
         real = load_dataset(self.cfg.dataset, self.cfg.data_root, train=False, limit=n).images
-        fake = sample(
-            self.unet, self.scheduler, n, steps=self.cfg.sample_steps, seed=self.cfg.seed + 1
-        )
+        fake = self._sample(n, seed=self.cfg.seed + 1)
         name = real_stats_name(self.cfg.dataset, real.shape[-1], len(real))
         scores = fid_kid(fake, real.float() / 255, real_cache_name=name)
         log.info(

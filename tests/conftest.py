@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import AutoencoderKL
 
 from feddm_flower.ablate import stop_local_superlink, toml_value
 
@@ -23,6 +25,21 @@ TINY_RUN = {
     "sample-steps": 3,
     "grid-samples": 4,
 }
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    """A randomly initialised KL-f8 AutoencoderKL (4 levels, 4 latent channels), cheap on CPU."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=256,
+        )
 
 
 @pytest.fixture(scope="session")
