@@ -10,29 +10,24 @@ Payload layout (all little-endian)::
               u32 block_size, u32 metadata length (before padding)
     metadata  zlib-compressed JSON ``[[name, dtype, shape], ...]`` in payload order,
               zero-padded so that the data starts 8-byte aligned
-    scales    float32, one per block, blocks of all float tensors in order
+    scales    float32, one per block
     levels    int8: one signed byte per element in [-127, 127];
               int4: offset-binary nibbles (level + 8, level in [-7, 7]), two per byte, low
               nibble first; an odd total count is padded with a level-0 nibble
     raw       native bytes of the non-float tensors, in order
 
-Blocks never span tensors: each float tensor is flattened and cut into ``block_size``
-blocks (the last one may be shorter). What the receiver reconstructs for a tensor is
-therefore exactly ``quantize_dequantize(tensor)`` whichever tensors share the payload, which
-is what error feedback relies on. Offsets are not stored because they follow from the
-shapes; the decoder checks that the sections add up to the payload length exactly.
-
-For speed the work is vectorised over a virtual matrix of blocks, one block per row, cut
-into slabs of about ``_CHUNK`` elements so that temporaries stay in cache. Large tensors are
-viewed in place as rows; small tensors and the short last blocks are gathered, zero-padded
-to whole rows, into shared slabs. Each slab costs a fixed handful of torch ops, and nothing
-loops over blocks or elements in Python. Layouts, metadata and work buffers are cached
-between calls, since every federated round repeats the same tensors.
+The float tensors, flattened and concatenated in payload order, form one stream of values;
+blocks are ``block_size`` consecutive values of that stream (the last one may be shorter),
+so a block may cross from one tensor into the next. Every value is still within half a
+quantization step of its block's absmax / qmax, and the stream needs no per-tensor padding:
+each stage is a handful of torch ops over slabs of whole blocks (about ``_CHUNK`` values),
+used in place when a slab lies inside one tensor. Offsets are not stored because they
+follow from the shapes; the decoder checks that the sections add up to the payload length
+exactly. Layouts and metadata are cached between calls, since every round repeats them.
 """
 
 from __future__ import annotations
 
-import bisect
 import functools
 import itertools
 import json
@@ -43,12 +38,12 @@ import threading
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-FORMAT_VERSION: int = 1
+FORMAT_VERSION: int = 2
 MAGIC = b"FDMQ"
 ALLOWED_BITS = (8, 4)
 
@@ -64,12 +59,9 @@ _INT4_OFFSET = 8
 _MAX_NDIM = 64
 # Cap on the inflated metadata, so a tiny hostile payload cannot inflate to gigabytes.
 _MAX_METADATA = 64 << 20
-# Elements per slab: large enough to amortise per-op overhead, small enough that the
-# float temporaries stay in the last-level cache.
+# Values per slab: large enough to amortise per-op overhead, small enough that the float
+# temporaries stay in the last-level cache.
 _CHUNK = 1 << 20
-# Tensors with at least this many elements in whole blocks are used in place; gathering
-# smaller ones into shared slabs saves per-op overhead.
-_DIRECT_MIN = 1 << 18
 
 _FLOAT_DTYPES = {
     str(d).removeprefix("torch."): d
@@ -132,211 +124,80 @@ class _Entry(NamedTuple):
         return _FLOAT_DTYPES.get(self.dtype) or _RAW_DTYPES[self.dtype]
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Byte offsets of the data sections, derived from the metadata alone."""
+class _Stream(NamedTuple):
+    """The float tensors of a payload as one stream of values, cut into slabs.
 
-    data_start: int
-    n_blocks: int
-    n_levels: int
-    level_bytes: int
-    raw_bytes: int
-
-    @classmethod
-    def of(cls, entries: Sequence[_Entry], bits: int, block_size: int, data_start: int) -> _Layout:
-        floats = [e.numel for e in entries if e.quantized]
-        n_levels = sum(floats)
-        return cls(
-            data_start=data_start,
-            n_blocks=sum(-(-n // block_size) for n in floats),
-            n_levels=n_levels,
-            level_bytes=n_levels if bits == 8 else (n_levels + 1) // 2,
-            raw_bytes=sum(e.raw_nbytes for e in entries),
-        )
-
-    @property
-    def levels_offset(self) -> int:
-        return self.data_start + 4 * self.n_blocks
-
-    @property
-    def raw_offset(self) -> int:
-        return self.levels_offset + self.level_bytes
-
-    @property
-    def total(self) -> int:
-        return self.raw_offset + self.raw_bytes
-
-
-@dataclass(frozen=True)
-class _Slab:
-    """Rows of one block each, processed together.
-
-    A direct slab is whole blocks of one tensor, viewed in place. A gathered slab packs runs
-    of several tensors, each zero-padded to whole rows: ``lengths`` alternates run and
-    padding lengths. ``spans`` groups runs that follow each other in the level stream, as
-    ``[first, stop)`` run indices, so that they can be handled in one go.
-    """
-
-    rows: int
-    width: int
-    pieces: tuple[tuple[int, int, int], ...]  # (tensor index, start, length) of each run
-    offsets: tuple[int, ...]  # each run's position in the payload's level stream
-    blocks: slice | torch.Tensor  # payload-order block number of each row
-    spans: tuple[tuple[int, int], ...] = ((0, 1),)
-    lengths: tuple[int, ...] | None = None  # None for a direct slab
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """How float tensors of given sizes map onto slabs of block rows.
-
-    Rows are ``width = min(block_size, largest tensor)`` elements wide: when blocks are
-    longer than every tensor, each tensor is one block either way. Short last blocks may go
-    to slabs of narrower rows, which need less padding.
+    Each slab is ``(start, length, pieces)``: whole blocks of the stream (only the stream's
+    last block may be short), drawn from the runs ``(tensor index, start, length)``.
     """
 
     sizes: tuple[int, ...]
-    width: int
-    block_starts: tuple[int, ...]  # each tensor's first block number
-    n_blocks: int
-    slabs: tuple[_Slab, ...]
+    block_size: int
+    slabs: tuple[tuple[int, int, tuple[tuple[int, int, int], ...]], ...]
 
     @property
-    def slab_capacity(self) -> int:
-        """Padded elements in the largest slab, the size of the temporaries."""
-        return max((s.rows * s.width for s in self.slabs), default=0)
+    def numel(self) -> int:
+        return sum(self.sizes)
 
     @property
-    def padded_elements(self) -> int:
-        return sum(s.rows * s.width for s in self.slabs)
-
-    @property
-    def max_spans(self) -> int:
-        return max((len(s.spans) for s in self.slabs), default=0)
-
-    def runs(self, slab: _Slab, flats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The slab's runs as views of per-tensor flat vectors."""
-        return [
-            flats[i] if n == self.sizes[i] else flats[i][start : start + n]
-            for i, start, n in slab.pieces
-        ]
+    def n_blocks(self) -> int:
+        return -(-self.numel // self.block_size)
 
 
 @functools.lru_cache(maxsize=32)
-def _plan(sizes: tuple[int, ...], block_size: int) -> _Plan:
-    """Lay out tensors with ``sizes`` elements as slabs (cached: every round repeats them)."""
-    width = max(1, min(block_size, max(sizes, default=0)))
-    element_starts = (0, *itertools.accumulate(sizes))
-    block_starts = (0, *itertools.accumulate(-(-n // width) for n in sizes))
-    slabs: list[_Slab] = []
-    whole: list[tuple[int, int, int]] = []  # runs of whole blocks to gather
-    short: list[tuple[int, int, int]] = []  # last blocks shorter than a row
-    for i, n in enumerate(sizes):
-        body = n // width * width
-        if body >= _DIRECT_MIN:
-            slab_len = max(1, _CHUNK // width) * width
-            for start in range(0, body, slab_len):
-                rows = min(slab_len, body - start) // width
-                first = block_starts[i] + start // width
-                offset = element_starts[i] + start
-                piece = (i, start, rows * width)
-                slabs.append(_Slab(rows, width, (piece,), (offset,), slice(first, first + rows)))
-        elif body:
-            whole.append((i, 0, body))
-        if body < n:
-            short.append((i, body, n - body))
-
-    narrow = _narrow_width([n for *_, n in short], width)
-    thin = [run for run in short if run[2] <= narrow < width]
-    wide = sorted(whole + [run for run in short if not run[2] <= narrow < width])
-    slabs += _gathered_slabs(wide, width, width, element_starts, block_starts)
-    slabs += _gathered_slabs(thin, narrow, width, element_starts, block_starts)
-    return _Plan(sizes, width, block_starts[:-1], block_starts[-1], tuple(slabs))
+def _stream(sizes: tuple[int, ...], block_size: int) -> _Stream:
+    """Cut a stream of tensors with ``sizes`` values into slabs (cached: rounds repeat it)."""
+    step = max(1, _CHUNK // block_size) * block_size
+    if step % 2:
+        step *= 2  # even, so that every int4 slab starts on a byte boundary
+    ends = tuple(itertools.accumulate(sizes))
+    total, i, slabs = sum(sizes), 0, []
+    for start in range(0, total, step):
+        stop, pos, pieces = min(start + step, total), start, []
+        while pos < stop:
+            while ends[i] <= pos:
+                i += 1
+            take = min(stop, ends[i]) - pos
+            pieces.append((i, pos - (ends[i] - sizes[i]), take))
+            pos += take
+        slabs.append((start, stop - start, tuple(pieces)))
+    return _Stream(sizes, block_size, tuple(slabs))
 
 
-def _narrow_width(lengths: Sequence[int], width: int) -> int:
-    """Row width for short last blocks that minimises the padded elements to process.
+class _Schema(NamedTuple):
+    """What encoding tensors with given names, dtypes and shapes needs (cached per model)."""
 
-    Blocks up to the returned width share narrower rows, the rest get full ``width`` rows;
-    an extra slab is charged as ``_DIRECT_MIN`` elements of work.
-    """
-    best, best_cost = width, len(lengths) * width
-    row = 1
-    while row < width:
-        fit = sum(n <= row for n in lengths)
-        cost = fit * row + (len(lengths) - fit) * width + (_DIRECT_MIN if fit else 0)
-        if cost < best_cost:
-            best, best_cost = row, cost
-        row *= 2
-    return best
+    entries: tuple[_Entry, ...]
+    floats: tuple[int, ...]  # positions of the float tensors
+    raws: tuple[int, ...]  # positions of the other tensors
+    all_float32: bool
+    metadata: bytes  # the compressed metadata section
+    padding: bytes  # zeros after it, up to the data's alignment
 
 
-def _gathered_slabs(
-    runs: Sequence[tuple[int, int, int]],
-    row: int,
-    width: int,
-    element_starts: Sequence[int],
-    block_starts: Sequence[int],
-) -> list[_Slab]:
-    """Pack runs (tensor index, start, length) into slabs of ``row``-element rows, each run
-    zero-padded to whole rows; long runs are cut at slab boundaries."""
-    slab_rows = max(1, _CHUNK // row)
-    slabs: list[_Slab] = []
-    pieces: list[tuple[int, int, int]] = []
-    rows = 0
-
-    def close() -> None:
-        nonlocal rows
-        offsets = [element_starts[i] + start for i, start, _ in pieces]
-        padded = [-(-n // row) * row for *_, n in pieces]
-        blocks: list[int] = []
-        for (i, start, _), p in zip(pieces, padded, strict=True):
-            first = block_starts[i] + start // width
-            blocks.extend(range(first, first + p // row))
-        breaks = [
-            k for k in range(1, len(pieces)) if offsets[k] != offsets[k - 1] + pieces[k - 1][2]
-        ]
-        slabs.append(
-            _Slab(
-                rows,
-                row,
-                tuple(pieces),
-                tuple(offsets),
-                torch.tensor(blocks, dtype=torch.int64),
-                tuple(itertools.pairwise([0, *breaks, len(pieces)])),
-                tuple(x for (*_, n), p in zip(pieces, padded, strict=True) for x in (n, p - n)),
-            )
-        )
-        pieces.clear()
-        rows = 0
-
-    for i, start, n in runs:
-        while n:
-            # Whole rows up to the slab's end; the run's last row may be short.
-            length = min((slab_rows - rows) * row, n)
-            pieces.append((i, start, length))
-            rows += -(-length // row)
-            start, n = start + length, n - length
-            if rows == slab_rows:
-                close()
-    if pieces:
-        close()
-    return slabs
+@functools.lru_cache(maxsize=32)
+def _schema(key: tuple[tuple[object, torch.dtype, torch.Size], ...]) -> _Schema:
+    entries = tuple(_entry(name, dtype, shape) for name, dtype, shape in key)
+    floats = tuple(i for i, e in enumerate(entries) if e.quantized)
+    items = [[e.name, e.dtype, list(e.shape)] for e in entries]
+    metadata = zlib.compress(json.dumps(items, separators=(",", ":")).encode())
+    return _Schema(
+        entries,
+        floats,
+        tuple(i for i, e in enumerate(entries) if not e.quantized),
+        all(entries[i].dtype == "float32" for i in floats),
+        metadata,
+        bytes(-(_HEADER.size + len(metadata)) % _ALIGN),
+    )
 
 
-def _gather(
-    runs: Sequence[torch.Tensor], slab: _Slab, zeros: torch.Tensor, buffer: torch.Tensor
-) -> torch.Tensor:
-    """The slab as one padded vector: a direct slab's single run, else the runs with zero
-    padding copied into ``buffer``."""
-    if slab.lengths is None:
-        return runs[0]
-    parts: list[torch.Tensor] = []
-    for run, pad in zip(runs, slab.lengths[1::2], strict=True):
-        parts.append(run)
-        if pad:
-            parts.append(zeros[:pad])
-    return torch.cat(parts, out=buffer[: slab.rows * slab.width])
+def _entry(name: object, dtype: torch.dtype, shape: torch.Size) -> _Entry:
+    if not isinstance(name, str):
+        raise ValueError(f"tensor names must be str, got {name!r}")
+    dtype_name = _DTYPE_NAMES.get(dtype)
+    if dtype_name is None:
+        raise ValueError(f"tensor {name!r} has unsupported dtype {dtype}")
+    return _Entry(name, dtype_name, tuple(shape))
 
 
 def _is_int(value: object) -> bool:
@@ -356,10 +217,6 @@ def _check_byteorder() -> None:
         raise NotImplementedError("the update codec only runs on little-endian hosts")
 
 
-def _align(offset: int) -> int:
-    return -(-offset // _ALIGN) * _ALIGN
-
-
 def _scales_from_absmax(absmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block scales ``absmax / qmax`` and the divisors to quantize with.
 
@@ -376,75 +233,90 @@ def _scales_from_absmax(absmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, 
     return scales, torch.where(scales > 0, scales, 1.0)
 
 
-def _uniform_noise(
-    flats: Sequence[torch.Tensor], generator: torch.Generator, n_elements: int
+def _blocks(values: torch.Tensor, block_size: int) -> list[tuple[int, torch.Tensor]]:
+    """A slab's values as (first block offset, 2-D rows of one block): its whole blocks, then
+    the stream's short last block if the slab ends with it."""
+    whole = values.numel() // block_size * block_size
+    parts = [(0, values[:whole].view(-1, block_size))] if whole else []
+    if whole < values.numel():
+        parts.append((whole // block_size, values[whole:].view(1, -1)))
+    return parts
+
+
+def _slab_values(
+    floats: Sequence[torch.Tensor], pieces: Sequence[tuple[int, int, int]], buffer: torch.Tensor
 ) -> torch.Tensor:
-    """U[0, 1) noise for all elements, drawn tensor by tensor as ``quantize_dequantize`` does."""
-    noise = torch.empty(n_elements)
-    offset = 0
-    for x in flats:
-        torch.rand(x.numel(), generator=generator, out=noise[offset : offset + x.numel()])
-        offset += x.numel()
-    return noise
+    """The slab's values as one flat vector: a view when it lies in one tensor, else copied."""
+    runs = [
+        floats[i] if n == floats[i].numel() else floats[i].reshape(-1)[start : start + n]
+        for i, start, n in pieces
+    ]
+    if len(runs) == 1:
+        return runs[0].reshape(-1)
+    # One C++ call flattens and joins every run, however many small tensors there are.
+    return buffer.copy_(_flatten_dense_tensors(runs))
 
 
-def _encode_floats(
-    flats: Sequence[torch.Tensor],
+def _quantize(
+    floats: Sequence[torch.Tensor],
     names: Sequence[str],
-    plan: _Plan,
-    *,
+    stream: _Stream,
     bits: int,
     generator: torch.Generator | None,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Quantize flat float32 vectors; return the scales and the int8 level runs, both in
-    payload order. The runs are views of a scratch buffer, valid until the next call.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize the float32 tensors' stream; return the block scales and the int8 levels.
 
-    Without a generator this rounds to nearest; with one it rounds stochastically, drawing
-    one uniform per element, tensor by tensor, so a seed fixes the result.
+    The levels are a scratch buffer holding ``stream.numel + 1`` values, the last one 0 (the
+    padding level of an odd int4 count), valid until the next call. Without a generator this
+    rounds to nearest; with one it rounds stochastically, one uniform per value, slab by slab.
     """
-    qmax, capacity = _QMAX[bits], plan.slab_capacity
+    qmax, size = _QMAX[bits], stream.block_size
+    capacity = max((length for _, length, _ in stream.slabs), default=0)
     gathered = _scratch_buffer("gathered", capacity, torch.float32)
     work = _scratch_buffer("work", capacity, torch.float32)
-    levels = _scratch_buffer("levels", plan.padded_elements, torch.int8)
-    zeros = torch.zeros(plan.width)
-    absmax, scales = torch.empty(plan.n_blocks), torch.empty(plan.n_blocks)
-    noise = None if generator is None else _uniform_noise(flats, generator, sum(plan.sizes))
-    runs: list[tuple[int, torch.Tensor]] = []
-    at = 0  # where the slab's levels go in the levels buffer
-    for slab in plan.slabs:
-        shape = (slab.rows, slab.width)
-        x = _gather(plan.runs(slab, flats), slab, zeros, gathered).view(shape)
-        t = work[: slab.rows * slab.width].view(shape)
-        a = torch.amax(torch.abs(x, out=t), dim=1)
-        s, divisors = _scales_from_absmax(a, bits)
-        absmax[slab.blocks], scales[slab.blocks] = a, s
-        torch.div(x, divisors[:, None], out=t)
-        if noise is None:
+    levels = _scratch_buffer("levels", stream.numel + 1, torch.int8)
+    levels[-1] = 0
+    absmax, scales = torch.empty(stream.n_blocks), torch.empty(stream.n_blocks)
+    for start, length, pieces in stream.slabs:
+        t = work[:length]
+        for offset, x in _blocks(_slab_values(floats, pieces, gathered[:length]), size):
+            b0 = start // size + offset
+            rows = t[offset * size : offset * size + x.numel()].view(x.shape)
+            a = torch.amax(torch.abs(x, out=rows), dim=1, out=absmax[b0 : b0 + len(x)])
+            s, divisors = _scales_from_absmax(a, bits)
+            scales[b0 : b0 + len(x)] = s
+            torch.div(x, divisors[:, None], out=rows)
+        if generator is None:
             t.round_()  # |t| < qmax + 1/2 (see _scales_from_absmax): no clamp needed
         else:
-            # x is consumed, so the noise may reuse its buffer.
-            u = [noise[o : o + n] for o, (_, _, n) in zip(slab.offsets, slab.pieces, strict=True)]
-            t.add_(_gather(u, slab, zeros, gathered).view(shape)).floor_()
+            t.add_(torch.rand(length, generator=generator, out=gathered[:length])).floor_()
             t.clamp_(-qmax, qmax)  # u close to 1 can round the sum up past qmax
-        q = levels[at : at + t.numel()]
-        q.view(shape).copy_(t)
-        at += t.numel()
-        if slab.lengths is None:
-            runs.append((slab.offsets[0], q))
-            continue
-        unpadded = q.split(slab.lengths)[0::2]
-        for first, stop in slab.spans:
-            run = unpadded[first] if stop - first == 1 else torch.cat(unpadded[first:stop])
-            runs.append((slab.offsets[first], run))
-
-    bad = torch.nonzero(~torch.isfinite(absmax))
-    if bad.numel():
-        name = names[bisect.bisect_right(plan.block_starts, int(bad[0])) - 1]
+        levels[start : start + length].copy_(t)
+    if not bool(torch.isfinite(absmax).all()):
+        name = next(n for n, t in zip(names, floats, strict=True) if not t.isfinite().all())
         raise ValueError(
             f"tensor {name!r} has non-finite values (NaN/inf, or beyond the float32 range)"
         )
-    runs.sort(key=lambda run: run[0])
-    return scales, [q for _, q in runs]
+    return scales, levels
+
+
+def _dequantize(
+    section: torch.Tensor, bits: int, scales: torch.Tensor, stream: _Stream, out: torch.Tensor
+) -> None:
+    """Dequantize a level section (int8, or packed int4 bytes) into the flat float32 ``out``."""
+    qmax, size = _QMAX[bits], stream.block_size
+    unpacked = _scratch_buffer("unpacked", 2 * (_CHUNK + 1) if bits == 4 else 0, torch.int8)
+    for start, length, _ in stream.slabs:
+        if bits == 8:
+            q = section[start : start + length]
+        else:
+            q = _unpack_int4(section[start // 2 : -(-(start + length) // 2)], unpacked)[:length]
+        if int(q.min()) < -qmax:
+            raise CodecError(f"level below -{qmax} in a {bits}-bit payload")
+        t = out[start : start + length].copy_(q)
+        for offset, x in _blocks(t, size):
+            b0 = start // size + offset
+            x.mul_(scales[b0 : b0 + len(x), None])
 
 
 def _unpack_int4(packed: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
@@ -455,102 +327,18 @@ def _unpack_int4(packed: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     return words.view(torch.int8).sub_(_INT4_OFFSET)
 
 
-def _level_runs(
-    section: torch.Tensor, packed: bool, slab: _Slab, buffer: torch.Tensor
-) -> list[torch.Tensor]:
-    """The slab's runs of int8 levels: views of an int8 level section, or of int4 nibbles
-    unpacked into ``buffer`` span by span."""
-    pieces = [(offset, n) for offset, (_, _, n) in zip(slab.offsets, slab.pieces, strict=True)]
-    if not packed:
-        return [section[offset : offset + n] for offset, n in pieces]
-    runs: list[torch.Tensor] = []
-    at = 0
-    for first, stop in slab.spans:
-        start, end = pieces[first][0], sum(pieces[stop - 1])
-        nibbles = section[start // 2 : -(-end // 2)]
-        levels = _unpack_int4(nibbles, buffer[at:])[start % 2 :]
-        runs.extend(levels[offset - start : offset - start + n] for offset, n in pieces[first:stop])
-        at += 2 * nibbles.numel()
-    return runs
-
-
-def _decode_floats(
-    section: torch.Tensor,
-    bits: int,
-    scales: torch.Tensor,
-    plan: _Plan,
-    outs: Sequence[torch.Tensor],
-) -> None:
-    """Dequantize a level section into the flat float32 tensors ``outs``."""
-    capacity, qmax = plan.slab_capacity, _QMAX[bits]
-    packed = bits == 4
-    if packed and section.numel() <= _CHUNK:
-        # A small section unpacks in one go, cheaper than span by span.
-        section = _unpack_int4(section, _scratch_buffer("nibbles", 2 * section.numel(), torch.int8))
-        packed = False
-    # int8 * float32 in one op takes a slow mixed-dtype path; converting slabwise is faster.
-    work = _scratch_buffer("work", capacity, torch.float32)
-    gathered = _scratch_buffer("gathered_levels", capacity, torch.int8)
-    # Each span unpacks whole bytes, so it may carry a neighbour's nibble at either end.
-    spans = capacity + 2 * plan.max_spans if packed else 0
-    unpacked = _scratch_buffer("unpacked", spans, torch.int8)
-    zeros = torch.zeros(plan.width, dtype=torch.int8)
-    for slab in plan.slabs:
-        shape = (slab.rows, slab.width)
-        q = _gather(_level_runs(section, packed, slab, unpacked), slab, zeros, gathered)
-        if int(q.min()) < -qmax:
-            raise CodecError(f"level below -{qmax} in a {bits}-bit payload")
-        t = work[: slab.rows * slab.width].view(shape).copy_(q.view(shape))
-        s = scales[slab.blocks][:, None]
-        if slab.lengths is None:
-            torch.mul(t, s, out=plan.runs(slab, outs)[0].view(shape))
-            continue
-        t.mul_(s)
-        padded_runs = t.view(-1).split(slab.lengths)[0::2]
-        for out, run in zip(plan.runs(slab, outs), padded_runs, strict=True):
-            out.copy_(run)
-
-
-def _pack_int4(runs: Sequence[torch.Tensor], n_levels: int) -> torch.Tensor:
-    """Pack payload-order int8 level runs in [-7, 7] into offset-binary nibble pairs, low
-    nibble first, an odd total padded with level 0.
-
-    Nibbles are staged through a slab-sized buffer; the result is a view of a scratch
-    buffer, valid until the next call.
-    """
-    stage = _scratch_buffer("stage", 2 * max(1, _CHUNK // 2), torch.int8)  # even: pairs fit
-    pairs = _scratch_buffer("pairs", stage.numel() // 2, torch.int16)
-    packed = _scratch_buffer("packed", (n_levels + 1) // 2, torch.uint8)
-    filled = written = 0
-
-    def flush() -> None:
-        nonlocal written
+def _pack_int4(levels: torch.Tensor) -> torch.Tensor:
+    """Pack an even count of int8 levels in [-7, 7] into offset-binary nibble pairs, low
+    nibble first. Overwrites ``levels``; the result is a scratch buffer."""
+    packed = _scratch_buffer("packed", levels.numel() // 2, torch.uint8)
+    pairs = _scratch_buffer("pairs", min(_CHUNK, packed.numel()), torch.int16)
+    for start in range(0, packed.numel(), _CHUNK):
         # A little-endian int16 holds nibble pair lo + 256 * hi; the packed byte lo | hi << 4
         # is the low byte of pairs | pairs >> 4, masked so that the uint8 cast is exact.
-        nibbles = stage[:filled].view(torch.int16)
-        p = torch.bitwise_right_shift(nibbles, 4, out=pairs[: filled // 2])
-        packed[written : written + p.numel()].copy_(p.bitwise_or_(nibbles).bitwise_and_(0xFF))
-        written += p.numel()
-
-    for run in [*runs, torch.zeros(n_levels % 2, dtype=torch.int8)]:
-        start = 0
-        while start < run.numel():
-            n = min(stage.numel() - filled, run.numel() - start)
-            torch.add(run[start : start + n], _INT4_OFFSET, out=stage[filled : filled + n])
-            filled, start = filled + n, start + n
-            if filled == stage.numel():
-                flush()
-                filled = 0
-    flush()  # the padded total is even, so the last batch is too
+        nibbles = levels[2 * start : 2 * start + 2 * _CHUNK].add_(_INT4_OFFSET).view(torch.int16)
+        p = torch.bitwise_right_shift(nibbles, 4, out=pairs[: nibbles.numel()])
+        packed[start : start + p.numel()].copy_(p.bitwise_or_(nibbles).bitwise_and_(0xFF))
     return packed
-
-
-def _flat_float32(t: torch.Tensor) -> torch.Tensor:
-    """Flat float32 CPU view of ``t``, copying only when dtype, device or layout require it."""
-    flat = t.reshape(-1)
-    if flat.dtype != torch.float32 or not flat.is_cpu:
-        flat = flat.to("cpu", torch.float32)
-    return flat
 
 
 def _rng(stochastic: bool, generator: torch.Generator | None) -> torch.Generator | None:
@@ -572,23 +360,23 @@ def quantize_dequantize(
     stochastic: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """What the receiver reconstructs for float tensor ``x``: float32, same shape and device.
+    """What the receiver reconstructs for float tensor ``x`` sent alone: float32, same shape
+    and device.
 
-    Stochastic rounding draws ``x.numel()`` uniforms from ``generator``; calling this on each
-    float tensor of a payload in order, with one generator seeded ``s``, reproduces exactly
-    what ``encode_update(..., stochastic=True, seed=s)`` sends.
+    For a payload of several float tensors, apply it to their flattened concatenation (the
+    payload's value stream). Stochastic rounding draws ``x.numel()`` uniforms from
+    ``generator``, exactly as ``encode_update(..., stochastic=True, seed=s)`` does from a
+    generator seeded ``s``.
     """
     _check_params(bits, block_size)
     if not x.is_floating_point():
         raise ValueError(f"quantize_dequantize needs a float tensor, got {x.dtype}")
-    flat = _flat_float32(x)
-    plan = _plan((flat.numel(),), block_size)
-    rng = _rng(stochastic, generator)
-    scales, runs = _encode_floats([flat], ["x"], plan, bits=bits, generator=rng)
+    flat = x.detach().reshape(-1).to("cpu", torch.float32)
+    stream = _stream((flat.numel(),), block_size)
+    scales, levels = _quantize([flat], ["x"], stream, bits, _rng(stochastic, generator))
     out = torch.empty(x.shape)
     # int4 levels would unpack to these same int8 values, so skip the nibble round trip.
-    levels = torch.cat(runs) if runs else torch.empty(0, dtype=torch.int8)
-    _decode_floats(levels, 8, scales, plan, [out.view(-1)])
+    _dequantize(levels, 8, scales, stream, out.view(-1))
     return out.to(x.device)
 
 
@@ -601,34 +389,31 @@ def encode_update(
     stochastic: bool = False,
     seed: int | None = None,
 ) -> bytes:
-    """Encode a state-dict-like mapping into one self-describing payload.
+    """Encode a state-dict-like mapping of CPU tensors into one self-describing payload.
 
     Float tensors (float16/bfloat16/float32/float64) are quantized to ``bits`` in blocks of
-    ``block_size`` elements; other tensors are copied losslessly. ``stochastic`` rounds with
-    noise from a generator seeded with ``seed`` (random when None), so one seed gives one
-    payload. Raises ValueError for bad parameters, unsupported dtypes or non-finite floats.
+    ``block_size`` values of their joint stream; other tensors are copied losslessly.
+    ``stochastic`` rounds with noise from a generator seeded with ``seed`` (random when None),
+    so one seed gives one payload. Raises ValueError for bad parameters, unsupported dtypes or
+    non-finite floats.
     """
     _check_params(bits, block_size)
     _check_byteorder()
-    entries = tuple(_entry(name, t) for name, t in tensors.items())
-    floats = [(e.name, t) for e, t in zip(entries, tensors.values(), strict=True) if e.quantized]
-    flats = [_flat_float32(t) for _, t in floats]
-    plan = _plan(tuple(x.numel() for x in flats), block_size)
+    schema = _schema(tuple((name, t.dtype, t.shape) for name, t in tensors.items()))
+    values = list(tensors.values())
+    floats = [values[i] for i in schema.floats]
+    if not schema.all_float32:
+        floats = [t.float() for t in floats]
+    stream = _stream(tuple(schema.entries[i].numel for i in schema.floats), block_size)
     rng = _rng(stochastic, None if seed is None else torch.Generator().manual_seed(seed))
-    names = [name for name, _ in floats]
-    scales, runs = _encode_floats(flats, names, plan, bits=bits, generator=rng)
-    levels = runs if bits == 8 else [_pack_int4(runs, sum(plan.sizes))]
-
-    metadata = _metadata(entries)
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, bits, 0, block_size, len(metadata))
-    padding = bytes(-(len(header) + len(metadata)) % _ALIGN)
-    raw = [
-        t.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        for e, t in zip(entries, tensors.values(), strict=True)
-        if not e.quantized
-    ]
-    parts = [scales, *levels, *raw]
-    return b"".join([header, metadata, padding, *(part.numpy() for part in parts)])
+    names = [schema.entries[i].name for i in schema.floats]
+    scales, levels = _quantize(floats, names, stream, bits, rng)
+    n = stream.numel
+    packed = levels[:n] if bits == 8 else _pack_int4(levels[: n + n % 2])
+    raw = [values[i].to("cpu").contiguous().reshape(-1).view(torch.uint8) for i in schema.raws]
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, bits, 0, block_size, len(schema.metadata))
+    parts = [scales, packed, *raw]
+    return b"".join([header, schema.metadata, schema.padding, *(p.numpy() for p in parts)])
 
 
 def decode_update(
@@ -657,7 +442,7 @@ def decode_update(
         raise CodecError(f"reserved header field is {reserved}, must be 0")
     if block_size == 0:
         raise CodecError("block_size is 0")
-    data_start = _align(_HEADER.size + meta_len)
+    data_start = -(-(_HEADER.size + meta_len) // _ALIGN) * _ALIGN
     if len(payload) < data_start:
         raise CodecError(f"payload truncated inside the metadata ({len(payload)} < {data_start})")
     if any(payload[_HEADER.size + meta_len : data_start]):
@@ -666,30 +451,33 @@ def decode_update(
     if expected is not None:
         _check_expected(entries, expected)
 
-    layout = _Layout.of(entries, bits, block_size, data_start)
-    if len(payload) < layout.total:
-        raise CodecError(
-            f"payload truncated: metadata needs {layout.total} bytes, got {len(payload)}"
-        )
-    if len(payload) > layout.total:
-        raise CodecError(f"{len(payload) - layout.total} trailing bytes after the data")
-    scales = _buffer_view(payload, torch.float32, layout.data_start, layout.n_blocks)
+    floats = [e for e in entries if e.quantized]
+    stream = _stream(tuple(e.numel for e in floats), block_size)
+    levels_at = data_start + 4 * stream.n_blocks
+    level_bytes = stream.numel if bits == 8 else (stream.numel + 1) // 2
+    raw_at = levels_at + level_bytes
+    total = raw_at + sum(e.raw_nbytes for e in entries)
+    if len(payload) < total:
+        raise CodecError(f"payload truncated: metadata needs {total} bytes, got {len(payload)}")
+    if len(payload) > total:
+        raise CodecError(f"{len(payload) - total} trailing bytes after the data")
+    scales = _buffer_view(payload, torch.float32, data_start, stream.n_blocks)
     # NaN fails both comparisons, so this also rejects non-finite scales.
     if not bool(((scales >= 0) & (scales <= _MAX_SCALE[bits])).all()):
         raise CodecError(f"scales must be finite and in [0, {_MAX_SCALE[bits]:.6g}]")
     level_dtype = torch.int8 if bits == 8 else torch.uint8
-    section = _buffer_view(payload, level_dtype, layout.levels_offset, layout.level_bytes)
-    if bits == 4 and layout.n_levels % 2 and section[-1].item() >> 4 != _INT4_OFFSET:
+    section = _buffer_view(payload, level_dtype, levels_at, level_bytes)
+    if bits == 4 and stream.numel % 2 and section[-1].item() >> 4 != _INT4_OFFSET:
         raise CodecError("int4 padding nibble does not hold level 0")
 
-    decoded = {e.name: torch.empty(e.shape) for e in entries if e.quantized}
-    plan = _plan(tuple(t.numel() for t in decoded.values()), block_size)
-    _decode_floats(section, bits, scales, plan, [t.view(-1) for t in decoded.values()])
+    flat = torch.empty(stream.numel)
+    _dequantize(section, bits, scales, stream, flat)
+    decoded = iter(_unflatten_dense_tensors(flat, _templates(tuple(floats))))
     out: dict[str, torch.Tensor] = {}
-    offset = layout.raw_offset
+    offset = raw_at
     for e in entries:
         if e.quantized:
-            out[e.name] = decoded[e.name]
+            out[e.name] = next(decoded)
             continue
         raw = _buffer_view(payload, torch.uint8, offset, e.raw_nbytes).clone()
         if e.dtype == "bool" and bool((raw > 1).any()):
@@ -697,6 +485,12 @@ def decode_update(
         out[e.name] = raw.view(e.torch_dtype).reshape(e.shape)
         offset += e.raw_nbytes
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def _templates(entries: tuple[_Entry, ...]) -> list[torch.Tensor]:
+    """Shape-only (meta) tensors that cut the decoded stream into per-tensor views."""
+    return [torch.empty(e.shape, device="meta") for e in entries]
 
 
 def fp32_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -716,22 +510,6 @@ def _buffer_view(
         # Views of an immutable payload are only ever read, never written.
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
-
-
-def _entry(name: object, t: torch.Tensor) -> _Entry:
-    if not isinstance(name, str):
-        raise ValueError(f"tensor names must be str, got {name!r}")
-    dtype = _DTYPE_NAMES.get(t.dtype)
-    if dtype is None:
-        raise ValueError(f"tensor {name!r} has unsupported dtype {t.dtype}")
-    return _Entry(name, dtype, tuple(t.shape))
-
-
-@functools.lru_cache(maxsize=32)
-def _metadata(entries: tuple[_Entry, ...]) -> bytes:
-    """The compressed metadata section (cached: every round repeats it)."""
-    items = [[e.name, e.dtype, list(e.shape)] for e in entries]
-    return zlib.compress(json.dumps(items, separators=(",", ":")).encode())
 
 
 @functools.lru_cache(maxsize=32)
