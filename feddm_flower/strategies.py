@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
@@ -42,8 +43,9 @@ class FedDMVanilla(FedAvg):
         Dtype of the float weights sent to clients: "fp32" or "fp16".
     min_replies : int (default: 1)
         Fewest accepted training replies that update the global model; with fewer, the round
-        leaves it unchanged. Nodes that were sent work but never replied (dead, timed out) are
-        logged and listed under ``missing`` in the round's history.
+        leaves it unchanged. Nodes that were sent work but never replied (dead, timed out, or
+        reported unavailable by the SuperLink) are logged and listed under ``missing`` in the
+        round's history.
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
@@ -55,6 +57,7 @@ class FedDMVanilla(FedAvg):
         self.downlink_dtype = downlink_dtype
         self.min_replies = min_replies
         self.sampled: dict[int, list[int]] = {}  # round -> nodes sent training work
+        self.sent: list[Message] = []  # this phase's messages; the grid sets their ids
         self.round_offset = 0
         self.ledger = CommLedger()
         self.history: dict[int, dict[str, object]] = defaultdict(dict)
@@ -70,6 +73,7 @@ class FedDMVanilla(FedAvg):
         messages = list(super().configure_train(server_round, self._downlink(), config, grid))
         self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         self._count_down(server_round, messages)
+        self.sent = messages
         return messages
 
     def configure_evaluate(
@@ -80,6 +84,7 @@ class FedDMVanilla(FedAvg):
         self.global_state = arrays.to_torch_state_dict()
         messages = list(super().configure_evaluate(server_round, self._downlink(), config, grid))
         self._count_down(server_round, messages)
+        self.sent = messages
         return messages
 
     def state(self, completed_round: int) -> dict[str, object]:
@@ -120,7 +125,7 @@ class FedDMVanilla(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check each reply, then average the accepted ones (fp32, by ``num-examples``)."""
         server_round += self.round_offset
-        replies = list(replies)
+        replies = self._answered(server_round, "training", replies)
         self._count_up(server_round, replies)
         accepted: list[tuple[Message, float, State]] = []
         for msg in replies:
@@ -154,7 +159,7 @@ class FedDMVanilla(FedAvg):
     ) -> MetricRecord | None:
         """Average the metrics of the replies that carry a valid ``num-examples``."""
         server_round += self.round_offset
-        replies = list(replies)
+        replies = self._answered(server_round, "evaluate", replies)
         self._count_up(server_round, replies)
         valid = []
         for msg in replies:
@@ -181,6 +186,32 @@ class FedDMVanilla(FedAvg):
             raise InvalidReply(f"{self.weighted_by_key}={weight!r} is not a positive number")
         return float(weight)
 
+    def _node(self, msg: Message) -> int:
+        """The node a reply answers for: its sender, or for an error that the SuperLink sent
+        in a node's place, the node the answered message went to."""
+        if msg.metadata.src_node_id != SUPERLINK_NODE_ID:
+            return msg.metadata.src_node_id
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
+        return sent_to.get(msg.metadata.reply_to_message_id, SUPERLINK_NODE_ID)
+
+    def _answered(self, server_round: int, phase: str, replies: Iterable[Message]) -> list[Message]:
+        """The replies that came from nodes; the SuperLink's stand-ins for nodes that were
+        unavailable or let the message expire are logged, and the node counts as missing."""
+        answered = []
+        for msg in replies:
+            if msg.has_error() and msg.metadata.src_node_id == SUPERLINK_NODE_ID:
+                log(
+                    WARNING,
+                    "Round %d: no %s reply from node %d (%s)",
+                    server_round,
+                    phase,
+                    self._node(msg),
+                    msg.error.reason,
+                )
+            else:
+                answered.append(msg)
+        return answered
+
     def _note_missing(self, server_round: int, replies: list[Message]) -> None:
         replied = {m.metadata.src_node_id for m in replies}
         missing = [n for n in self.sampled.get(server_round, []) if n not in replied]
@@ -189,7 +220,7 @@ class FedDMVanilla(FedAvg):
             self.history[server_round]["missing"] = [str(n) for n in missing]
 
     def _reject(self, server_round: int, phase: str, msg: Message, reason: str) -> None:
-        node = msg.metadata.src_node_id
+        node = self._node(msg)
         log(
             WARNING,
             "Round %d: rejected %s reply from node %d: %s",

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -181,3 +182,22 @@ def test_min_replies_and_missing_nodes_are_reported() -> None:
     arrays, _ = strategy.aggregate_train(4, [_weights_reply(1, _random_state(1))])
     assert arrays is None  # one accepted reply < min-replies=2
     assert strategy.history[4]["missing"] == ["2", "3"]
+
+
+def test_superlink_stand_in_errors_count_the_node_as_missing() -> None:
+    """A dead node's "reply" is an error the SuperLink (node 1) makes in its place: it must
+    name the node the message went to, as missing, not as a bad reply from node 1."""
+    strategy = _strategy()
+    strategy.sampled[2] = [70, 80]
+    strategy.sent = [_reply(0, RecordDict()) for _ in (70, 80)]
+    for msg, node in zip(strategy.sent, (70, 80), strict=True):
+        msg.metadata.dst_node_id = node
+        msg.metadata.__dict__["_message_id"] = f"to-{node}"  # as the grid does when pushing
+    stand_in = _reply(SUPERLINK_NODE_ID, Error(code=ErrorCode.NODE_UNAVAILABLE, reason="gone"))
+    stand_in.metadata.__dict__["_reply_to_message_id"] = "to-70"
+    good = _random_state(3)
+    arrays, _ = strategy.aggregate_train(2, [stand_in, _weights_reply(80, good)])
+    assert arrays is not None
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], good["w"])
+    assert strategy.history[2]["missing"] == ["70"]
+    assert "rejected" not in strategy.history[2]
