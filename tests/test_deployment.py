@@ -176,6 +176,13 @@ class Federation:
         env = {"PORT": str(free_port()), "AUTH_KEY": str(key) if key else ""}
         return self.start(name, cmd, **env)
 
+    def start_two_supernodes(self) -> set[str]:
+        """A SuperLink and SuperNodes sn0, sn1 for partitions 0 and 1 of 2; their node ids."""
+        self.start_superlink()
+        self.start_supernode("sn0", 0, 2)
+        self.start_supernode("sn1", 1, 2)
+        return {self.node_id("sn0"), self.node_id("sn1")}
+
     def kill(self, name: str) -> None:
         """Crash one process and its children (no chance to clean up or say goodbye)."""
         proc = self.procs[name]
@@ -276,10 +283,7 @@ def assert_finished(fed: Federation, run: str, out_dir: Path, rounds: int, nodes
 
 def test_two_supernodes_complete_a_run_insecure(federation, tmp_path: Path) -> None:
     fed = federation(tls=False)
-    fed.start_superlink()
-    fed.start_supernode("sn0", 0, 2)
-    fed.start_supernode("sn1", 1, 2)
-    nodes = {fed.node_id("sn0"), fed.node_id("sn1")}
+    nodes = fed.start_two_supernodes()
     assert "WARNING: SuperLink WITHOUT TLS" in fed.log("superlink")  # never silently insecure
 
     out = tmp_path / "run"
@@ -292,10 +296,7 @@ def test_two_supernodes_complete_a_run_insecure(federation, tmp_path: Path) -> N
 
 def test_two_supernodes_complete_a_run_over_tls(federation, tmp_path: Path) -> None:
     fed = federation(tls=True)
-    fed.start_superlink()
-    fed.start_supernode("sn0", 0, 2)
-    fed.start_supernode("sn1", 1, 2)
-    nodes = {fed.node_id("sn0"), fed.node_id("sn1")}
+    nodes = fed.start_two_supernodes()
     assert "Uvicorn running on https://127.0.0.1" in fed.log("superlink")
     assert "--insecure" not in fed.log("sn0") + fed.log("sn1")
 
@@ -361,6 +362,7 @@ def test_a_supernode_that_dies_mid_run_is_reported_missing(federation, tmp_path:
     run = run_id(fed.log("flwr-run"))
     rows = assert_finished(fed, run, out, 2, {survivor, victim})
     assert rows[0].get("missing") == [victim], rows[0]
+    assert "rejected" not in rows[0], rows[0]  # the SuperLink's stand-in error is no bad reply
     assert set(rows[0]["bytes-up-per-node"]) == {survivor}  # aggregated what came
     assert all(set(r["bytes-up-per-node"]) == {survivor} for r in rows)
     assert f"Round 1: no training reply from nodes [{victim}]" in fed.log("flwr-run")
@@ -368,10 +370,7 @@ def test_a_supernode_that_dies_mid_run_is_reported_missing(federation, tmp_path:
 
 def test_resume_after_the_superlink_crashes(federation, tmp_path: Path) -> None:
     fed = federation(tls=True, persistent=True)
-    fed.start_superlink("superlink")
-    fed.start_supernode("sn0", 0, 2)
-    fed.start_supernode("sn1", 1, 2)
-    nodes = {fed.node_id("sn0"), fed.node_id("sn1")}
+    nodes = fed.start_two_supernodes()
 
     out = tmp_path / "run"
     first = fed.start("flwr-run", fed.run_command({**TINY_RUN, "output-dir": str(out)}))
