@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from feddm_flower.models import build_unet, count_parameters, unet_config
+from feddm_flower.models import build_unet, count_parameters, training_memory, unet_config
 
 # Parameter counts documented in the README (preset, pixels, channels) -> millions, +-5 %.
 DOCUMENTED_MILLIONS = {
@@ -39,3 +39,20 @@ def test_unknown_preset_or_size_is_refused() -> None:
         unet_config("paper", 48, 3)
     with pytest.raises(ValueError, match="no model preset 'large'"):
         unet_config("large", 28, 1)
+
+
+def test_latent_paper_preset_is_the_ldm8_churches_unet() -> None:
+    unet = build_unet("paper", 32, 4, latent=True)
+    assert count_parameters(unet) / 1e6 == pytest.approx(256.4, rel=0.01)  # the paper's 256 M
+    x = torch.randn(1, 4, 32, 32)
+    with torch.no_grad():
+        assert unet(x, torch.tensor([500])).sample.shape == x.shape
+    with pytest.raises(ValueError, match="'paper' at \\[32\\] latent px"):
+        unet_config("paper", 64, 4, latent=True)
+
+
+def test_training_memory_is_optimizer_state_plus_activations_linear_in_batch() -> None:
+    unet = build_unet("tiny", 28, 1)
+    state = 16 * count_parameters(unet)
+    one, two = training_memory(unet, 1), training_memory(unet, 2)
+    assert one > state and two - one == one - state
