@@ -151,7 +151,7 @@ def _file_decoder(
         for row, i in enumerate(indices):
             with open_image(int(i)) as img:
                 fitted = fit(img.convert("RGB"), pixels)
-            out[row] = torch.from_numpy(np.asarray(fitted)).permute(2, 0, 1)
+            out[row] = torch.from_numpy(np.array(fitted)).permute(2, 0, 1)
         return out
 
     return decode
