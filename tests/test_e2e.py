@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from conftest import TINY_RUN
 from diffusers import DDPMPipeline
+from formats import write_cifar
 
 from feddm_flower.models import build_unet
 
@@ -96,3 +97,16 @@ def test_resume_continues_after_the_last_checkpointed_round(flwr_run, tmp_path: 
     assert rows[2]["bytes-up-cumulative"] == sum(ups)  # the ledger survived the restart
     assert (out / "samples" / "round_003.png").exists()
     assert DDPMPipeline.from_pretrained(out / "pipeline").unet.config.sample_size == 28
+
+
+def test_one_round_on_cifar10_files(flwr_run, tmp_path: Path) -> None:
+    """`dataset='cifar10'` reaches the clients: 3 x 32 x 32 uint8 images from the real batches."""
+    root, out = tmp_path / "data", tmp_path / "cifar"
+    write_cifar(root)
+    overrides = {"dataset": "cifar10", "data-root": str(root), "partitioning": "dirichlet"}
+    proc = flwr_run({**TINY_RUN, "num-server-rounds": 1, **overrides, "output-dir": str(out)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert row["train-loss"] > 0 and row["eval-loss"] > 0 and "rejected" not in row
+    pipe = DDPMPipeline.from_pretrained(out / "pipeline")
+    assert (pipe.unet.config.in_channels, pipe.unet.config.sample_size) == (3, 32)
