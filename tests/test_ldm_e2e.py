@@ -1,4 +1,4 @@
-"""End to end: latent diffusion on LSUN-church-format files with a small random AutoencoderKL.
+"""End to end: latent diffusion on an LSUN church LMDB with a small random AutoencoderKL.
 
 Real `flwr run`s (vanilla, then quant) check that only U-Net weights travel, that clients
 encode their latents once, and that samples decode to 256 px images a diffusers pipeline makes.
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from conftest import TINY_RUN, tiny_vae
 from diffusers import UNet2DModel
+from formats import write_lsun
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -22,18 +23,15 @@ from feddm_flower.models import build_unet
 LDM_RUN = {**TINY_RUN, "num-server-rounds": 1, "batch-size": 4, "eval-max-examples": 4}
 
 
-def _lsun_folder(root: Path, n: int = 12) -> None:
-    """``n`` JPEGs as LSUN ships them (short side 256, longer side wider), any nesting."""
+def _lsun_images(n: int = 12) -> list[Image.Image]:
+    """``n`` noise images as LSUN ships them: short side 256, the other one longer."""
     rng = np.random.default_rng(0)
-    for i in range(n):
-        pixels = rng.integers(0, 256, (256, 320 + 8 * i, 3), dtype=np.uint8)
-        path = root / "lsun-church" / f"part{i % 2}" / f"{i:04d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(path, quality=90)
+    shapes = [(256, 320 + 8 * i) if i % 2 else (300 + 8 * i, 256) for i in range(n)]
+    return [Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)) for hw in shapes]
 
 
 def test_ldm_round_sends_only_the_unet_and_decodes_256_px(flwr_run, tmp_path: Path) -> None:
-    _lsun_folder(tmp_path / "data")
+    write_lsun(tmp_path / "data", _lsun_images())
     vae_dir, cache = tmp_path / "vae", tmp_path / "latents"
     tiny_vae().save_pretrained(vae_dir)
     ldm = {
