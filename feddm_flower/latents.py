@@ -22,8 +22,8 @@ from .diffusion import to_model_range
 
 log = logging.getLogger(__name__)
 
-# What autoencoder='auto' loads for datasets of at least LATENT_FROM_PX pixels: the KL-f8 VAE of
-# Stable Diffusion, fine-tuned on faces and LAION (downloaded by diffusers, needs internet).
+# What autoencoder='auto' loads for datasets of at least LATENT_FROM_PX pixels: Stable
+# Diffusion's KL-f8 VAE with the MSE-fine-tuned decoder (downloaded by diffusers: needs internet).
 AUTO_VAE = "stabilityai/sd-vae-ft-mse"
 AUTO_VAE_LATENT = (4, 8)  # its latent channels and downsampling factor
 LATENT_FROM_PX = 256
