@@ -51,6 +51,16 @@ STRATEGIES = ("vanilla", "prox", "quant")
 PARTITIONINGS = ("iid", "dirichlet", "shards", "quantity")
 DATASETS = ("fashion-mnist", "cifar10", "celeba", "lsun-church")
 PRESETS = ("tiny", "paper")
+# The 40 binary attributes of CelebA's list_attr_celeba.txt, in file order.
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
+    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair",
+    "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair",
+    "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
+    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
+    "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings",
+    "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,9 @@ class RunConfig:
     partition_by: str = _key(
         "auto", _one_of("auto", "clusters"), "dirichlet/shards label: 'auto' or feature 'clusters'"
     )
-    celeba_attribute: str = _key("Smiling", help="celeba, partition-by=auto: binary attribute")
+    celeba_attribute: str = _key(
+        "Smiling", _one_of(*CELEBA_ATTRIBUTES), "celeba, partition-by=auto: binary attribute"
+    )
     num_clusters: int = _key(10, _at_least(2), "k-means clusters of image thumbnails")
     dirichlet_alpha: float = _key(0.5, _positive, "Dirichlet concentration (smaller = more skew)")
     shards_per_client: int = _key(2, _at_least(1), "label-sorted shards per client")

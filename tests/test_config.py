@@ -45,6 +45,7 @@ def test_overrides_are_typed_and_ints_widen_to_floats() -> None:
         ("learning-rate", -0.1, "> 0"),
         ("local-steps", -1, ">= 0"),
         ("seed", -3, ">= 0"),
+        ("celeba-attribute", "Smile", "'Smiling'"),
         ("autoencoder", " ", "non-empty"),
         ("device", "tpu", "'auto', 'cpu', 'cuda'"),
         ("mixed-precision", "fp8", "'no', 'fp16', 'bf16'"),
