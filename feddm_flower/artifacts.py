@@ -72,15 +72,23 @@ class RunDirectory:
         """Replace ``checkpoint/`` with ``unet`` and ``state``, atomically (never half-written)."""
         return self._save_atomic(unet, "checkpoint", {STATE_FILE: json.dumps(state)})
 
+    def has_checkpoint(self) -> bool:
+        """Whether a completed round was checkpointed."""
+        return (self._checkpoint_dir() / STATE_FILE).exists()
+
     def load_checkpoint(self) -> tuple[UNet2DModel, dict[str, object]]:
         """The U-Net and state of the last completed round; FileNotFoundError if none."""
-        path = self.path / "checkpoint"
-        if not path.exists():  # a crash between the two renames of _save_atomic
-            path = self.path / ".checkpoint.old"
+        path = self._checkpoint_dir()
         if not (path / STATE_FILE).exists():
             raise FileNotFoundError(f"no checkpoint to resume from in {path}")
         state = json.loads((path / STATE_FILE).read_text())
         return UNet2DModel.from_pretrained(path), state
+
+    def _checkpoint_dir(self) -> Path:
+        path = self.path / "checkpoint"
+        if not path.exists():  # a crash between the two renames of _save_atomic
+            path = self.path / ".checkpoint.old"
+        return path
 
     def truncate_metrics(self, last_round: int) -> None:
         """Drop metrics lines after ``last_round`` (written before a crash, to be redone)."""

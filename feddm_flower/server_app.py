@@ -35,15 +35,10 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.resume:
         run = RunDirectory(Path(cfg.resume).expanduser().resolve())
         cfg = _resumed_config(cfg, run)
-        unet, state = run.load_checkpoint()
-        run.truncate_metrics(int(state["round"]))
-        vae, _, _ = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
     else:
         run = RunDirectory.create(cfg.output_dir, cfg.strategy)
-        vae, channels, size = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
-        latent = vae is not None
-        unet = build_unet(cfg.model_preset, size, channels, seed=cfg.seed, latent=latent)
-        state = None
+    vae, channels, size = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
+    unet, state = _starting_point(cfg, run, channels, size, latent=vae is not None)
     run.write_config(cfg.to_dict())
     log.info("FedDM run (%s) writing to %s", cfg.strategy, run.path)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
@@ -88,9 +83,30 @@ def main(grid: Grid, context: Context) -> None:
     log.info("FedDM run finished; results in %s", run.path)
 
 
+def _starting_point(
+    cfg: RunConfig, run: RunDirectory, channels: int, size: int, *, latent: bool
+) -> tuple[UNet2DModel, dict[str, object] | None]:
+    """The U-Net and strategy state to start from: a resumed run's last checkpoint, else
+    fresh weights from ``seed`` (so a run that died before its first checkpoint restarts
+    exactly as it began)."""
+    if cfg.resume and run.has_checkpoint():
+        unet, state = run.load_checkpoint()
+        run.truncate_metrics(int(state["round"]))
+        return unet, state
+    if cfg.resume:
+        log.warning("No checkpoint in %s (stopped in round 1): starting it again", run.path)
+        run.truncate_metrics(0)
+    return build_unet(cfg.model_preset, size, channels, seed=cfg.seed, latent=latent), None
+
+
 def _resumed_config(given: RunConfig, run: RunDirectory) -> RunConfig:
     """The resumed run's own config; only ``num-server-rounds`` may change on resume."""
-    saved = RunConfig.from_mapping(json.loads((run.path / "run_config.json").read_text()))
+    saved_file = run.path / "run_config.json"
+    if not saved_file.exists():
+        raise FileNotFoundError(
+            f"resume={str(run.path)!r} is not a feddm-flower run directory (no run_config.json)"
+        )
+    saved = RunConfig.from_mapping(json.loads(saved_file.read_text()))
     ignored = {
         k: v
         for k, v in given.to_dict().items()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from feddm_flower.artifacts import RunDirectory
+from feddm_flower.config import RunConfig
 from feddm_flower.models import build_unet
+from feddm_flower.server_app import _resumed_config, _starting_point
 
 
 def test_summary_is_the_last_metrics_line_without_per_node_detail(tmp_path: Path) -> None:
@@ -38,3 +41,25 @@ def test_checkpoint_round_trips_weights_and_state(tmp_path: Path) -> None:
         assert torch.equal(a, b), k
     assert not (tmp_path / ".checkpoint.tmp").exists()
     assert not (tmp_path / ".checkpoint.old").exists()
+
+
+def test_resume_before_the_first_checkpoint_starts_the_run_again(tmp_path: Path) -> None:
+    """A server that died in round 1 left its config and maybe a partial metrics line, but no
+    checkpoint: resuming starts from the same seeded weights; with a checkpoint, from it."""
+    run = RunDirectory(tmp_path)
+    cfg = RunConfig(resume=str(tmp_path), seed=3)
+    run.write_config(cfg.to_dict())
+    run.append_metrics({"round": 1, "partial": True})
+    unet, state = _starting_point(cfg, run, 1, 28, latent=False)
+    assert state is None and run.metrics_file.read_text() == ""
+    fresh = build_unet("tiny", 28, 1, seed=3).state_dict()
+    assert all(torch.equal(fresh[k], v) for k, v in unet.state_dict().items())
+
+    run.save_checkpoint(build_unet("tiny", 28, 1, seed=4), {"round": 1})
+    unet, state = _starting_point(cfg, run, 1, 28, latent=False)
+    assert state == {"round": 1} and not torch.equal(unet.conv_in.weight, fresh["conv_in.weight"])
+
+
+def test_resume_of_a_directory_that_is_no_run_says_so(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a feddm-flower run directory"):
+        _resumed_config(RunConfig(resume=str(tmp_path)), RunDirectory(tmp_path))
