@@ -62,6 +62,10 @@ _MAX_METADATA = 64 << 20
 # Values per slab: large enough to amortise per-op overhead, small enough that the float
 # temporaries stay in the last-level cache.
 _CHUNK = 1 << 20
+# Decoded floats up to this many values share one allocation (fewer calls); beyond it each
+# tensor gets its own, because one huge block is mapped afresh by the C allocator on every
+# call and its page faults would cost more than the decoding.
+_ONE_ALLOCATION = 1 << 22
 
 _FLOAT_DTYPES = {
     str(d).removeprefix("torch."): d
@@ -244,9 +248,9 @@ def _blocks(values: torch.Tensor, block_size: int) -> list[tuple[int, torch.Tens
 
 
 def _slab_values(
-    floats: Sequence[torch.Tensor], pieces: Sequence[tuple[int, int, int]], buffer: torch.Tensor
+    floats: Sequence[torch.Tensor], pieces: Sequence[tuple[int, int, int]]
 ) -> torch.Tensor:
-    """The slab's values as one flat vector: a view when it lies in one tensor, else copied."""
+    """The slab's values as one flat vector: a view when it lies in one tensor, else a copy."""
     runs = [
         floats[i] if n == floats[i].numel() else floats[i].reshape(-1)[start : start + n]
         for i, start, n in pieces
@@ -254,7 +258,7 @@ def _slab_values(
     if len(runs) == 1:
         return runs[0].reshape(-1)
     # One C++ call flattens and joins every run, however many small tensors there are.
-    return buffer.copy_(_flatten_dense_tensors(runs))
+    return _flatten_dense_tensors(runs)
 
 
 def _quantize(
@@ -272,14 +276,14 @@ def _quantize(
     """
     qmax, size = _QMAX[bits], stream.block_size
     capacity = max((length for _, length, _ in stream.slabs), default=0)
-    gathered = _scratch_buffer("gathered", capacity, torch.float32)
+    noise = _scratch_buffer("noise", capacity if generator else 0, torch.float32)
     work = _scratch_buffer("work", capacity, torch.float32)
     levels = _scratch_buffer("levels", stream.numel + 1, torch.int8)
     levels[-1] = 0
     absmax, scales = torch.empty(stream.n_blocks), torch.empty(stream.n_blocks)
     for start, length, pieces in stream.slabs:
         t = work[:length]
-        for offset, x in _blocks(_slab_values(floats, pieces, gathered[:length]), size):
+        for offset, x in _blocks(_slab_values(floats, pieces), size):
             b0 = start // size + offset
             rows = t[offset * size : offset * size + x.numel()].view(x.shape)
             a = torch.amax(torch.abs(x, out=rows), dim=1, out=absmax[b0 : b0 + len(x)])
@@ -289,7 +293,7 @@ def _quantize(
         if generator is None:
             t.round_()  # |t| < qmax + 1/2 (see _scales_from_absmax): no clamp needed
         else:
-            t.add_(torch.rand(length, generator=generator, out=gathered[:length])).floor_()
+            t.add_(torch.rand(length, generator=generator, out=noise[:length])).floor_()
             t.clamp_(-qmax, qmax)  # u close to 1 can round the sum up past qmax
         levels[start : start + length].copy_(t)
     if not bool(torch.isfinite(absmax).all()):
@@ -301,22 +305,38 @@ def _quantize(
 
 
 def _dequantize(
-    section: torch.Tensor, bits: int, scales: torch.Tensor, stream: _Stream, out: torch.Tensor
+    section: torch.Tensor,
+    bits: int,
+    scales: torch.Tensor,
+    stream: _Stream,
+    out: torch.Tensor | Sequence[torch.Tensor],
 ) -> None:
-    """Dequantize a level section (int8, or packed int4 bytes) into the flat float32 ``out``."""
+    """Dequantize a level section (int8, or packed int4 bytes) into float32: ``out`` is the
+    flat stream, or one flat tensor per float tensor of the stream."""
     qmax, size = _QMAX[bits], stream.block_size
     unpacked = _scratch_buffer("unpacked", 2 * (_CHUNK + 1) if bits == 4 else 0, torch.int8)
-    for start, length, _ in stream.slabs:
+    work = _scratch_buffer("work", min(_CHUNK, stream.numel) + 1, torch.float32)
+    for start, length, pieces in stream.slabs:
         if bits == 8:
             q = section[start : start + length]
         else:
             q = _unpack_int4(section[start // 2 : -(-(start + length) // 2)], unpacked)[:length]
         if int(q.min()) < -qmax:
             raise CodecError(f"level below -{qmax} in a {bits}-bit payload")
-        t = out[start : start + length].copy_(q)
+        if isinstance(out, torch.Tensor):
+            t = out[start : start + length]
+        elif len(pieces) == 1:
+            i, first, n = pieces[0]
+            t = out[i][first : first + n]
+        else:
+            t = work[:length]
+        t.copy_(q)
         for offset, x in _blocks(t, size):
             b0 = start // size + offset
             x.mul_(scales[b0 : b0 + len(x), None])
+        if t.data_ptr() == work.data_ptr():
+            for (i, first, n), run in zip(pieces, t.split([n for *_, n in pieces]), strict=True):
+                out[i][first : first + n].copy_(run)
 
 
 def _unpack_int4(packed: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
@@ -470,9 +490,14 @@ def decode_update(
     if bits == 4 and stream.numel % 2 and section[-1].item() >> 4 != _INT4_OFFSET:
         raise CodecError("int4 padding nibble does not hold level 0")
 
-    flat = torch.empty(stream.numel)
-    _dequantize(section, bits, scales, stream, flat)
-    decoded = iter(_unflatten_dense_tensors(flat, _templates(tuple(floats))))
+    if stream.numel <= _ONE_ALLOCATION:
+        flat = torch.empty(stream.numel)
+        _dequantize(section, bits, scales, stream, flat)
+        decoded = iter(_unflatten_dense_tensors(flat, _templates(tuple(floats))))
+    else:
+        tensors = [torch.empty(e.shape) for e in floats]
+        _dequantize(section, bits, scales, stream, [t.view(-1) for t in tensors])
+        decoded = iter(tensors)
     out: dict[str, torch.Tensor] = {}
     offset = raw_at
     for e in entries:
