@@ -62,6 +62,9 @@ _MAX_METADATA = 64 << 20
 # Values per slab: large enough to amortise per-op overhead, small enough that the float
 # temporaries stay in the last-level cache.
 _CHUNK = 1 << 20
+# Large tensors with at least this many values in whole blocks are quantized in place;
+# smaller ones are gathered, which saves per-op overhead.
+_DIRECT_MIN = 1 << 18
 # Decoded floats up to this many values share one allocation (fewer calls); beyond it each
 # tensor gets its own, because one huge block is mapped afresh by the C allocator on every
 # call and its page faults would cost more than the decoding.
@@ -87,6 +90,7 @@ def _largest_scale(qmax: int) -> float:
 
 
 _MAX_SCALE = {bits: _largest_scale(qmax) for bits, qmax in _QMAX.items()}
+_SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 _scratch = threading.local()
 
 
@@ -150,21 +154,35 @@ class _Stream(NamedTuple):
 
 @functools.lru_cache(maxsize=32)
 def _stream(sizes: tuple[int, ...], block_size: int) -> _Stream:
-    """Cut a stream of tensors with ``sizes`` values into slabs (cached: rounds repeat it)."""
-    step = max(1, _CHUNK // block_size) * block_size
-    if step % 2:
-        step *= 2  # even, so that every int4 slab starts on a byte boundary
+    """Cut a stream of tensors with ``sizes`` values into slabs (cached: rounds repeat it).
+
+    The whole blocks inside a large tensor form slabs of that tensor alone, used in place;
+    the rest (the blocks that straddle tensors, and small tensors) is gathered. Slabs start
+    at even positions, so that every int4 slab starts on a byte boundary.
+    """
+    unit = block_size if block_size % 2 == 0 else 2 * block_size
+    step = max(1, _CHUNK // unit) * unit
     ends = tuple(itertools.accumulate(sizes))
-    total, i, slabs = sum(sizes), 0, []
-    for start in range(0, total, step):
-        stop, pos, pieces = min(start + step, total), start, []
-        while pos < stop:
-            while ends[i] <= pos:
-                i += 1
-            take = min(stop, ends[i]) - pos
-            pieces.append((i, pos - (ends[i] - sizes[i]), take))
-            pos += take
-        slabs.append((start, stop - start, tuple(pieces)))
+    total = sum(sizes)
+    ranges, pos = [], 0  # consecutive [start, stop) ranges of the stream
+    for end, n in zip(ends, sizes, strict=True):
+        lo, hi = -(-(end - n) // unit) * unit, end // unit * unit
+        if hi - lo >= _DIRECT_MIN:
+            ranges += [(pos, lo), (lo, hi)] if lo > pos else [(lo, hi)]
+            pos = hi
+    if pos < total:
+        ranges.append((pos, total))
+    i, slabs = 0, []
+    for first, last in ranges:
+        for start in range(first, last, step):
+            stop, pos, pieces = min(start + step, last), start, []
+            while pos < stop:
+                while ends[i] <= pos:
+                    i += 1
+                take = min(stop, ends[i]) - pos
+                pieces.append((i, pos - (ends[i] - sizes[i]), take))
+                pos += take
+            slabs.append((start, stop - start, tuple(pieces)))
     return _Stream(sizes, block_size, tuple(slabs))
 
 
@@ -224,17 +242,21 @@ def _check_byteorder() -> None:
 def _scales_from_absmax(absmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block scales ``absmax / qmax`` and the divisors to quantize with.
 
-    All-zero blocks keep scale 0 but divide by 1, giving level 0 rather than NaN.
+    All-zero blocks keep scale 0 but divide by 1, giving level 0 rather than NaN. The fixes
+    for extreme magnitudes run only when some block needs them.
     """
     qmax = _QMAX[bits]
     scales = absmax / qmax
-    # A subnormal quotient can round down by many ulps (even to 0); stepping one ulp towards
-    # absmax restores qmax * scale >= absmax, so round-to-nearest stays within half a step
-    # and never leaves [-qmax, qmax].
-    scales = torch.where(scales * qmax < absmax, torch.nextafter(scales, absmax), scales)
-    # Cap so that qmax * scale, the largest decoded magnitude, stays finite.
-    scales.clamp_(max=_MAX_SCALE[bits])
-    return scales, torch.where(scales > 0, scales, 1.0)
+    smallest, largest = (float(v) for v in torch.aminmax(scales))
+    if smallest < _SMALLEST_NORMAL:
+        # A subnormal quotient can round down by many ulps (even to 0); stepping one ulp
+        # towards absmax restores qmax * scale >= absmax, so round-to-nearest stays within
+        # half a step and never leaves [-qmax, qmax].
+        scales = torch.where(scales * qmax < absmax, torch.nextafter(scales, absmax), scales)
+    if largest > _MAX_SCALE[bits]:
+        scales.clamp_(max=_MAX_SCALE[bits])  # so that qmax * scale stays finite
+    divisors = scales if smallest > 0 else torch.where(scales > 0, scales, 1.0)
+    return scales, divisors
 
 
 def _blocks(values: torch.Tensor, block_size: int) -> list[tuple[int, torch.Tensor]]:
@@ -267,19 +289,26 @@ def _quantize(
     stream: _Stream,
     bits: int,
     generator: torch.Generator | None,
+    packed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize the float32 tensors' stream; return the block scales and the int8 levels.
+    """Quantize the float32 tensors' stream; return the block scales and the level section:
+    int8 levels, or with ``packed`` the int4 nibble pairs (odd counts padded with level 0).
 
-    The levels are a scratch buffer holding ``stream.numel + 1`` values, the last one 0 (the
-    padding level of an odd int4 count), valid until the next call. Without a generator this
+    The section is a scratch buffer, valid until the next call. Without a generator this
     rounds to nearest; with one it rounds stochastically, one uniform per value, slab by slab.
     """
     qmax, size = _QMAX[bits], stream.block_size
     capacity = max((length for _, length, _ in stream.slabs), default=0)
     noise = _scratch_buffer("noise", capacity if generator else 0, torch.float32)
-    work = _scratch_buffer("work", capacity, torch.float32)
-    levels = _scratch_buffer("levels", stream.numel + 1, torch.int8)
-    levels[-1] = 0
+    work = _scratch_buffer("work", capacity + 1, torch.float32)  # + an int4 padding level
+    levels = _scratch_buffer("int4_levels", capacity + 1 if packed else 0, torch.int8)
+    pairs = _scratch_buffer("pairs", capacity // 2 + 1 if packed else 0, torch.int16)
+    n = stream.numel
+    section = (
+        _scratch_buffer("packed", (n + 1) // 2, torch.uint8)
+        if packed
+        else _scratch_buffer("levels", n, torch.int8)
+    )
     absmax, scales = torch.empty(stream.n_blocks), torch.empty(stream.n_blocks)
     for start, length, pieces in stream.slabs:
         t = work[:length]
@@ -295,13 +324,23 @@ def _quantize(
         else:
             t.add_(torch.rand(length, generator=generator, out=noise[:length])).floor_()
             t.clamp_(-qmax, qmax)  # u close to 1 can round the sum up past qmax
-        levels[start : start + length].copy_(t)
+        if not packed:
+            section[start : start + length].copy_(t)
+            continue
+        if length % 2:  # the stream's odd last value gets a level-0 partner
+            work[length] = 0
+            t = work[: length + 1]
+        # A little-endian int16 holds nibble pair lo + 256 * hi; the packed byte lo | hi << 4
+        # is the low byte of pairs | pairs >> 4, masked so that the uint8 cast is exact.
+        words = levels[: t.numel()].copy_(t).add_(_INT4_OFFSET).view(torch.int16)
+        p = torch.bitwise_right_shift(words, 4, out=pairs[: words.numel()])
+        section[start // 2 : start // 2 + p.numel()].copy_(p.bitwise_or_(words).bitwise_and_(0xFF))
     if not bool(torch.isfinite(absmax).all()):
         name = next(n for n, t in zip(names, floats, strict=True) if not t.isfinite().all())
         raise ValueError(
             f"tensor {name!r} has non-finite values (NaN/inf, or beyond the float32 range)"
         )
-    return scales, levels
+    return scales, section
 
 
 def _dequantize(
@@ -314,8 +353,10 @@ def _dequantize(
     """Dequantize a level section (int8, or packed int4 bytes) into float32: ``out`` is the
     flat stream, or one flat tensor per float tensor of the stream."""
     qmax, size = _QMAX[bits], stream.block_size
-    unpacked = _scratch_buffer("unpacked", 2 * (_CHUNK + 1) if bits == 4 else 0, torch.int8)
-    work = _scratch_buffer("work", min(_CHUNK, stream.numel) + 1, torch.float32)
+    capacity = max((length for _, length, _ in stream.slabs), default=0)
+    # Each int4 slab unpacks whole bytes: an odd length carries one nibble more.
+    unpacked = _scratch_buffer("unpacked", capacity + 2 if bits == 4 else 0, torch.int8)
+    work = _scratch_buffer("work", capacity, torch.float32)
     for start, length, pieces in stream.slabs:
         if bits == 8:
             q = section[start : start + length]
@@ -345,20 +386,6 @@ def _unpack_int4(packed: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     # Spread byte b to the little-endian int16 (b & 0x0F) + 256 * (b >> 4).
     words.bitwise_or_(words << 4).bitwise_and_(0x0F0F)
     return words.view(torch.int8).sub_(_INT4_OFFSET)
-
-
-def _pack_int4(levels: torch.Tensor) -> torch.Tensor:
-    """Pack an even count of int8 levels in [-7, 7] into offset-binary nibble pairs, low
-    nibble first. Overwrites ``levels``; the result is a scratch buffer."""
-    packed = _scratch_buffer("packed", levels.numel() // 2, torch.uint8)
-    pairs = _scratch_buffer("pairs", min(_CHUNK, packed.numel()), torch.int16)
-    for start in range(0, packed.numel(), _CHUNK):
-        # A little-endian int16 holds nibble pair lo + 256 * hi; the packed byte lo | hi << 4
-        # is the low byte of pairs | pairs >> 4, masked so that the uint8 cast is exact.
-        nibbles = levels[2 * start : 2 * start + 2 * _CHUNK].add_(_INT4_OFFSET).view(torch.int16)
-        p = torch.bitwise_right_shift(nibbles, 4, out=pairs[: nibbles.numel()])
-        packed[start : start + p.numel()].copy_(p.bitwise_or_(nibbles).bitwise_and_(0xFF))
-    return packed
 
 
 def _rng(stochastic: bool, generator: torch.Generator | None) -> torch.Generator | None:
@@ -393,9 +420,10 @@ def quantize_dequantize(
         raise ValueError(f"quantize_dequantize needs a float tensor, got {x.dtype}")
     flat = x.detach().reshape(-1).to("cpu", torch.float32)
     stream = _stream((flat.numel(),), block_size)
-    scales, levels = _quantize([flat], ["x"], stream, bits, _rng(stochastic, generator))
+    rng = _rng(stochastic, generator)
+    # Unpacked int4 levels are the same int8 values, so skip the nibble round trip.
+    scales, levels = _quantize([flat], ["x"], stream, bits, rng, packed=False)
     out = torch.empty(x.shape)
-    # int4 levels would unpack to these same int8 values, so skip the nibble round trip.
     _dequantize(levels, 8, scales, stream, out.view(-1))
     return out.to(x.device)
 
@@ -427,12 +455,10 @@ def encode_update(
     stream = _stream(tuple(schema.entries[i].numel for i in schema.floats), block_size)
     rng = _rng(stochastic, None if seed is None else torch.Generator().manual_seed(seed))
     names = [schema.entries[i].name for i in schema.floats]
-    scales, levels = _quantize(floats, names, stream, bits, rng)
-    n = stream.numel
-    packed = levels[:n] if bits == 8 else _pack_int4(levels[: n + n % 2])
+    scales, levels = _quantize(floats, names, stream, bits, rng, packed=bits == 4)
     raw = [values[i].to("cpu").contiguous().reshape(-1).view(torch.uint8) for i in schema.raws]
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, bits, 0, block_size, len(schema.metadata))
-    parts = [scales, packed, *raw]
+    parts = [scales, levels, *raw]
     return b"".join([header, schema.metadata, schema.padding, *(p.numpy() for p in parts)])
 
 

@@ -184,24 +184,25 @@ def test_floats_decode_as_their_joint_stream(
 
 
 @contextlib.contextmanager
-def small_slabs(chunk: int) -> Iterator[None]:
+def small_slabs(chunk: int, direct_min: int) -> Iterator[None]:
     """Shrink the codec's working slabs, so small inputs cross slab boundaries and take both
-    the in-place and the gathered path (white-box: patches a private tuning constant)."""
-    saved = codecs._CHUNK
-    codecs._CHUNK = chunk
+    the in-place and the gathered path (white-box: patches private tuning constants)."""
+    saved = codecs._CHUNK, codecs._DIRECT_MIN
+    codecs._CHUNK, codecs._DIRECT_MIN = chunk, direct_min
     codecs._stream.cache_clear()
     try:
         yield
     finally:
-        codecs._CHUNK = saved
+        codecs._CHUNK, codecs._DIRECT_MIN = saved
         codecs._stream.cache_clear()
 
 
-def test_non_contiguous_inputs_encode_like_their_copies() -> None:
+@pytest.mark.parametrize("direct_min", [1, 10**9])
+def test_non_contiguous_inputs_encode_like_their_copies(direct_min: int) -> None:
     base = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
     views = {"t": base.t(), "strided": base[::3, 1::2], "flat_step": base.view(-1)[::7]}
     copies = {k: v.contiguous() for k, v in views.items()}
-    with small_slabs(64):  # in place and gathered
+    with small_slabs(64, direct_min):  # in place and gathered
         for bits in (8, 4):
             payload = encode_update(views, bits=bits, block_size=16)
             assert payload == encode_update(copies, bits=bits, block_size=16)
@@ -213,14 +214,15 @@ def test_non_contiguous_inputs_encode_like_their_copies() -> None:
     bits=bits_st,
     block_size=st.integers(1, 20),
     chunk=st.integers(1, 64),
+    direct_min=st.sampled_from([1, 8, 10**9]),
 )
 def test_slab_layout_does_not_change_results(
-    tensors: dict[str, torch.Tensor], bits: int, block_size: int, chunk: int
+    tensors: dict[str, torch.Tensor], bits: int, block_size: int, chunk: int, direct_min: int
 ) -> None:
     # Round to nearest: stochastic rounding draws its noise slab by slab.
     kwargs = {"bits": bits, "block_size": block_size}
     reference = encode_update(tensors, **kwargs)
-    with small_slabs(chunk):
+    with small_slabs(chunk, direct_min):
         payload = encode_update(tensors, **kwargs)
         decoded = decode_update(reference)
     assert payload == reference
