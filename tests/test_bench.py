@@ -20,3 +20,12 @@ def test_codec_benchmark_reports_sizes_speeds_and_errors(capsys: pytest.CaptureF
         assert run["ratio"] < 32 / run["bits"]
         assert run["copy_s"] > 0 and run["encode_vs_copy"] > 0 and run["decode_vs_copy"] > 0
     assert report["targets"]["ratio"]  # the size targets hold on every model
+    worst = max(run["encode_vs_copy"] for run in model["runs"])
+    assert report["targets"]["worst_encode_vs_copy"] == worst
+
+
+def test_codec_benchmark_prints_a_markdown_table(capsys: pytest.CaptureFixture) -> None:
+    bench.main(["codecs", "--models", "tiny28", "--repeats", "1", "--markdown"])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].startswith("| model (parameters) | bits | block |")
+    assert len(rows) == 2 + 8 and all(r.startswith("| tiny 28px (0.27 M) | int") for r in rows[2:])
