@@ -310,12 +310,15 @@ def _quantize(
         else _scratch_buffer("levels", n, torch.int8)
     )
     absmax, scales = torch.empty(stream.n_blocks), torch.empty(stream.n_blocks)
+    s_buf = torch.empty(-(-capacity // size))
     for start, length, pieces in stream.slabs:
         t = work[:length]
         for offset, x in _blocks(_slab_values(floats, pieces), size):
             b0 = start // size + offset
             rows = t[offset * size : offset * size + x.numel()].view(x.shape)
-            a = torch.amax(torch.abs(x, out=rows), dim=1, out=absmax[b0 : b0 + len(x)])
+            # max(max, -min) reads the values twice but, unlike max(abs), writes nothing.
+            a = torch.amax(x, dim=1, out=absmax[b0 : b0 + len(x)])
+            a = torch.maximum(a, torch.amin(x, dim=1, out=s_buf[: len(x)]).neg_(), out=a)
             s, divisors = _scales_from_absmax(a, bits)
             scales[b0 : b0 + len(x)] = s
             torch.div(x, divisors[:, None], out=rows)
