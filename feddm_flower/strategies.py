@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -57,7 +57,8 @@ class FedDMVanilla(FedAvg):
         self.downlink_dtype = downlink_dtype
         self.min_replies = min_replies
         self.sampled: dict[int, list[int]] = {}  # round -> nodes sent training work
-        self.sent: list[Message] = []  # this phase's messages; the grid sets their ids
+        # Metadata of this phase's messages (not their weights); the grid sets their ids.
+        self.sent: list[Metadata] = []
         self.round_offset = 0
         self.ledger = CommLedger()
         self.history: dict[int, dict[str, object]] = defaultdict(dict)
@@ -73,7 +74,7 @@ class FedDMVanilla(FedAvg):
         messages = list(super().configure_train(server_round, self._downlink(), config, grid))
         self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         self._count_down(server_round, messages)
-        self.sent = messages
+        self.sent = [m.metadata for m in messages]
         return messages
 
     def configure_evaluate(
@@ -84,7 +85,7 @@ class FedDMVanilla(FedAvg):
         self.global_state = arrays.to_torch_state_dict()
         messages = list(super().configure_evaluate(server_round, self._downlink(), config, grid))
         self._count_down(server_round, messages)
-        self.sent = messages
+        self.sent = [m.metadata for m in messages]
         return messages
 
     def state(self, completed_round: int) -> dict[str, object]:
@@ -191,7 +192,7 @@ class FedDMVanilla(FedAvg):
         in a node's place, the node the answered message went to."""
         if msg.metadata.src_node_id != SUPERLINK_NODE_ID:
             return msg.metadata.src_node_id
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
+        sent_to = {m.message_id: m.dst_node_id for m in self.sent}
         return sent_to.get(msg.metadata.reply_to_message_id, SUPERLINK_NODE_ID)
 
     def _answered(self, server_round: int, phase: str, replies: Iterable[Message]) -> list[Message]:

@@ -189,10 +189,10 @@ def test_superlink_stand_in_errors_count_the_node_as_missing() -> None:
     name the node the message went to, as missing, not as a bad reply from node 1."""
     strategy = _strategy()
     strategy.sampled[2] = [70, 80]
-    strategy.sent = [_reply(0, RecordDict()) for _ in (70, 80)]
-    for msg, node in zip(strategy.sent, (70, 80), strict=True):
-        msg.metadata.dst_node_id = node
-        msg.metadata.__dict__["_message_id"] = f"to-{node}"  # as the grid does when pushing
+    strategy.sent = [_reply(0, RecordDict()).metadata for _ in (70, 80)]
+    for metadata, node in zip(strategy.sent, (70, 80), strict=True):
+        metadata.dst_node_id = node
+        metadata.__dict__["_message_id"] = f"to-{node}"  # as the grid does when pushing
     stand_in = _reply(SUPERLINK_NODE_ID, Error(code=ErrorCode.NODE_UNAVAILABLE, reason="gone"))
     stand_in.metadata.__dict__["_reply_to_message_id"] = "to-70"
     good = _random_state(3)
