@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 STRATEGY_CELLS: dict[str, dict[str, object]] = {
     "vanilla": {"strategy": "vanilla"},
     "prox": {"strategy": "prox"},
-    "quant8": {"strategy": "quant", "quant-bits": 8},
-    "quant4": {"strategy": "quant", "quant-bits": 4},
+    "quant8": {"strategy": "quant", "uplink": "int8"},
+    "quant4": {"strategy": "quant", "uplink": "int4"},
 }
 PARTITION_CELLS: dict[str, dict[str, object]] = {
     "iid": {"partitioning": "iid"},

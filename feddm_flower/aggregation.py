@@ -1,19 +1,31 @@
-"""Server-side math on client results: reply checks and the fp32 weighted mean."""
+"""Server-side math on client contributions: checks, bounded influence, streaming weighted sum.
+
+Plain torch, no Flower: the strategy feeds it one decoded update at a time. Written here
+because no maintained library does bounded-influence streaming aggregation over state dicts.
+"""
 
 from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
 
 import torch
 
 State = dict[str, torch.Tensor]
+
+# Largest num-examples a reply may claim: every integer up to it is exact in float64, and a
+# sum of a million of them stays finite.
+MAX_EXAMPLES = 2**53
 
 
 class InvalidReply(ValueError):
     """A client reply that must not reach the global model; the message says why."""
 
 
-def check_like(tensors: State, reference: State) -> None:
+def check_like(tensors: State, reference: State, dtypes: dict[str, torch.dtype]) -> None:
     """Raise :class:`InvalidReply` unless ``tensors`` has exactly ``reference``'s names and
-    shapes and only finite values."""
+    shapes, the given ``dtypes`` and only finite values."""
     missing = sorted(reference.keys() - tensors.keys())
     extra = sorted(tensors.keys() - reference.keys())
     if missing or extra:
@@ -22,25 +34,101 @@ def check_like(tensors: State, reference: State) -> None:
         t = tensors[name]
         if t.shape != ref.shape:
             raise InvalidReply(f"{name}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        if t.dtype != dtypes[name]:
+            raise InvalidReply(f"{name}: dtype {t.dtype}, expected {dtypes[name]}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InvalidReply(f"{name}: non-finite values")
 
 
-def weighted_mean(states: list[State], weights: list[float]) -> State:
-    """Per-name mean of ``states`` weighted by ``weights``, accumulated in fp32.
+def check_examples(value: object, key: str = "num-examples") -> float:
+    """``value`` as a float if it is a finite number in (0, MAX_EXAMPLES], else InvalidReply."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidReply(f"{key}={value!r} is not a number")
+    if not 0 < value <= MAX_EXAMPLES:  # NaN fails too
+        raise InvalidReply(f"{key}={value!r} is not in (0, 2**53]")
+    return float(value)
 
-    Non-float tensors (counters) are taken from the first state.
+
+def update_norm(update: State) -> float:
+    """L2 norm over all float tensors, in float64 (fp32 squares of finite values may overflow)."""
+    total = sum(
+        float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+        for t in update.values()
+        if t.is_floating_point()
+    )
+    return math.sqrt(total)
+
+
+@dataclass
+class Contribution:
+    """One accepted reply: who sent it, its weight, its fp32 update and its update norm."""
+
+    node: int
+    weight: float
+    update: State
+    norm: float
+
+
+@dataclass(frozen=True)
+class InfluenceBound:
+    """Bounded influence of one reply, relative to the round's reference replies.
+
+    The reference is the median weight and the median update norm of the first
+    ``reference_size`` accepted replies of the round (all of them for aggregations that hold
+    every reply anyway). A contribution's weight is capped at ``weight_bound`` x the median
+    weight and its update is scaled down to at most ``norm_bound`` x the median norm; 0 turns
+    a bound off. As long as most reference replies are honest, a weighted mean of bounded
+    updates is itself no longer than ``norm_bound`` x a typical honest update, whatever the
+    other replies claim.
     """
-    if not states or len(states) != len(weights):
-        raise ValueError("need one positive weight per state, and at least one state")
-    total = float(sum(weights))
-    out: State = {}
-    for name, first in states[0].items():
-        if not first.is_floating_point():
-            out[name] = first.clone()
-            continue
-        acc = torch.zeros(first.shape, dtype=torch.float32)
-        for state, w in zip(states, weights, strict=True):
-            acc.add_(state[name].float(), alpha=w / total)
-        out[name] = acc
-    return out
+
+    norm_bound: float = 1.0
+    weight_bound: float = 4.0
+    reference_size: int = 3
+
+    def limits(self, reference: list[Contribution]) -> tuple[float, float]:
+        """(largest weight, largest update norm) for this round; ``inf`` where a bound is off."""
+        weight = statistics.median(c.weight for c in reference)
+        norm = statistics.median(c.norm for c in reference)
+        return (
+            self.weight_bound * weight if self.weight_bound else math.inf,
+            self.norm_bound * norm if self.norm_bound else math.inf,
+        )
+
+    @staticmethod
+    def apply(c: Contribution, max_weight: float, max_norm: float) -> Contribution:
+        """``c`` with its weight capped and its update scaled (in place) to the limits."""
+        if c.norm > max_norm:
+            scale = max_norm / c.norm
+            for t in c.update.values():
+                if t.is_floating_point():
+                    t.mul_(scale)
+            c.norm = max_norm
+        c.weight = min(c.weight, max_weight)
+        return c
+
+
+class RunningMean:
+    """Weighted mean of float updates, folded in one at a time (fp32 sums, float64 weights).
+
+    Memory is one fp32 copy of the float tensors, however many updates are added. Weights
+    are divided by the first weight seen before summing, so that large claimed counts cannot
+    overflow the total.
+    """
+
+    def __init__(self, like: State) -> None:
+        self.sums = {k: torch.zeros(v.shape) for k, v in like.items() if v.is_floating_point()}
+        self.total = 0.0
+        self.count = 0
+        self._unit = 0.0
+
+    def add(self, update: State, weight: float) -> None:
+        self._unit = self._unit or weight
+        w = weight / self._unit
+        for name, acc in self.sums.items():
+            acc.add_(update[name], alpha=w)
+        self.total += w
+        self.count += 1
+
+    def mean(self) -> State:
+        return {k: v / self.total for k, v in self.sums.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
 from torchvision.utils import save_image
@@ -18,6 +20,7 @@ from .latent_pipeline import LatentDDPMPipeline
 
 DEFAULT_RUNS_ROOT = Path.home() / "feddm-flower" / "runs"
 STATE_FILE = "feddm_state.json"
+OPTIMIZER_FILE = "server_optimizer.npz"  # the server optimizer's moments / momentum
 
 
 class RunDirectory:
@@ -68,9 +71,26 @@ class RunDirectory:
         save_image(images, path, nrow=math.ceil(math.sqrt(len(images))), padding=1)
         return path
 
-    def save_checkpoint(self, unet: UNet2DModel, state: dict[str, object]) -> Path:
-        """Replace ``checkpoint/`` with ``unet`` and ``state``, atomically (never half-written)."""
-        return self._save_atomic(unet, "checkpoint", {STATE_FILE: json.dumps(state)})
+    def save_checkpoint(
+        self,
+        unet: UNet2DModel,
+        state: dict[str, object],
+        optimizer: dict[str, np.ndarray] | None = None,
+    ) -> Path:
+        """Replace ``checkpoint/`` with ``unet``, ``state`` and the server ``optimizer``'s
+        arrays, atomically (never half-written)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **(optimizer or {}))
+        files = {STATE_FILE: json.dumps(state), OPTIMIZER_FILE: buffer.getvalue()}
+        return self._save_atomic(unet, "checkpoint", files)
+
+    def load_optimizer_state(self) -> dict[str, np.ndarray]:
+        """The server optimizer's arrays of the last checkpoint (empty if it kept none)."""
+        path = self._checkpoint_dir() / OPTIMIZER_FILE
+        if not path.exists():
+            return {}
+        with np.load(path) as arrays:
+            return dict(arrays)
 
     def has_checkpoint(self) -> bool:
         """Whether a completed round was checkpointed."""
@@ -117,13 +137,16 @@ class RunDirectory:
         self,
         model: UNet2DModel | DDPMPipeline | LatentDDPMPipeline,
         name: str,
-        extra_files: dict[str, str] | None = None,
+        extra_files: dict[str, str | bytes] | None = None,
     ) -> Path:
         final, tmp, old = self.path / name, self.path / f".{name}.tmp", self.path / f".{name}.old"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         for filename, content in (extra_files or {}).items():
-            (tmp / filename).write_text(content)
+            if isinstance(content, bytes):
+                (tmp / filename).write_bytes(content)
+            else:
+                (tmp / filename).write_text(content)
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)

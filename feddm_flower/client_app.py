@@ -11,13 +11,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from . import configure_logging
-from .codecs import decode_update, encode_update
 from .config import RunConfig
 from .data import IMAGE_SHAPES, ImageSet, load_client_data
 from .diffusion import denoising_loss, train_local
 from .latents import DEFAULT_LATENT_CACHE, cached_encode, model_space
 from .models import build_scheduler, build_unet, resolve_device
-from .records import payload_record
+from .records import CODEC_BITS, encode_uplink, uplink_key
 
 app = ClientApp()
 RESIDUAL_KEY = "quant-residual"  # error-feedback residual in the node's context.state
@@ -25,16 +24,17 @@ RESIDUAL_KEY = "quant-residual"  # error-feedback residual in the node's context
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global U-Net on this node's partition; reply with the weights or,
-    under FedDM-quant, with the encoded update."""
+    """Train the received global U-Net on this node's partition; reply with the weights, or
+    under an int8/int4 uplink with the encoded update."""
     cfg, pid, train_inputs, _ = _setup(context)
     config: ConfigRecord = msg.content["config"]
     server_round = int(config["server-round"])
+    uplink = str(config.get("uplink", "fp32"))
     seed = _round_seed(cfg.seed, server_round, pid)
     unet = _unet(cfg, msg)
-    quantized = "quant-bits" in config
-    # Only FedDM-quant replies with an update, so only it needs the received weights kept.
-    received = {k: v.clone() for k, v in unet.state_dict().items()} if quantized else {}
+    # The received weights: the proximal term's anchor lives in train_local; a coded uplink
+    # sends the difference from them.
+    received = {k: v.clone() for k, v in unet.state_dict().items()} if uplink in CODEC_BITS else {}
     _place(unet, cfg)
     result = train_local(
         unet,
@@ -60,11 +60,23 @@ def train(msg: Message, context: Context) -> Message:
             "train-seconds": result.seconds,
         }
     )
-    if quantized:
-        update = _encoded_update(unet.state_dict(), received, config, context, seed)
-        content = RecordDict({"update": update, "metrics": metrics})
-    else:
-        content = RecordDict({"arrays": ArrayRecord(unet.state_dict()), "metrics": metrics})
+    local = unet.state_dict()
+    feedback = bool(config.get("error-feedback", False))
+    if feedback and RESIDUAL_KEY in context.state:
+        residual = context.state[RESIDUAL_KEY].to_torch_state_dict()
+        local = {k: v + residual[k] for k, v in local.items()}
+    record, sent = encode_uplink(
+        local,
+        received,
+        uplink,
+        block_size=int(config.get("quant-block-size", 256)),
+        stochastic=bool(config.get("quant-stochastic", False)),
+        seed=seed,
+    )
+    if feedback:  # what the server did not get of this update goes into the next one
+        update = {k: local[k] - received[k] for k in local}
+        context.state[RESIDUAL_KEY] = ArrayRecord({k: v - sent[k] for k, v in update.items()})
+    content = RecordDict({uplink_key(uplink): record, "metrics": metrics})
     return Message(content, reply_to=msg)
 
 
@@ -76,32 +88,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     loss = denoising_loss(unet, build_scheduler(), eval_inputs, seed=cfg.seed)
     metrics = MetricRecord({"num-examples": len(eval_inputs), "eval-loss": loss})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-
-
-def _encoded_update(
-    local: dict[str, torch.Tensor],
-    received: dict[str, torch.Tensor],
-    config: ConfigRecord,
-    context: Context,
-    seed: int,
-) -> ArrayRecord:
-    """Quantize local − received (+ last residual under error feedback) into one payload."""
-    update = {k: local[k] - received[k] for k in local}
-    feedback = bool(config["error-feedback"])
-    if feedback and RESIDUAL_KEY in context.state:
-        residual = context.state[RESIDUAL_KEY].to_torch_state_dict()
-        update = {k: v + residual[k] for k, v in update.items()}
-    payload = encode_update(
-        update,
-        bits=int(config["quant-bits"]),
-        block_size=int(config["quant-block-size"]),
-        stochastic=bool(config["quant-stochastic"]),
-        seed=seed,
-    )
-    if feedback:
-        sent = decode_update(payload)
-        context.state[RESIDUAL_KEY] = ArrayRecord({k: v - sent[k] for k, v in update.items()})
-    return payload_record(payload)
 
 
 def _setup(context: Context) -> tuple[RunConfig, int, torch.Tensor, torch.Tensor]:

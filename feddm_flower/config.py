@@ -31,6 +31,14 @@ def _fraction(v: float) -> str | None:
     return None if 0 < v < 1 else "strictly between 0 and 1"
 
 
+def _in_unit(v: float) -> str | None:
+    return None if 0 <= v < 1 else "in [0, 1)"
+
+
+def _below_half(v: float) -> str | None:
+    return None if 0 <= v < 0.5 else "in [0, 0.5)"
+
+
 def _unit_interval(v: float) -> str | None:
     return None if 0 < v <= 1 else "in (0, 1]"
 
@@ -47,7 +55,18 @@ def _key(default: Value, check: Check = _any, help: str = "") -> Any:
     return field(default=default, metadata={"check": check, "help": help})
 
 
-STRATEGIES = ("vanilla", "prox", "quant")
+STRATEGIES = ("custom", "vanilla", "prox", "quant")
+UPLINKS = ("fp32", "fp16", "int8", "int4")
+SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")
+# What each shortcut sets: a key at its default takes the shortcut's value; a key set to
+# anything else that the shortcut does not allow is a ConfigError naming both.
+SHORTCUTS: dict[str, dict[str, tuple[Value, tuple[Value, ...]]]] = {
+    # key: (value when left at its default, values allowed)
+    "vanilla": {"proximal-mu": (0.0, (0.0,)), "uplink": ("fp32", ("fp32",))},
+    "prox": {"proximal-mu": (0.01, ()), "uplink": ("fp32", ("fp32",))},
+    "quant": {"proximal-mu": (0.0, (0.0,)), "uplink": ("int8", ("int8", "int4"))},
+}
 PARTITIONINGS = ("iid", "dirichlet", "shards", "quantity")
 DATASETS = ("fashion-mnist", "cifar10", "celeba", "lsun-church")
 PRESETS = ("tiny", "paper")
@@ -67,18 +86,29 @@ CELEBA_ATTRIBUTES = (
 class RunConfig:
     """Typed view of ``[tool.flwr.app.config]``; field ``foo_bar`` is run-config key ``foo-bar``."""
 
-    strategy: str = _key("vanilla", _one_of(*STRATEGIES), "federated strategy")
+    strategy: str = _key(
+        "custom", _one_of(*STRATEGIES), "'custom' (the keys below decide) or a preset shortcut"
+    )
     num_server_rounds: int = _key(6, _at_least(1), "federated rounds")
     fraction_train: float = _key(1.0, _unit_interval, "fraction of nodes sampled to train")
     fraction_evaluate: float = _key(1.0, _unit_interval, "fraction of nodes sampled to evaluate")
     min_nodes: int = _key(2, _at_least(1), "nodes that must be connected and replying")
     min_replies: int = _key(1, _at_least(1), "accepted training replies needed to update")
     round_timeout: float = _key(86400.0, _positive, "seconds to wait for replies per round")
-    proximal_mu: float = _key(0.01, _at_least(0.0), "prox: weight of (mu/2)·||w - w_global||²")
-    quant_bits: int = _key(8, _one_of(8, 4), "quant: bits per update value")
-    quant_block_size: int = _key(256, _at_least(1), "quant: values per absmax scale")
-    quant_stochastic: bool = _key(False, help="quant: unbiased seeded stochastic rounding")
-    error_feedback: bool = _key(False, help="quant: clients carry their residual to next round")
+    proximal_mu: float = _key(0.0, _at_least(0.0), "weight of (mu/2)·||w - w_global||²; 0 = off")
+    uplink: str = _key("fp32", _one_of(*UPLINKS), "what clients send: weights or coded update")
+    quant_block_size: int = _key(256, _at_least(1), "int8/int4 uplink: values per absmax scale")
+    quant_stochastic: bool = _key(False, help="int8/int4 uplink: unbiased stochastic rounding")
+    error_feedback: bool = _key(False, help="int8/int4 uplink: clients carry their residual")
+    server_optimizer: str = _key("none", _one_of(*SERVER_OPTIMIZERS), "Flower server optimizer")
+    server_lr: float = _key(0.0, _at_least(0.0), "server learning rate; 0 = optimizer's default")
+    server_momentum: float = _key(0.9, _in_unit, "fedavgm momentum; beta_1 of fedadam/fedyogi")
+    server_beta2: float = _key(0.99, _in_unit, "beta_2 of fedadam/fedyogi")
+    server_tau: float = _key(1e-3, _positive, "adaptivity tau of fedadam/fedyogi/fedadagrad")
+    aggregation: str = _key("mean", _one_of(*AGGREGATIONS), "how accepted replies combine")
+    trim_fraction: float = _key(0.25, _below_half, "trimmed-mean: share cut at each end")
+    norm_bound: float = _key(1.0, _at_least(0.0), "update norm cap, x round median; 0 = off")
+    weight_bound: float = _key(4.0, _at_least(0.0), "num-examples cap, x round median; 0 = off")
     downlink_dtype: str = _key("fp32", _one_of("fp32", "fp16"), "dtype of weights sent down")
     dataset: str = _key("fashion-mnist", _one_of(*DATASETS), "training data")
     data_root: str = _key("", help="dataset directory; '' = ~/.cache/feddm-flower/data")
@@ -133,11 +163,42 @@ class RunConfig:
             if allowed is not None:
                 raise ConfigError(f"run-config {key}={value!r} is invalid: allowed is {allowed}")
             values[f.name] = value
-        return cls(**values)
+        return _apply_shortcut(cls(**values))
+
+    @property
+    def label(self) -> str:
+        """Short name of the combination, for logs, metrics and run directories."""
+        if self.strategy != "custom":
+            return self.strategy
+        parts = [
+            f"prox{self.proximal_mu:g}" if self.proximal_mu else "",
+            self.uplink if self.uplink != "fp32" else "",
+            self.server_optimizer if self.server_optimizer != "none" else "",
+            self.aggregation if self.aggregation != "mean" else "",
+        ]
+        return "-".join(p for p in parts if p) or "vanilla"
 
     def to_dict(self) -> dict[str, Value]:
         """Dashed-key dict, as written to ``run_config.json`` and accepted by ``from_mapping``."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+
+def _apply_shortcut(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the keys its ``strategy`` shortcut sets (see SHORTCUTS)."""
+    defaults = RunConfig.__dataclass_fields__
+    changes = {}
+    for key, (value, allowed) in SHORTCUTS.get(cfg.strategy, {}).items():
+        name = key.replace("-", "_")
+        given = getattr(cfg, name)
+        if given == defaults[name].default:
+            changes[name] = value
+        elif allowed and given not in allowed:
+            raise ConfigError(
+                f"run-config strategy={cfg.strategy!r} contradicts {key}={given!r}: "
+                f"{cfg.strategy} allows {key} in {list(allowed)}; use strategy='custom' to "
+                "combine freely"
+            )
+    return dataclasses.replace(cfg, **changes)
 
 
 def _coerce(key: str, value: Any, kind: type) -> Value:

@@ -1,12 +1,23 @@
-"""Conversions between Flower records and plain tensors/bytes, shared by both apps."""
+"""Conversions between Flower records and plain tensors/bytes, shared by both apps.
+
+The uplink is what a client sends back after training: its weights as an ArrayRecord
+``arrays`` (``fp32`` or ``fp16``), or under a codec (``int8``, ``int4``) its quantized update
+(local - received weights) as one payload in an ArrayRecord ``update``.
+"""
 
 from __future__ import annotations
 
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from .aggregation import InvalidReply, State, check_like
+from .codecs import CodecError, decode_update, encode_update
+
 # The stype of an Array that carries a codec payload (see codecs.py) instead of a tensor.
 PAYLOAD_STYPE = "feddm.codec"
+UPLINKS = ("fp32", "fp16", "int8", "int4")
+CODEC_BITS = {"int8": 8, "int4": 4}
+_FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def message_bytes(content: RecordDict) -> int:
@@ -19,9 +30,9 @@ def array_bytes(content: RecordDict) -> int:
     return sum(record.count_bytes() for record in content.array_records.values())
 
 
-def to_record(state: dict[str, torch.Tensor], dtype: str = "fp32") -> ArrayRecord:
+def to_record(state: State, dtype: str = "fp32") -> ArrayRecord:
     """A state dict as an ArrayRecord, float tensors cast to ``dtype`` ('fp32' or 'fp16')."""
-    cast = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    cast = _FLOAT_DTYPES[dtype]
     return ArrayRecord({k: (v.to(cast) if v.is_floating_point() else v) for k, v in state.items()})
 
 
@@ -39,3 +50,61 @@ def payload_from(record: object) -> bytes:
     if array.stype != PAYLOAD_STYPE:
         raise ValueError(f"payload stype {array.stype!r}, expected {PAYLOAD_STYPE!r}")
     return bytes(array.data)
+
+
+def uplink_key(uplink: str) -> str:
+    """Name of the ArrayRecord that carries the model contribution under ``uplink``."""
+    return "update" if uplink in CODEC_BITS else "arrays"
+
+
+def encode_uplink(
+    local: State,
+    received: State,
+    uplink: str,
+    *,
+    block_size: int = 256,
+    stochastic: bool = False,
+    seed: int | None = None,
+) -> tuple[ArrayRecord, State]:
+    """The reply record for ``uplink`` and the update as the server will decode it (for a
+    codec: what the client keeps its error-feedback residual against; else empty)."""
+    if uplink not in CODEC_BITS:
+        return to_record(local, uplink), {}
+    update = {k: local[k] - received[k] for k in local}
+    payload = encode_update(
+        update, bits=CODEC_BITS[uplink], block_size=block_size, stochastic=stochastic, seed=seed
+    )
+    return payload_record(payload), decode_update(payload)
+
+
+def decode_uplink(record: object, uplink: str, global_state: State) -> State:
+    """The fp32 update (contribution - global) a reply's record carries under ``uplink``.
+
+    Checks names, shapes, dtypes (those the uplink sends) and finiteness, before and after
+    the subtraction; raises :class:`InvalidReply` with the reason.
+    """
+    if uplink in CODEC_BITS:
+        try:
+            expected = {k: (tuple(v.shape), v.dtype) for k, v in global_state.items()}
+            update = decode_update(payload_from(record), expected)
+        except (ValueError, CodecError) as exc:
+            raise InvalidReply(f"update: {exc}") from exc
+        # Floats decode as float32 within the scales' range: finite. Non-float tensors
+        # are not aggregated (the global model keeps its own).
+        return {k: v for k, v in update.items() if global_state[k].is_floating_point()}
+    if not isinstance(record, ArrayRecord):
+        raise InvalidReply("no ArrayRecord 'arrays'")
+    try:
+        weights = record.to_torch_state_dict()
+    except Exception as exc:  # any undecodable Array is the client's fault
+        raise InvalidReply(f"arrays do not decode: {exc}") from exc
+    cast = _FLOAT_DTYPES[uplink]
+    dtypes = {k: cast if v.is_floating_point() else v.dtype for k, v in global_state.items()}
+    check_like(weights, global_state, dtypes)
+    update = {}
+    for name, g in global_state.items():
+        if g.is_floating_point():
+            update[name] = weights[name].float().sub_(g)
+            if not torch.isfinite(update[name]).all():
+                raise InvalidReply(f"{name}: update overflows float32")
+    return update

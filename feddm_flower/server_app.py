@@ -12,8 +12,20 @@ import torch
 from diffusers import AutoencoderKL, UNet2DModel
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
 
 from . import configure_logging
+from .aggregation import InfluenceBound
 from .artifacts import RunDirectory
 from .config import RunConfig
 from .data import IMAGE_SHAPES, load_dataset
@@ -21,7 +33,7 @@ from .diffusion import sample
 from .fid import fid_kid, real_stats_name
 from .latents import model_space
 from .models import build_scheduler, build_unet, count_parameters, resolve_device
-from .strategies import FedDMProx, FedDMQuant, FedDMVanilla
+from .strategies import FedDMStrategy
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -36,11 +48,11 @@ def main(grid: Grid, context: Context) -> None:
         run = RunDirectory(Path(cfg.resume).expanduser().resolve())
         cfg = _resumed_config(cfg, run)
     else:
-        run = RunDirectory.create(cfg.output_dir, cfg.strategy)
+        run = RunDirectory.create(cfg.output_dir, cfg.label)
     vae, channels, size = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
     unet, state = _starting_point(cfg, run, channels, size, latent=vae is not None)
     run.write_config(cfg.to_dict())
-    log.info("FedDM run (%s) writing to %s", cfg.strategy, run.path)
+    log.info("FedDM run (%s) writing to %s", cfg.label, run.path)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     log.info(
         "Model: %s U-Net on %s, %d parameters",
@@ -57,14 +69,14 @@ def main(grid: Grid, context: Context) -> None:
         )
     strategy = build_strategy(cfg)
     if state is not None:
-        strategy.restore(state)
-        log.info("Resuming after round %d of %d", strategy.round_offset, cfg.num_server_rounds)
+        strategy.restore(state, run.load_optimizer_state())
+        log.info("Resuming after round %d of %d", state["round"], cfg.num_server_rounds)
     initial_arrays = ArrayRecord(unet.state_dict())  # before the reporter moves it to a GPU
     reporter = RoundReporter(cfg, run, strategy, unet, vae)
     result = strategy.start(
         grid=grid,
         initial_arrays=initial_arrays,
-        num_rounds=max(cfg.num_server_rounds - strategy.round_offset, 0),
+        num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
         evaluate_fn=reporter,
     )
@@ -117,28 +129,59 @@ def _resumed_config(given: RunConfig, run: RunDirectory) -> RunConfig:
     return replace(saved, num_server_rounds=given.num_server_rounds, resume=given.resume)
 
 
-def build_strategy(cfg: RunConfig) -> FedDMVanilla:
-    """The strategy named by run-config ``strategy``, with its keys from the run config."""
-    common = {
-        "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": cfg.fraction_evaluate,
-        "min_train_nodes": cfg.min_nodes,
-        "min_evaluate_nodes": cfg.min_nodes,
-        "min_available_nodes": cfg.min_nodes,
-        "downlink_dtype": cfg.downlink_dtype,
-        "min_replies": cfg.min_replies,
+# The server learning rate "0" means: Flower's 1.0 for FedAvgM (a plain FedAvg step), and
+# 0.01 for the adaptive optimizers, whose step moves every weight by about eta per round
+# (Flower's default 0.1 is far more than a round of local diffusion training moves one).
+ADAPTIVE_DEFAULT_LR = 0.01
+
+
+def build_strategy(cfg: RunConfig) -> FedDMStrategy:
+    """The FedDM strategy for the run config: Flower's server optimizer and aggregation rule,
+    wrapped with this combination's uplink, downlink, proximal term and bounds."""
+    codec = {
+        "quant-block-size": cfg.quant_block_size,
+        "quant-stochastic": cfg.quant_stochastic,
+        "error-feedback": cfg.error_feedback,
     }
-    if cfg.strategy == "prox":
-        return FedDMProx(proximal_mu=cfg.proximal_mu, **common)
-    if cfg.strategy == "quant":
-        return FedDMQuant(
-            bits=cfg.quant_bits,
-            block_size=cfg.quant_block_size,
-            stochastic=cfg.quant_stochastic,
-            error_feedback=cfg.error_feedback,
-            **common,
-        )
-    return FedDMVanilla(**common)
+    return FedDMStrategy(
+        optimizer=build_optimizer(cfg),
+        aggregator=build_aggregator(cfg),
+        proximal_mu=cfg.proximal_mu,
+        uplink=cfg.uplink,
+        downlink_dtype=cfg.downlink_dtype,
+        codec=codec if cfg.uplink in ("int8", "int4") else {},
+        bound=InfluenceBound(norm_bound=cfg.norm_bound, weight_bound=cfg.weight_bound),
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_nodes=cfg.min_nodes,
+        min_replies=cfg.min_replies,
+        seed=cfg.seed,
+    )
+
+
+def build_optimizer(cfg: RunConfig) -> FedAvg:
+    """Flower's server optimizer named by ``server-optimizer``, with its keys."""
+    name = cfg.server_optimizer
+    if name == "none":
+        return FedAvg()
+    if name == "fedavgm":
+        lr = cfg.server_lr or 1.0
+        return FedAvgM(server_learning_rate=lr, server_momentum=cfg.server_momentum)
+    lr, tau = cfg.server_lr or ADAPTIVE_DEFAULT_LR, cfg.server_tau
+    if name == "fedadagrad":
+        return FedAdagrad(eta=lr, tau=tau)
+    kind = {"fedadam": FedAdam, "fedyogi": FedYogi}[name]
+    return kind(eta=lr, beta_1=cfg.server_momentum, beta_2=cfg.server_beta2, tau=tau)
+
+
+def build_aggregator(cfg: RunConfig) -> Strategy | None:
+    """Flower's rule for ``aggregation``; None for the streamed weighted ``mean``."""
+    return {
+        "mean": lambda: None,
+        "median": FedMedian,
+        "trimmed-mean": lambda: FedTrimmedAvg(beta=cfg.trim_fraction),
+        "krum": Krum,
+    }[cfg.aggregation]()
 
 
 class RoundReporter:
@@ -148,7 +191,7 @@ class RoundReporter:
         self,
         cfg: RunConfig,
         run: RunDirectory,
-        strategy: FedDMVanilla,
+        strategy: FedDMStrategy,
         unet: UNet2DModel,
         vae: AutoencoderKL | None = None,
     ) -> None:
@@ -160,9 +203,6 @@ class RoundReporter:
         self.start = self.round_start = time.perf_counter()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0 and self.strategy.round_offset:
-            return None  # resumed: the start of this session is an already reported round
-        server_round += self.strategy.round_offset
         self.unet.load_state_dict(arrays.to_torch_state_dict())
         images = self._sample(self.cfg.grid_samples, seed=self.cfg.seed)
         grid_path = self.run.save_grid(images, server_round)
@@ -172,7 +212,7 @@ class RoundReporter:
         now = time.perf_counter()
         record = {
             "round": server_round,
-            "strategy": self.cfg.strategy,
+            "strategy": self.cfg.label,
             **self.strategy.history.get(server_round, {}),
             **self.strategy.ledger.round_summary(server_round),
             "round-seconds": round(now - self.round_start, 3),
@@ -183,7 +223,9 @@ class RoundReporter:
         self.round_start = now
         # Metrics first, then the checkpoint: a crash in between is undone by truncate_metrics.
         self.run.append_metrics(record)
-        self.run.save_checkpoint(self.unet, self.strategy.state(server_round))
+        self.run.save_checkpoint(
+            self.unet, self.strategy.state(server_round), self.strategy.optimizer_state()
+        )
         log.info(
             "Round %d: train-loss %s, eval-loss %s, %d B down, %d B up, %.1f s",
             server_round,

@@ -1,191 +1,424 @@
-"""FedDM strategies: Flower Message-API strategies over diffusion U-Net weights.
+"""FedDM strategy: one Flower strategy that wraps Flower's own, as its DP strategies do.
 
-``FedDMVanilla`` is FedAvg; ``FedDMProx`` also sends ``proximal-mu`` for the clients' proximal
-term; ``FedDMQuant`` receives quantized weight *updates*. All three check every reply on its
-own (a bad one is logged and dropped, the rest are aggregated) and account their traffic.
+``FedDMStrategy`` owns what is FedDM's: the downlink and uplink codecs, the reply guard,
+bounded influence, streaming aggregation, traffic accounting, seeded node sampling and the
+state a resumed run needs. What Flower already has it delegates: the server optimizer is a
+Flower ``FedAvg``/``FedAvgM``/``FedAdam``/``FedYogi``/``FedAdagrad`` and a robust aggregation a
+Flower ``FedMedian``/``FedTrimmedAvg``/``Krum``; they receive decoded fp32 weights in the
+record layout they expect. ``FedDMVanilla``, ``FedDMProx`` and ``FedDMQuant`` are presets.
+
+One training round::
+
+    configure_train   seeded sample; downlink weights + config (proximal-mu, uplink)
+    _replies          push, then pull one reply at a time as it arrives (no round-sized list)
+    aggregate_train   guard each reply -> fp32 update -> bounded influence ->
+                      mean: folded into a running sum and dropped | robust rule: held
+                      -> aggregation rule -> server optimizer -> finite check -> new global
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Krum, Result, Strategy
 from flwr.supercore import log
 
 from .accounting import CommLedger
-from .aggregation import InvalidReply, State, check_like, weighted_mean
-from .codecs import CodecError, decode_update
-from .records import array_bytes, message_bytes, payload_from, to_record
+from .aggregation import (
+    Contribution,
+    InfluenceBound,
+    InvalidReply,
+    RunningMean,
+    State,
+    check_examples,
+    update_norm,
+)
+from .records import array_bytes, decode_uplink, message_bytes, to_record, uplink_key
+
+TRAIN_METRICS = ("train-loss", "train-steps", "train-seconds")
+EVAL_METRICS = ("eval-loss",)
+WEIGHT_KEY = "num-examples"
+# Public state attributes of Flower's server optimizers that a resumed run must restore.
+OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
 
 
-class FedDMVanilla(FedAvg):
-    """FedAvg over U-Net weights (FedDM-vanilla), with reply checks and traffic accounting.
+class FedDMStrategy(Strategy):
+    """Federated diffusion training over any Flower server optimizer and aggregation rule.
 
-    Each training reply must carry an ArrayRecord ``arrays`` with exactly the global model's
-    tensor names and shapes, all finite, and a MetricRecord ``metrics`` with a positive
-    ``num-examples``. Replies that do not are logged with the node id and the reason and left
-    out; with none left, the global model stays as it was. The accepted weights are averaged in
-    fp32, weighted by ``num-examples``.
-
-    Every message is counted in ``self.ledger`` (actual bytes and fp32-FedAvg bytes); the
-    aggregated client metrics of each round are kept in ``self.history[round]``. A resumed run
-    sets ``round_offset`` to the rounds already done, so that Flower's round 1 is round k+1
-    everywhere (messages, ledger, history).
+    Every training reply is checked on its own (:meth:`contribution`): exactly the records
+    ``<uplink record>`` and ``metrics``; one MetricRecord whose ``num-examples`` is a finite
+    number in (0, 2**53] and whose aggregated keys are finite numbers (other keys ignored);
+    tensors with the global model's names and shapes, the uplink's dtypes, finite values. A
+    reply that fails is logged with its node and reason, listed under ``rejected`` in the
+    round's history, and left out. Accepted updates are bounded (``bound``), combined, passed
+    through the optimizer, and the result is accepted only if it is finite.
 
     Parameters
     ----------
-    downlink_dtype : str (default: "fp32")
-        Dtype of the float weights sent to clients: "fp32" or "fp16".
-    min_replies : int (default: 1)
-        Fewest accepted training replies that update the global model; with fewer, the round
-        leaves it unchanged. Nodes that were sent work but never replied (dead, timed out, or
-        reported unavailable by the SuperLink) are logged and listed under ``missing`` in the
-        round's history.
-    **kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+    optimizer : FedAvg, optional
+        Flower server optimizer (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad). It sees one
+        reply per round, the aggregate; its own node sampling is switched off. Default FedAvg.
+    aggregator : Strategy, optional
+        Flower rule that needs every reply at once (FedMedian, FedTrimmedAvg, Krum); None
+        streams a weighted mean instead, holding no reply longer than it takes to add it.
+    proximal_mu : float
+        Sent to clients, who add (mu/2)·‖w − w_global‖² to their loss; 0 turns it off.
+    uplink : str
+        "fp32"/"fp16" weights, or "int8"/"int4" block-quantized updates.
+    downlink_dtype : str
+        "fp32" or "fp16" weights sent to clients.
+    codec : dict, optional
+        ``quant-block-size``, ``quant-stochastic``, ``error-feedback`` for int uplinks.
+    bound : InfluenceBound
+        Caps on each reply's weight and update norm, relative to the round's reference.
+    fraction_train, fraction_evaluate, min_nodes, min_replies, seed
+        Nodes are drawn from the sorted node ids with ``random.Random(f"{seed}/{round}/...")``;
+        at least ``min_nodes`` are sampled; fewer than ``min_replies`` accepted training
+        replies leave the global model unchanged.
     """
 
     def __init__(
-        self, *, downlink_dtype: str = "fp32", min_replies: int = 1, **kwargs: object
+        self,
+        *,
+        optimizer: FedAvg | None = None,
+        aggregator: Strategy | None = None,
+        proximal_mu: float = 0.0,
+        uplink: str = "fp32",
+        downlink_dtype: str = "fp32",
+        codec: dict[str, int | bool] | None = None,
+        bound: InfluenceBound | None = None,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_nodes: int = 2,
+        min_replies: int = 1,
+        seed: int = 0,
+        poll_interval: float = 0.5,
     ) -> None:
-        super().__init__(**kwargs)
-        self.downlink_dtype = downlink_dtype
-        self.min_replies = min_replies
+        self.optimizer = optimizer or FedAvg()
+        # This strategy samples the nodes (seeded); the optimizer only keeps its own state.
+        self.optimizer.fraction_train = self.optimizer.fraction_evaluate = 0.0
+        self.aggregator = aggregator
+        self.proximal_mu, self.uplink, self.downlink_dtype = proximal_mu, uplink, downlink_dtype
+        self.codec = dict(codec or {})
+        self.bound = bound or InfluenceBound()
+        if aggregator is not None:  # the rule holds every reply anyway: reference = all
+            self.bound = InfluenceBound(self.bound.norm_bound, self.bound.weight_bound, 0)
+        self.fraction_train, self.fraction_evaluate = fraction_train, fraction_evaluate
+        self.min_nodes, self.min_replies, self.seed = min_nodes, min_replies, seed
+        self.poll_interval = poll_interval
+        self.first_round = 1
         self.sampled: dict[int, list[int]] = {}  # round -> nodes sent training work
-        # Metadata of this phase's messages (not their weights); the grid sets their ids.
-        self.sent: list[Metadata] = []
-        self.round_offset = 0
+        self.sent: list[Metadata] = []  # this phase's messages (ids, destinations), no weights
         self.ledger = CommLedger()
         self.history: dict[int, dict[str, object]] = defaultdict(dict)
         self.global_state: State = {}
 
+    def summary(self) -> None:
+        """Log the combination this strategy runs."""
+        log(INFO, "\t├──> FedDM: uplink %s, downlink %s, proximal-mu %g",
+            self.uplink, self.downlink_dtype, self.proximal_mu)  # fmt: skip
+        rule = type(self.aggregator).__name__ if self.aggregator else "weighted mean (streamed)"
+        log(INFO, "\t├──> optimizer %s, aggregation %s", type(self.optimizer).__name__, rule)
+        log(INFO, "\t└──> bounds: update norm %gx, num-examples %gx the round's median (0 = off)",
+            self.bound.norm_bound, self.bound.weight_bound)  # fmt: skip
+
+    # ----------------------------------------------------------------------------- rounds
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn=None,
+    ) -> Result:
+        """Flower's round loop, from round ``self.first_round`` (after :meth:`restore`) to
+        ``num_rounds``, with replies folded in as they arrive instead of gathered first."""
+        log(INFO, "Starting %s, rounds %d to %d:", type(self).__name__, self.first_round,
+            num_rounds)  # fmt: skip
+        self.summary()
+        result, arrays = Result(), initial_arrays
+        if evaluate_fn and self.first_round == 1:
+            evaluate_fn(0, arrays)
+        for rnd in range(self.first_round, num_rounds + 1):
+            log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
+            config = ConfigRecord(dict(train_config or {}))
+            messages = self.configure_train(rnd, arrays, config, grid)
+            new_arrays, metrics = self.aggregate_train(rnd, self._replies(grid, messages, timeout))
+            if new_arrays is not None:
+                result.arrays = arrays = new_arrays
+            if metrics is not None:
+                result.train_metrics_clientapp[rnd] = metrics
+            config = ConfigRecord(dict(evaluate_config or {}))
+            messages = self.configure_evaluate(rnd, arrays, config, grid)
+            metrics = self.aggregate_evaluate(rnd, self._replies(grid, messages, timeout))
+            if metrics is not None:
+                result.evaluate_metrics_clientapp[rnd] = metrics
+            if evaluate_fn:
+                evaluate_fn(rnd, arrays)
+        return result
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """FedAvg's train messages with this strategy's config, counted as downlink."""
-        server_round += self.round_offset
+    ) -> list[Message]:
+        """The global weights (downlink dtype) and this combination's client config, to a
+        seeded sample of nodes; counted as downlink."""
         self.global_state = arrays.to_torch_state_dict()
-        self.train_config(config)
-        messages = list(super().configure_train(server_round, self._downlink(), config, grid))
-        self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
-        self._count_down(server_round, messages)
-        self.sent = [m.metadata for m in messages]
-        return messages
+        self.optimizer.configure_train(server_round, arrays, config, grid)  # remembers arrays
+        config["proximal-mu"] = self.proximal_mu
+        config["uplink"] = self.uplink
+        for key, value in self.codec.items():
+            config[key] = value
+        nodes = self._sample(grid, server_round, "train", self.fraction_train)
+        self.sampled[server_round] = nodes
+        self.history[server_round]["sampled-train"] = [str(n) for n in nodes]
+        return self._messages(server_round, nodes, config, MessageType.TRAIN)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """FedAvg's evaluate messages, counted as downlink."""
-        server_round += self.round_offset
+    ) -> list[Message]:
+        """The global weights to a seeded sample of nodes for evaluation."""
         self.global_state = arrays.to_torch_state_dict()
-        messages = list(super().configure_evaluate(server_round, self._downlink(), config, grid))
-        self._count_down(server_round, messages)
-        self.sent = [m.metadata for m in messages]
-        return messages
+        nodes = self._sample(grid, server_round, "evaluate", self.fraction_evaluate)
+        return self._messages(server_round, nodes, config, MessageType.EVALUATE)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Guard, bound and combine the replies, then take the optimizer's step."""
+        reference: list[tuple[Contribution, dict[str, float]]] = []
+        limits: tuple[float, float] | None = None
+        mean = RunningMean(self.global_state) if self.aggregator is None else None
+        held: list[Contribution] = []
+        records: list[RecordDict] = []
+
+        def fold(c: Contribution, metrics: dict[str, float]) -> None:
+            c = InfluenceBound.apply(c, *limits)
+            records.append(RecordDict({"metrics": MetricRecord({**metrics, WEIGHT_KEY: c.weight})}))
+            if mean is not None:
+                mean.add(c.update, c.weight)
+            else:
+                held.append(c)
+
+        replied: set[int] = set()
+        for msg in replies:
+            node = self._node(msg)
+            if self._stand_in(server_round, "training", msg):
+                continue
+            replied.add(node)
+            self._count_up(server_round, msg)
+            try:
+                c, metrics = self.contribution(msg, node)
+            except InvalidReply as exc:
+                self._reject(server_round, "train", node, str(exc))
+                continue
+            if limits is not None:
+                fold(c, metrics)
+                continue
+            reference.append((c, metrics))
+            if len(reference) == self.bound.reference_size:
+                limits = self.bound.limits([c for c, _ in reference])
+                for c, metrics in reference:
+                    fold(c, metrics)
+                reference.clear()
+        if reference:
+            limits = self.bound.limits([c for c, _ in reference])
+            for c, metrics in reference:
+                fold(c, metrics)
+            reference.clear()
+        self._note_missing(server_round, replied)
+        log(INFO, "Round %d: %d training replies accepted", server_round, len(records))
+        if len(records) < self.min_replies:
+            log(WARNING, "Round %d: %d valid training replies, fewer than min-replies=%d; "
+                "global model unchanged", server_round, len(records), self.min_replies)  # fmt: skip
+            return None, None
+        candidate = self._combine(server_round, mean, held)
+        new_state = self._step(server_round, candidate)
+        if new_state is None:
+            return None, None
+        metrics = self.optimizer.train_metrics_aggr_fn(records, WEIGHT_KEY)
+        self._remember(server_round, "train", metrics)
+        return ArrayRecord(new_state), metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Weighted mean of the evaluation metrics of the replies that pass the guard."""
+        records = []
+        for msg in replies:
+            node = self._node(msg)
+            if self._stand_in(server_round, "evaluate", msg):
+                continue
+            self._count_up(server_round, msg)
+            try:
+                self._check_records(msg, {"metrics"})
+                weight, metrics = self._metrics(msg.content, EVAL_METRICS)
+            except InvalidReply as exc:
+                self._reject(server_round, "evaluate", node, str(exc))
+                continue
+            records.append(RecordDict({"metrics": MetricRecord({**metrics, WEIGHT_KEY: weight})}))
+        if not records:
+            return None
+        metrics = self.optimizer.evaluate_metrics_aggr_fn(records, WEIGHT_KEY)
+        self._remember(server_round, "eval", metrics)
+        return metrics
+
+    # ---------------------------------------------------------------------------- the guard
+
+    def contribution(self, msg: Message, node: int) -> tuple[Contribution, dict[str, float]]:
+        """A training reply as (fp32 update with its weight and norm, aggregated metrics);
+        :class:`InvalidReply` with the reason if any part of it is unusable."""
+        key = uplink_key(self.uplink)
+        self._check_records(msg, {key, "metrics"})
+        weight, metrics = self._metrics(msg.content, TRAIN_METRICS)
+        update = decode_uplink(msg.content[key], self.uplink, self.global_state)
+        return Contribution(node, weight, update, update_norm(update)), metrics
+
+    @staticmethod
+    def _check_records(msg: Message, expected: set[str]) -> None:
+        if msg.has_error():
+            raise InvalidReply(f"client error: {msg.error.reason}")
+        names = set(msg.content.keys())
+        if names != expected:
+            raise InvalidReply(f"records {sorted(names)}, expected {sorted(expected)}")
+        if len(msg.content.metric_records) != 1:
+            raise InvalidReply("expected exactly one MetricRecord, named 'metrics'")
+
+    @staticmethod
+    def _metrics(content: RecordDict, keys: tuple[str, ...]) -> tuple[float, dict[str, float]]:
+        record = content.metric_records.get("metrics")
+        if record is None:
+            raise InvalidReply("no MetricRecord 'metrics'")
+        weight = check_examples(record.get(WEIGHT_KEY))
+        metrics = {}
+        for key in keys:
+            value = record.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidReply(f"metric {key}={value!r} is missing or not a number")
+            if not np.isfinite(value):
+                raise InvalidReply(f"metric {key}={value!r} is not finite")
+            metrics[key] = float(value)
+        return weight, metrics
+
+    # -------------------------------------------------------------- combine and optimize
+
+    def _combine(self, server_round: int, mean: RunningMean | None, held: list[Contribution]):
+        """The aggregate weights: global + weighted mean update, or the Flower rule's pick."""
+        if mean is not None:
+            return self._weights(mean.mean())
+        if isinstance(self.aggregator, Krum):  # Krum needs n > 2f + 2
+            self.aggregator.num_malicious_nodes = max(0, (len(held) - 3) // 2)
+        replies = [_as_reply(self._weights(c.update), c.weight) for c in held]
+        held.clear()
+        arrays, _ = self.aggregator.aggregate_train(server_round, replies)
+        return arrays.to_torch_state_dict()
+
+    def _weights(self, update: State) -> State:
+        """Global weights plus ``update`` (float tensors); other tensors stay the global's."""
+        return {k: (g + update[k] if g.is_floating_point() else g)
+                for k, g in self.global_state.items()}  # fmt: skip
+
+    def _step(self, server_round: int, candidate: State) -> State | None:
+        """The optimizer's new global weights from the aggregate, if finite; else None."""
+        arrays, _ = self.optimizer.aggregate_train(server_round, [_as_reply(candidate, 1.0)])
+        new = {}
+        for name, value in arrays.to_torch_state_dict().items():
+            g = self.global_state[name]
+            new[name] = value.to(g.dtype)
+            if value.shape != g.shape or (g.is_floating_point() and not new[name].isfinite().all()):
+                reason = f"{name}: the new global model is not finite (or misshapen)"
+                log(WARNING, "Round %d: %s; global model unchanged", server_round, reason)
+                self.history[server_round]["aggregate-rejected"] = reason
+                return None
+        return new
+
+    # ------------------------------------------------------------------ state for resume
 
     def state(self, completed_round: int) -> dict[str, object]:
-        """What a resumed run needs besides the weights: rounds done, ledger, history."""
+        """What a resumed run needs besides the weights and :meth:`optimizer_state`."""
         return {
             "round": completed_round,
             "ledger": self.ledger.to_dict(),
             "history": {str(k): v for k, v in self.history.items()},
         }
 
-    def restore(self, state: dict[str, object]) -> None:
-        """Continue after ``state["round"]`` (the inverse of :meth:`state`)."""
-        self.round_offset = int(state["round"])
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The server optimizer's moments/momentum as flat named arrays (may be empty)."""
+        out = {}
+        for attr in OPTIMIZER_STATE:
+            value = getattr(self.optimizer, attr, None)
+            items = value.items() if isinstance(value, dict) else enumerate(value or [])
+            out.update({f"{attr}/{k}": np.asarray(v) for k, v in items})
+        return out
+
+    def restore(self, state: dict[str, object], arrays: dict[str, np.ndarray]) -> None:
+        """Continue after ``state["round"]`` (the inverse of :meth:`state` and
+        :meth:`optimizer_state`)."""
+        self.first_round = int(state["round"]) + 1
         self.ledger = CommLedger.from_dict(state["ledger"])
         self.history.update({int(k): v for k, v in state["history"].items()})
+        for attr in OPTIMIZER_STATE:
+            named = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(attr + "/")}
+            if named and attr == "momentum_vector":
+                setattr(self.optimizer, attr, [named[str(i)] for i in range(len(named))])
+            elif named:
+                setattr(self.optimizer, attr, named)
 
-    def train_config(self, config: ConfigRecord) -> None:
-        """Add what clients need to know about this strategy to the train config."""
+    # -------------------------------------------------------------------------- plumbing
 
-    def decode(self, content: RecordDict) -> State:
-        """The reply's model contribution as fp32 tensors; :class:`InvalidReply` if unusable."""
-        record = content.get("arrays")
-        if not isinstance(record, ArrayRecord):
-            raise InvalidReply("no ArrayRecord 'arrays'")
-        try:
-            state = record.to_torch_state_dict()
-        except Exception as exc:  # any undecodable Array is the client's fault
-            raise InvalidReply(f"arrays do not decode: {exc}") from exc
-        check_like(state, self.global_state)
-        return state
+    def _sample(self, grid: Grid, server_round: int, phase: str, fraction: float) -> list[int]:
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_nodes:
+            log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), self.min_nodes)
+            time.sleep(1)
+        size = min(len(nodes), max(int(len(nodes) * fraction), self.min_nodes))
+        rng = random.Random(f"{self.seed}/{server_round}/{phase}")
+        return sorted(rng.sample(nodes, size))
 
-    def apply(self, mean: State) -> State:
-        """The new global weights from the weighted mean of accepted contributions."""
-        return mean
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check each reply, then average the accepted ones (fp32, by ``num-examples``)."""
-        server_round += self.round_offset
-        replies = self._answered(server_round, "training", replies)
-        self._count_up(server_round, replies)
-        accepted: list[tuple[Message, float, State]] = []
-        for msg in replies:
-            try:
-                weight = self._weight(msg)
-                accepted.append((msg, weight, self.decode(msg.content)))
-            except InvalidReply as exc:
-                self._reject(server_round, "train", msg, str(exc))
-        self._note_missing(server_round, replies)
-        log(INFO, "aggregate_train: %d of %d replies accepted", len(accepted), len(replies))
-        if len(accepted) < self.min_replies:
-            log(
-                WARNING,
-                "Round %d: %d valid training replies, fewer than min-replies=%d; "
-                "global model unchanged",
-                server_round,
-                len(accepted),
-                self.min_replies,
-            )
-            return None, None
-        mean = weighted_mean([s for _, _, s in accepted], [w for _, w, _ in accepted])
-        arrays = ArrayRecord(self.apply(mean))
-        metrics = self.train_metrics_aggr_fn(
-            [m.content for m, _, _ in accepted], self.weighted_by_key
+    def _messages(
+        self, server_round: int, nodes: list[int], config: ConfigRecord, kind: str
+    ) -> list[Message]:
+        config["server-round"] = server_round
+        content = RecordDict(
+            {"arrays": to_record(self.global_state, self.downlink_dtype), "config": config}
         )
-        self._remember(server_round, "train", metrics)
-        return arrays, metrics
+        messages = [Message(content, dst_node_id=n, message_type=kind) for n in nodes]
+        self._count_down(server_round, messages)
+        self.sent = [m.metadata for m in messages]
+        return messages
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Average the metrics of the replies that carry a valid ``num-examples``."""
-        server_round += self.round_offset
-        replies = self._answered(server_round, "evaluate", replies)
-        self._count_up(server_round, replies)
-        valid = []
-        for msg in replies:
-            try:
-                self._weight(msg)
-                valid.append(msg)
-            except InvalidReply as exc:
-                self._reject(server_round, "evaluate", msg, str(exc))
-        metrics = super().aggregate_evaluate(server_round, valid) if valid else None
-        self._remember(server_round, "eval", metrics)
-        return metrics
-
-    def _downlink(self) -> ArrayRecord:
-        return to_record(self.global_state, self.downlink_dtype)
-
-    def _weight(self, msg: Message) -> float:
-        if msg.has_error():
-            raise InvalidReply(f"client error: {msg.error.reason}")
-        metrics = msg.content.get("metrics")
-        if not isinstance(metrics, MetricRecord):
-            raise InvalidReply("no MetricRecord 'metrics'")
-        weight = metrics.get(self.weighted_by_key)
-        if not isinstance(weight, int | float) or not 0 < weight < float("inf"):
-            raise InvalidReply(f"{self.weighted_by_key}={weight!r} is not a positive number")
-        return float(weight)
+    def _replies(self, grid: Grid, messages: list[Message], timeout: float) -> Iterator[Message]:
+        """Push ``messages``, then yield each reply as soon as it is pulled, one at a time,
+        until all have answered or ``timeout`` seconds have passed."""
+        pending = {i for i in grid.push_messages(messages) if i}
+        del messages
+        end = time.monotonic() + timeout
+        while pending and time.monotonic() < end:
+            pulled = False
+            for message_id in sorted(pending):
+                for reply in grid.pull_messages([message_id]):
+                    pending.discard(reply.metadata.reply_to_message_id)
+                    pulled = True
+                    yield reply
+            if pending and not pulled:
+                time.sleep(self.poll_interval)
 
     def _node(self, msg: Message) -> int:
         """The node a reply answers for: its sender, or for an error that the SuperLink sent
@@ -195,41 +428,23 @@ class FedDMVanilla(FedAvg):
         sent_to = {m.message_id: m.dst_node_id for m in self.sent}
         return sent_to.get(msg.metadata.reply_to_message_id, SUPERLINK_NODE_ID)
 
-    def _answered(self, server_round: int, phase: str, replies: Iterable[Message]) -> list[Message]:
-        """The replies that came from nodes; the SuperLink's stand-ins for nodes that were
-        unavailable or let the message expire are logged, and the node counts as missing."""
-        answered = []
-        for msg in replies:
-            if msg.has_error() and msg.metadata.src_node_id == SUPERLINK_NODE_ID:
-                log(
-                    WARNING,
-                    "Round %d: no %s reply from node %d (%s)",
-                    server_round,
-                    phase,
-                    self._node(msg),
-                    msg.error.reason,
-                )
-            else:
-                answered.append(msg)
-        return answered
+    def _stand_in(self, server_round: int, phase: str, msg: Message) -> bool:
+        """Whether ``msg`` is the SuperLink's error for an unavailable node (logged)."""
+        if not (msg.has_error() and msg.metadata.src_node_id == SUPERLINK_NODE_ID):
+            return False
+        log(WARNING, "Round %d: no %s reply from node %d (%s)",
+            server_round, phase, self._node(msg), msg.error.reason)  # fmt: skip
+        return True
 
-    def _note_missing(self, server_round: int, replies: list[Message]) -> None:
-        replied = {m.metadata.src_node_id for m in replies}
+    def _note_missing(self, server_round: int, replied: set[int]) -> None:
         missing = [n for n in self.sampled.get(server_round, []) if n not in replied]
         if missing:
             log(WARNING, "Round %d: no training reply from nodes %s", server_round, missing)
             self.history[server_round]["missing"] = [str(n) for n in missing]
 
-    def _reject(self, server_round: int, phase: str, msg: Message, reason: str) -> None:
-        node = self._node(msg)
-        log(
-            WARNING,
-            "Round %d: rejected %s reply from node %d: %s",
-            server_round,
-            phase,
-            node,
-            reason,
-        )
+    def _reject(self, server_round: int, phase: str, node: int, reason: str) -> None:
+        log(WARNING, "Round %d: rejected %s reply from node %d: %s",
+            server_round, phase, node, reason)  # fmt: skip
         self.history[server_round].setdefault("rejected", []).append(
             {"node": str(node), "phase": phase, "reason": reason}
         )
@@ -245,15 +460,13 @@ class FedDMVanilla(FedAvg):
             fp32 = actual - array_bytes(msg.content) + fp32_model
             self.ledger.add(server_round, "down", msg.metadata.dst_node_id, actual, fp32)
 
-    def _count_up(self, server_round: int, replies: list[Message]) -> None:
-        fp32_model = self._fp32_model_bytes()
-        for msg in replies:
-            if msg.has_error():
-                continue
-            actual = message_bytes(msg.content)
-            model_bytes = array_bytes(msg.content)
-            fp32 = actual - model_bytes + fp32_model if model_bytes else actual
-            self.ledger.add(server_round, "up", msg.metadata.src_node_id, actual, fp32)
+    def _count_up(self, server_round: int, msg: Message) -> None:
+        if msg.has_error():
+            return
+        actual = message_bytes(msg.content)
+        model_bytes = array_bytes(msg.content)
+        fp32 = actual - model_bytes + self._fp32_model_bytes() if model_bytes else actual
+        self.ledger.add(server_round, "up", msg.metadata.src_node_id, actual, fp32)
 
     def _remember(self, server_round: int, phase: str, metrics: MetricRecord | None) -> None:
         for key, value in (metrics or {}).items():
@@ -261,80 +474,46 @@ class FedDMVanilla(FedAvg):
             self.history[server_round][name] = value
 
 
-class FedDMProx(FedDMVanilla):
-    """FedDM-prox: FedAvg whose clients add (mu/2)·‖w − w_global‖² to the diffusion loss.
-
-    The server only sends ``proximal-mu``; the client computes the term against a detached copy
-    of the weights it received (see ``diffusion.proximal_term``).
-
-    Parameters
-    ----------
-    proximal_mu : float
-        Weight of the proximal term; 0 makes the clients' objective that of FedDM-vanilla.
-    **kwargs
-        Passed to :class:`FedDMVanilla`.
-    """
-
-    def __init__(self, *, proximal_mu: float, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.proximal_mu = proximal_mu
-
-    def train_config(self, config: ConfigRecord) -> None:
-        config["proximal-mu"] = self.proximal_mu
+def _as_reply(state: State, weight: float) -> Message:
+    """``state`` as the kind of training reply Flower's strategies aggregate (from no node:
+    the server itself stands behind the aggregate it hands to Flower's rules)."""
+    content = RecordDict(
+        {"arrays": ArrayRecord(state), "metrics": MetricRecord({WEIGHT_KEY: weight})}
+    )
+    metadata = Metadata(
+        run_id=0,
+        message_id="",
+        src_node_id=0,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=0.0,
+        message_type=MessageType.TRAIN,
+    )
+    return Message(metadata=metadata, content=content)
 
 
-class FedDMQuant(FedDMVanilla):
-    """FedDM-quant: clients send their quantized update (local − received weights).
+class FedDMVanilla(FedDMStrategy):
+    """FedDM-vanilla: FedAvg of fp32 weights (preset of :class:`FedDMStrategy`)."""
 
-    The server decodes each payload (``codecs.decode_update``, checked against the global
-    model's names and shapes), averages the updates in fp32 weighted by ``num-examples`` and adds
-    the mean to the global weights.
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**{"proximal_mu": 0.0, "uplink": "fp32", **kwargs})
 
-    Parameters
-    ----------
-    bits : int
-        8 or 4 (two values per byte).
-    block_size : int
-        Values per absmax scale.
-    stochastic : bool
-        Unbiased stochastic rounding on the clients (seeded per round and client).
-    error_feedback : bool
-        Clients add last round's quantization residual to their next update.
-    **kwargs
-        Passed to :class:`FedDMVanilla`.
-    """
 
-    def __init__(
-        self,
-        *,
-        bits: int,
-        block_size: int,
-        stochastic: bool = False,
-        error_feedback: bool = False,
-        **kwargs: object,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.bits, self.block_size = bits, block_size
-        self.stochastic, self.error_feedback = stochastic, error_feedback
+class FedDMProx(FedDMStrategy):
+    """FedDM-prox: clients add (mu/2)·‖w − w_global‖² against a detached copy of the
+    received weights (preset of :class:`FedDMStrategy`)."""
 
-    def train_config(self, config: ConfigRecord) -> None:
-        config["quant-bits"] = self.bits
-        config["quant-block-size"] = self.block_size
-        config["quant-stochastic"] = self.stochastic
-        config["error-feedback"] = self.error_feedback
+    def __init__(self, *, proximal_mu: float = 0.01, **kwargs: object) -> None:
+        super().__init__(proximal_mu=proximal_mu, **{"uplink": "fp32", **kwargs})
 
-    def decode(self, content: RecordDict) -> State:
-        try:
-            payload = payload_from(content.get("update"))
-            expected = {k: (tuple(v.shape), v.dtype) for k, v in self.global_state.items()}
-            update = decode_update(payload, expected)
-        except (ValueError, CodecError) as exc:
-            raise InvalidReply(f"update: {exc}") from exc
-        check_like(update, self.global_state)
-        return update
 
-    def apply(self, mean: State) -> State:
-        return {
-            k: (g + mean[k] if g.is_floating_point() else mean[k])
-            for k, g in self.global_state.items()
-        }
+class FedDMQuant(FedDMStrategy):
+    """FedDM-quant: clients send int8 or int4 block-quantized updates (preset of
+    :class:`FedDMStrategy`)."""
+
+    def __init__(self, *, bits: int = 8, block_size: int = 256, **kwargs: object) -> None:
+        codec = {"quant-block-size": block_size, "quant-stochastic": False,
+                 "error-feedback": False, **kwargs.pop("codec", {})}  # fmt: skip
+        super().__init__(uplink=f"int{bits}", codec=codec, **kwargs)

@@ -1,50 +1,87 @@
-"""The ClientApp's update encoding: error feedback carries the quantization residual exactly."""
+"""The ClientApp's uplink: error feedback carries the quantization residual exactly."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from feddm_flower.client_app import RESIDUAL_KEY, _encoded_update
+from feddm_flower.client_app import RESIDUAL_KEY, train
 from feddm_flower.codecs import decode_update
-from feddm_flower.records import payload_from
+from feddm_flower.models import build_unet
+from feddm_flower.records import encode_uplink, payload_from
 
 
-def _config(feedback: bool) -> ConfigRecord:
-    return ConfigRecord(
+def test_encoded_update_is_what_the_server_decodes() -> None:
+    g = torch.Generator().manual_seed(0)
+    received = {"w": torch.randn(5, 7, generator=g)}
+    local = {"w": received["w"] + 0.01 * torch.randn(5, 7, generator=g)}
+    for uplink, bits in (("int8", 8), ("int4", 4)):
+        record, sent = encode_uplink(local, received, uplink, block_size=8)
+        decoded = decode_update(payload_from(record))
+        torch.testing.assert_close(decoded["w"], sent["w"], rtol=0, atol=0)
+        step = (local["w"] - received["w"]).abs().max() / {8: 127, 4: 7}[bits]
+        assert (decoded["w"] - (local["w"] - received["w"])).abs().max() <= step / 2 + 1e-7
+
+
+def test_fp_uplinks_send_weights_in_their_dtype() -> None:
+    local = {"w": torch.randn(3, 2), "n": torch.tensor([3])}
+    record, sent = encode_uplink(local, {}, "fp16")
+    state = record.to_torch_state_dict()
+    assert state["w"].dtype == torch.float16 and state["n"].dtype == torch.int64
+    assert sent == {}
+
+
+@pytest.fixture
+def fashion_context() -> Context:
+    """Node 0 of 2 on real FashionMNIST, one local step of batch 8."""
+    run_config = {"local-steps": 1, "batch-size": 8, "eval-max-examples": 8}
+    node_config = {"partition-id": 0, "num-partitions": 2}
+    return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(),
+                   run_config=run_config)  # fmt: skip
+
+
+def _train_message(feedback: bool, server_round: int, uplink: str = "int4") -> Message:
+    config = ConfigRecord(
         {
-            "quant-bits": 4,
+            "server-round": server_round,
+            "uplink": uplink,
             "quant-block-size": 8,
             "quant-stochastic": False,
             "error-feedback": feedback,
         }
     )
+    arrays = ArrayRecord(build_unet("tiny", 28, 1, seed=0).state_dict())
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m{server_round}",
+        src_node_id=0,
+        dst_node_id=5,
+        reply_to_message_id="",
+        group_id="",
+        created_at=0.0,
+        ttl=60.0,
+        message_type="train",
+    )
+    return Message(metadata=meta, content=RecordDict({"arrays": arrays, "config": config}))
 
 
-def _context() -> Context:
-    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+def test_error_feedback_residual_is_what_the_payload_left_out(fashion_context) -> None:
+    """Through the real ClientApp train(): the residual kept in the node state is exactly the
+    part of (update + last residual) that the int4 payload did not carry."""
+    context = fashion_context
+    reply = train(_train_message(True, 1), context)
+    residual = context.state[RESIDUAL_KEY].to_torch_state_dict()
+    sent = decode_update(payload_from(reply.content["update"]))
+    # The same round in fp32 trains to the same local weights (the noise is seeded per round).
+    local = train(_train_message(False, 1, "fp32"), context).content["arrays"]
+    received = _train_message(False, 1).content["arrays"].to_torch_state_dict()
+    for name, weights in local.to_torch_state_dict().items():
+        update = weights - received[name]
+        torch.testing.assert_close(sent[name] + residual[name], update, rtol=0, atol=1e-6)
+    assert max(v.abs().max() for v in residual.values()) > 0
 
 
-def test_error_feedback_residual_is_carried_exactly() -> None:
-    g = torch.Generator().manual_seed(0)
-    received = {"w": torch.randn(5, 7, generator=g)}
-    context = _context()
-    true_total = torch.zeros(5, 7)
-    sent_total = torch.zeros(5, 7)
-    for _ in range(4):
-        local = {"w": received["w"] + 0.01 * torch.randn(5, 7, generator=g)}
-        record = _encoded_update(local, received, _config(True), context, seed=0)
-        sent = decode_update(payload_from(record))["w"]
-        true_total += local["w"] - received["w"]
-        sent_total += sent
-        residual = context.state[RESIDUAL_KEY].to_torch_state_dict()["w"]
-        # Everything not yet sent is exactly the residual kept for the next round.
-        torch.testing.assert_close(sent_total + residual, true_total, rtol=0, atol=1e-6)
-    assert residual.abs().max() > 0
-
-
-def test_without_error_feedback_no_state_is_kept() -> None:
-    received = {"w": torch.zeros(3)}
-    context = _context()
-    _encoded_update({"w": torch.ones(3)}, received, _config(False), context, seed=0)
-    assert RESIDUAL_KEY not in context.state
+def test_without_error_feedback_no_state_is_kept(fashion_context) -> None:
+    train(_train_message(False, 1), fashion_context)
+    assert RESIDUAL_KEY not in fashion_context.state

@@ -33,9 +33,14 @@ def test_overrides_are_typed_and_ints_widen_to_floats() -> None:
         ("dirichlet-alpha", 0.0, "> 0"),
         ("dirichlet-alpha", -1.5, "> 0"),
         ("batch-size", 0, ">= 1"),
-        ("strategy", "fedsgd", "'vanilla', 'prox', 'quant'"),
+        ("strategy", "fedsgd", "'custom', 'vanilla', 'prox', 'quant'"),
         ("proximal-mu", -0.01, ">= 0.0"),
-        ("quant-bits", 2, "one of 8, 4"),
+        ("uplink", "int2", "'fp32', 'fp16', 'int8', 'int4'"),
+        ("server-optimizer", "sgd", "'fedavgm', 'fedadam'"),
+        ("aggregation", "mode", "'median', 'trimmed-mean', 'krum'"),
+        ("trim-fraction", 0.5, "[0, 0.5)"),
+        ("server-momentum", 1.0, "[0, 1)"),
+        ("norm-bound", -1.0, ">= 0.0"),
         ("quant-block-size", 0, ">= 1"),
         ("downlink-dtype", "bf16", "'fp32', 'fp16'"),
         ("partitioning", "by-writer", "'dirichlet'"),
@@ -76,3 +81,45 @@ def test_wrong_types_are_rejected(key: str, value: object) -> None:
 def test_unknown_key_lists_the_allowed_keys() -> None:
     with pytest.raises(ConfigError, match="unknown run-config key 'num-rounds'.*num-server-rounds"):
         RunConfig.from_mapping({"num-rounds": 3})
+
+
+@pytest.mark.parametrize(
+    ("shortcut", "overrides", "expected"),
+    [
+        ("vanilla", {}, {"proximal_mu": 0.0, "uplink": "fp32"}),
+        ("prox", {}, {"proximal_mu": 0.01, "uplink": "fp32"}),
+        ("prox", {"proximal-mu": 0.5}, {"proximal_mu": 0.5}),
+        ("quant", {}, {"uplink": "int8", "proximal_mu": 0.0}),
+        ("quant", {"uplink": "int4"}, {"uplink": "int4"}),
+        ("quant", {"server-optimizer": "fedadam"}, {"server_optimizer": "fedadam"}),
+    ],
+)
+def test_shortcuts_set_their_keys(shortcut: str, overrides: dict, expected: dict) -> None:
+    cfg = RunConfig.from_mapping({"strategy": shortcut, **overrides})
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert cfg.label == shortcut
+
+
+@pytest.mark.parametrize(
+    ("shortcut", "key", "value"),
+    [
+        ("vanilla", "proximal-mu", 0.01),
+        ("vanilla", "uplink", "int4"),
+        ("prox", "uplink", "int8"),
+        ("quant", "uplink", "fp16"),
+        ("quant", "proximal-mu", 0.1),
+    ],
+)
+def test_a_key_the_shortcut_contradicts_names_both(shortcut: str, key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_mapping({"strategy": shortcut, key: value})
+    message = str(err.value)
+    assert f"strategy={shortcut!r}" in message and f"{key}={value!r}" in message
+
+
+def test_custom_combinations_are_named_by_their_keys() -> None:
+    cfg = RunConfig.from_mapping(
+        {"proximal-mu": 0.01, "uplink": "int4", "server-optimizer": "fedadam"}
+    )
+    assert cfg.label == "prox0.01-int4-fedadam"
+    assert RunConfig.from_mapping({}).label == "vanilla"

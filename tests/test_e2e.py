@@ -60,8 +60,8 @@ def test_each_strategy_runs_through_the_same_server_app(flwr_run, tmp_path: Path
     """One real 1-round simulation per strategy; only `strategy` (and its keys) change."""
     runs = {
         "prox": {"strategy": "prox", "proximal-mu": 0.01},
-        "quant8": {"strategy": "quant", "quant-bits": 8},
-        "quant4": {"strategy": "quant", "quant-bits": 4, "error-feedback": True},
+        "quant8": {"strategy": "quant", "uplink": "int8"},
+        "quant4": {"strategy": "quant", "uplink": "int4", "error-feedback": True},
     }
     rows = {}
     for name, overrides in runs.items():
