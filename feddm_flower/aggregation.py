@@ -83,7 +83,7 @@ class InfluenceBound:
     """
 
     norm_bound: float = 1.0
-    weight_bound: float = 4.0
+    weight_bound: float = 2.0
     reference_size: int = 3
 
     def limits(self, reference: list[Contribution]) -> tuple[float, float]:

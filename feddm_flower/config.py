@@ -108,7 +108,7 @@ class RunConfig:
     aggregation: str = _key("mean", _one_of(*AGGREGATIONS), "how accepted replies combine")
     trim_fraction: float = _key(0.25, _below_half, "trimmed-mean: share cut at each end")
     norm_bound: float = _key(1.0, _at_least(0.0), "update norm cap, x round median; 0 = off")
-    weight_bound: float = _key(4.0, _at_least(0.0), "num-examples cap, x round median; 0 = off")
+    weight_bound: float = _key(2.0, _at_least(0.0), "num-examples cap, x round median; 0 = off")
     downlink_dtype: str = _key("fp32", _one_of("fp32", "fp16"), "dtype of weights sent down")
     dataset: str = _key("fashion-mnist", _one_of(*DATASETS), "training data")
     data_root: str = _key("", help="dataset directory; '' = ~/.cache/feddm-flower/data")

@@ -54,7 +54,10 @@ def flwr_run(flwr_home: Path):
     """Run the app with `flwr run . --stream` on the simulation engine; return the process."""
 
     def run(
-        run_config: dict[str, object], num_supernodes: int = 2, timeout: float = 600
+        run_config: dict[str, object],
+        num_supernodes: int = 2,
+        timeout: float = 600,
+        app_dir: Path = REPO,
     ) -> subprocess.CompletedProcess[str]:
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         env = {
@@ -62,7 +65,8 @@ def flwr_run(flwr_home: Path):
             "FLWR_HOME": str(flwr_home),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         }
-        cmd = [FLWR, "run", ".", "--stream", "--run-config", overrides, "--federation-config"]
+        cmd = [FLWR, "run", str(app_dir), "--stream", "--run-config", overrides]
+        cmd.append("--federation-config")
         cmd.append(f"num-supernodes={num_supernodes} client-resources-num-cpus=1")
         return subprocess.run(
             cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
