@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from logging import INFO, WARNING
 
 import numpy as np
@@ -148,7 +148,7 @@ class FedDMStrategy(Strategy):
         timeout: float = 3600,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
-        evaluate_fn=None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
         """Flower's round loop, from round ``self.first_round`` (after :meth:`restore`) to
         ``num_rounds``, with replies folded in as they arrive instead of gathered first."""
@@ -172,8 +172,8 @@ class FedDMStrategy(Strategy):
             metrics = self.aggregate_evaluate(rnd, self._replies(grid, messages, timeout))
             if metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = metrics
-            if evaluate_fn:
-                evaluate_fn(rnd, arrays)
+            if evaluate_fn and (metrics := evaluate_fn(rnd, arrays)) is not None:
+                result.evaluate_metrics_serverapp[rnd] = metrics
         return result
 
     def configure_train(
@@ -320,7 +320,9 @@ class FedDMStrategy(Strategy):
 
     # -------------------------------------------------------------- combine and optimize
 
-    def _combine(self, server_round: int, mean: RunningMean | None, held: list[Contribution]):
+    def _combine(
+        self, server_round: int, mean: RunningMean | None, held: list[Contribution]
+    ) -> State:
         """The aggregate weights: global + weighted mean update, or the Flower rule's pick."""
         if mean is not None:
             return self._weights(mean.mean())
