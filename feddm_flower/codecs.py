@@ -23,11 +23,14 @@ quantization step of its block's absmax / qmax, and the stream needs no per-tens
 each stage is a handful of torch ops over slabs of whole blocks (about ``_CHUNK`` values),
 used in place when a slab lies inside one tensor. Offsets are not stored because they
 follow from the shapes; the decoder checks that the sections add up to the payload length
-exactly. Layouts and metadata are cached between calls, since every round repeats them.
+exactly, and rejects metadata that claims more than the payload's length can hold before
+laying anything out. Layouts and metadata are cached between calls, since every round
+repeats them (up to a size that real models stay well within).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import json
@@ -59,6 +62,14 @@ _INT4_OFFSET = 8
 _MAX_NDIM = 64
 # Cap on the inflated metadata, so a tiny hostile payload cannot inflate to gigabytes.
 _MAX_METADATA = 64 << 20
+# Metadata, layouts and templates are cached between calls (every round repeats them) for
+# payloads whose metadata inflates to at most _CACHED_METADATA bytes and lists at most
+# _CACHED_TENSORS float tensors: real models fit easily (about 70 bytes a tensor), while the
+# millions of tiny entries or the huge names of a hostile payload would otherwise stay in
+# memory, 32 payloads' worth, long after the call.
+_CACHED_METADATA = 256 << 10
+_CACHED_TENSORS = 1 << 12
+_CACHE_SLOTS = 32
 # Values per slab: large enough to amortise per-op overhead, small enough that the float
 # temporaries stay in the last-level cache.
 _CHUNK = 1 << 20
@@ -152,7 +163,7 @@ class _Stream(NamedTuple):
         return -(-self.numel // self.block_size)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=_CACHE_SLOTS)
 def _stream(sizes: tuple[int, ...], block_size: int) -> _Stream:
     """Cut a stream of tensors with ``sizes`` values into slabs (cached: rounds repeat it).
 
@@ -197,7 +208,7 @@ class _Schema(NamedTuple):
     padding: bytes  # zeros after it, up to the data's alignment
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=_CACHE_SLOTS)
 def _schema(key: tuple[tuple[object, torch.dtype, torch.Size], ...]) -> _Schema:
     entries = tuple(_entry(name, dtype, shape) for name, dtype, shape in key)
     floats = tuple(i for i, e in enumerate(entries) if e.quantized)
@@ -219,7 +230,22 @@ def _entry(name: object, dtype: torch.dtype, shape: torch.Size) -> _Entry:
     dtype_name = _DTYPE_NAMES.get(dtype)
     if dtype_name is None:
         raise ValueError(f"tensor {name!r} has unsupported dtype {dtype}")
+    if not _fits_torch(shape):  # the decoder could not rebuild it
+        raise ValueError(f"tensor {name!r} has shape {tuple(shape)}, too large to decode")
     return _Entry(name, dtype_name, tuple(shape))
+
+
+def _fits_torch(shape: Sequence[int]) -> bool:
+    """Whether torch can build every tensor of ``shape``: its sizes and strides are int64, so
+    the dimensions, zeros counted as 1, must multiply to less than 2**63 (even with no
+    elements: torch refuses ``empty(0, 2**62, 2**62)``)."""
+    return math.prod(max(d, 1) for d in shape) < 2**63
+
+
+def _shape_text(shape: object) -> str:
+    """``shape`` for a message, cut short: a hostile one may hold thousands of digits."""
+    text = repr(shape)
+    return text if len(text) <= 200 else f"{text[:200]}..."
 
 
 def _is_int(value: object) -> bool:
@@ -500,29 +526,39 @@ def decode_update(
     if expected is not None:
         _check_expected(entries, expected)
 
-    floats = [e for e in entries if e.quantized]
-    stream = _stream(tuple(e.numel for e in floats), block_size)
-    levels_at = data_start + 4 * stream.n_blocks
-    level_bytes = stream.numel if bits == 8 else (stream.numel + 1) // 2
+    # A payload claims at most what its own length can hold: the sizes follow from the
+    # metadata alone, in plain integers, before anything is laid out or allocated from them.
+    floats = tuple(e for e in entries if e.quantized)
+    numel = sum(e.numel for e in floats)
+    n_blocks = -(-numel // block_size)
+    levels_at = data_start + 4 * n_blocks
+    level_bytes = numel if bits == 8 else (numel + 1) // 2
     raw_at = levels_at + level_bytes
     total = raw_at + sum(e.raw_nbytes for e in entries)
     if len(payload) < total:
-        raise CodecError(f"payload truncated: metadata needs {total} bytes, got {len(payload)}")
+        values = numel + sum(e.numel for e in entries if not e.quantized)
+        raise CodecError(
+            f"payload truncated: metadata claims {_count(values)} values needing "
+            f"{_count(total)} bytes, payload has {len(payload)}"
+        )
     if len(payload) > total:
         raise CodecError(f"{len(payload) - total} trailing bytes after the data")
-    scales = _buffer_view(payload, torch.float32, data_start, stream.n_blocks)
+    cached = len(floats) <= _CACHED_TENSORS
+    layout, templates = (_stream, _templates) if cached else (_stream.__wrapped__, _make_templates)
+    stream = layout(tuple(e.numel for e in floats), block_size)
+    scales = _buffer_view(payload, torch.float32, data_start, n_blocks)
     # NaN fails both comparisons, so this also rejects non-finite scales.
     if not bool(((scales >= 0) & (scales <= _MAX_SCALE[bits])).all()):
         raise CodecError(f"scales must be finite and in [0, {_MAX_SCALE[bits]:.6g}]")
     level_dtype = torch.int8 if bits == 8 else torch.uint8
     section = _buffer_view(payload, level_dtype, levels_at, level_bytes)
-    if bits == 4 and stream.numel % 2 and section[-1].item() >> 4 != _INT4_OFFSET:
+    if bits == 4 and numel % 2 and section[-1].item() >> 4 != _INT4_OFFSET:
         raise CodecError("int4 padding nibble does not hold level 0")
 
-    if stream.numel <= _ONE_ALLOCATION:
-        flat = torch.empty(stream.numel)
+    if numel <= _ONE_ALLOCATION:
+        flat = torch.empty(numel)
         _dequantize(section, bits, scales, stream, flat)
-        decoded = iter(_unflatten_dense_tensors(flat, _templates(tuple(floats))))
+        decoded = iter(_unflatten_dense_tensors(flat, templates(floats)))
     else:
         tensors = [torch.empty(e.shape) for e in floats]
         _dequantize(section, bits, scales, stream, [t.view(-1) for t in tensors])
@@ -541,10 +577,20 @@ def decode_update(
     return out
 
 
-@functools.lru_cache(maxsize=32)
-def _templates(entries: tuple[_Entry, ...]) -> list[torch.Tensor]:
+def _count(n: int) -> str:
+    """``n`` for a message: in digits, or by its power of two when that is too long."""
+    if n < 2**64:
+        return str(n)
+    k = n.bit_length() - 1
+    return f"2^{k}" if n == 1 << k else f"over 2^{k}"
+
+
+def _make_templates(entries: tuple[_Entry, ...]) -> list[torch.Tensor]:
     """Shape-only (meta) tensors that cut the decoded stream into per-tensor views."""
     return [torch.empty(e.shape, device="meta") for e in entries]
+
+
+_templates = functools.lru_cache(maxsize=_CACHE_SLOTS)(_make_templates)
 
 
 def fp32_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -566,9 +612,29 @@ def _buffer_view(
         return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
 
 
-@functools.lru_cache(maxsize=32)
+_metadata_cache: collections.OrderedDict[bytes, tuple[_Entry, ...]] = collections.OrderedDict()
+_metadata_lock = threading.Lock()
+
+
 def _parse_metadata(blob: bytes) -> tuple[_Entry, ...]:
-    """Inflate and validate the metadata section (cached: every round repeats it)."""
+    """Inflate and validate the metadata section, cached (least recently used first out)
+    when it inflates to at most _CACHED_METADATA bytes."""
+    with _metadata_lock:
+        entries = _metadata_cache.get(blob)
+        if entries is not None:
+            _metadata_cache.move_to_end(blob)
+            return entries
+    text = _inflate_metadata(blob)
+    entries = _parse_entries(text)
+    if len(text) <= _CACHED_METADATA:
+        with _metadata_lock:
+            _metadata_cache[blob] = entries
+            if len(_metadata_cache) > _CACHE_SLOTS:
+                _metadata_cache.popitem(last=False)
+    return entries
+
+
+def _inflate_metadata(blob: bytes) -> bytes:
     inflater = zlib.decompressobj()
     try:
         text = inflater.decompress(blob, _MAX_METADATA)
@@ -576,6 +642,10 @@ def _parse_metadata(blob: bytes) -> tuple[_Entry, ...]:
         raise CodecError(f"metadata is not valid zlib data: {exc}") from exc
     if not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
         raise CodecError("metadata is truncated, too large or followed by stray bytes")
+    return text
+
+
+def _parse_entries(text: bytes) -> tuple[_Entry, ...]:
     try:
         items = json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -600,9 +670,12 @@ def _parse_entry(item: object) -> _Entry:
     if not (
         isinstance(shape, list)
         and len(shape) <= _MAX_NDIM
-        and all(type(d) is int and d >= 0 for d in shape)
+        # Sizes are int64 in torch; the bound also keeps products to a few thousand bits.
+        and all(type(d) is int and 0 <= d < 2**63 for d in shape)
+        # Too many values for torch are too many for the payload: the length check says so.
+        and (math.prod(shape) > 0 or _fits_torch(shape))
     ):
-        raise CodecError(f"tensor {name!r} has invalid shape {shape!r}")
+        raise CodecError(f"tensor {name!r} has invalid shape {_shape_text(shape)}")
     return _Entry(name, dtype, tuple(shape))
 
 
@@ -612,7 +685,10 @@ def _check_expected(
     names = {e.name for e in entries}
     missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
     if missing or extra:
-        raise CodecError(f"tensor names differ from expected: missing {missing}, extra {extra}")
+        raise CodecError(
+            f"tensor names differ from expected: {len(missing)} missing {missing[:3]}, "
+            f"{len(extra)} extra {extra[:3]}"
+        )
     for e in entries:
         shape, dtype = expected[e.name]
         if tuple(shape) != e.shape:

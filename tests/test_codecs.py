@@ -10,8 +10,10 @@ import contextlib
 import json
 import math
 import struct
+import time
 import zlib
 from collections.abc import Iterator
+from unittest import mock
 
 import hypothesis.extra.numpy as hnp
 import numpy as np
@@ -529,6 +531,10 @@ def test_swapping_bits_or_zero_block_size_is_rejected() -> None:
         ([["x", "float32", [True]]], "shape"),
         ([["x", "float32", [2.0]]], "shape"),
         ([["x", "float32", [1] * 65]], "shape"),
+        # No elements, but sizes or strides beyond int64: torch cannot build these.
+        ([["x", "float32", [2**62, 2**62, 0]]], "shape"),
+        ([["x", "int8", [0, 2**62, 2**62]]], "shape"),
+        ([["x", "float32", [2**63, 0]]], "shape"),
         ([["x", "float32", [2]], ["x", "float32", [2]]], "repeats"),
     ],
 )
@@ -553,6 +559,99 @@ def test_metadata_inconsistent_with_data_is_rejected(bits: int) -> None:
     ):
         with pytest.raises(CodecError, match="truncated|trailing"):
             decode_update(replace_metadata(payload, meta))
+
+
+def no_layouts(*args: object) -> None:
+    raise AssertionError("a layout was built for metadata the payload cannot hold")
+
+
+@pytest.mark.parametrize("with_expected", [False, True])
+def test_huge_claims_are_rejected_before_any_layout(with_expected: bool) -> None:
+    # One float32 tensor of 2^80 values in a payload of a few dozen bytes: laying out its
+    # slabs would take minutes and gigabytes, so the claim must fail on arithmetic alone.
+    blob = zlib.compress(json.dumps([["x", "float32", [2**40, 2**40]]]).encode())
+    head = HEADER.pack(MAGIC, FORMAT_VERSION, 8, 0, 256, len(blob)) + blob
+    payload = head + bytes(-len(head) % 8)
+    expected = {"x": ((2**40, 2**40), torch.float32)} if with_expected else None
+    start = time.perf_counter()
+    with mock.patch.object(codecs, "_stream", no_layouts):
+        with pytest.raises(CodecError, match=rf"2\^80 values.*payload has {len(payload)}$"):
+            decode_update(payload, expected)
+    assert time.perf_counter() - start < 1.0
+
+
+def needed_bytes(payload: bytes) -> int:
+    """The length a payload's metadata calls for, from the documented layout."""
+    _, _, bits, _, block_size, meta_len = HEADER.unpack_from(payload)
+    meta = json.loads(zlib.decompress(payload[HEADER.size : HEADER.size + meta_len]))
+    n = raw = 0
+    for _, dtype, shape in meta:
+        if dtype.startswith(("float", "bfloat")):
+            n += math.prod(shape)
+        else:
+            raw += math.prod(shape) * getattr(torch, dtype).itemsize
+    levels = n if bits == 8 else (n + 1) // 2
+    return sections(payload)["data"] + 4 * -(-n // block_size) + levels + raw
+
+
+# A tensor's claimed shape: a few values more, far more, or sizes many times over (each size
+# an int64, as in torch: larger ones are malformed, see test_malformed_metadata_is_rejected).
+claimed_shapes = st.one_of(
+    st.integers(0, 64).map(lambda n: [n]),
+    st.integers(1, 2**63 - 1).map(lambda n: [n]),
+    st.lists(st.integers(1, 2**62), min_size=2, max_size=64),
+    st.lists(st.integers(0, 2**62), min_size=2, max_size=6),  # with zeros: no values
+)
+
+
+@SETTINGS
+@given(tensors=state_dicts().filter(bool), bits=bits_st, block_size=block_st, data=st.data())
+def test_claims_beyond_the_payload_length_are_rejected(
+    tensors: dict[str, torch.Tensor], bits: int, block_size: int, data: st.DataObject
+) -> None:
+    payload = encode_update(tensors, bits=bits, block_size=block_size)
+    meta = [
+        [name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in tensors.items()
+    ]
+    meta[data.draw(st.integers(0, len(meta) - 1))][2] = data.draw(claimed_shapes)
+    forged = replace_metadata(payload, meta)
+    expected = None
+    if data.draw(st.booleans()):
+        expected = {name: (tuple(shape), getattr(torch, dtype)) for name, dtype, shape in meta}
+    needed = needed_bytes(forged)
+    if needed > len(forged):
+        with mock.patch.object(codecs, "_stream", no_layouts):
+            with pytest.raises(CodecError, match=rf"truncated.*payload has {len(forged)}$"):
+                decode_update(forged, expected)
+        return
+    # A claim the payload can hold (or one with no values): decoded or refused, nothing else.
+    with contextlib.suppress(CodecError):
+        decode_update(forged, expected)
+
+
+def test_oversized_metadata_and_layouts_are_not_kept() -> None:
+    """White-box: the caches only keep what real models need, not the millions of entries or
+    huge names a small hostile payload can list."""
+    cases = [  # tensors, metadata kept, layouts kept
+        ({"x" * (codecs._CACHED_METADATA + 1): torch.ones(2)}, False, True),
+        ({f"t{i}": torch.zeros(1) for i in range(codecs._CACHED_TENSORS + 1)}, True, False),
+        ({"w": torch.ones(3), "n": torch.zeros(2, dtype=torch.int64)}, True, True),
+    ]
+    for tensors, metadata_kept, layouts_kept in cases:
+        payload = encode_update(tensors, bits=8, block_size=64)
+        codecs._stream.cache_clear()  # the encoder shares it
+        codecs._templates.cache_clear()
+        assert list(decode_update(payload)) == list(tensors)
+        blob = payload[HEADER.size : HEADER.size + sections(payload)["meta_len"]]
+        assert (blob in codecs._metadata_cache) == metadata_kept
+        for cache in (codecs._stream, codecs._templates):
+            assert cache.cache_info().currsize == layouts_kept
+
+
+def test_shapes_torch_cannot_rebuild_are_refused() -> None:
+    # torch itself holds such a tensor (no elements), but could not rebuild it from its shape.
+    with pytest.raises(ValueError, match="too large to decode"):
+        encode_update({"x": torch.empty(2**62, 0, 2**62)}, bits=8, block_size=4)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
