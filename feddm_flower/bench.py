@@ -1,25 +1,43 @@
 """Micro-benchmarks for feddm_flower, one argparse subcommand each.
 
 ``python -m feddm_flower.bench codecs`` measures the quantized-update codec on the real U-Net
-presets and prints JSON on stdout; progress goes to stderr. Add a benchmark by writing a
-``run_<name>(args) -> dict`` function and registering a subcommand in ``build_parser``.
+presets; ``python -m feddm_flower.bench server-memory`` measures the ServerApp's peak memory in
+one training round against the number of replies. Each prints JSON on stdout (``--markdown``:
+a table); progress goes to stderr. Add a benchmark by writing a ``run_<name>(args) -> dict``
+function and registering a subcommand in ``build_parser``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import json
+import math
+import os
+import resource
 import statistics
+import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 
 from feddm_flower.codecs import decode_update, encode_update, fp32_bytes
+from feddm_flower.config import AGGREGATIONS, UPLINKS
 from feddm_flower.models import build_unet
+from feddm_flower.records import decode_uplink, encode_uplink, uplink_key
 
 MODELS: tuple[tuple[str, int, int], ...] = (("tiny", 28, 1), ("paper", 28, 1), ("paper", 32, 3))
 BITS = (8, 4)
@@ -219,6 +237,467 @@ def run_codecs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------- server memory
+
+SERVER_MODELS: dict[str, tuple[str, int, int]] = {
+    "paper-32": ("paper", 32, 3),
+    "tiny": ("tiny", 28, 1),
+}
+# Target: a streamed aggregation's round peak grows by at most this share of the fp32 model
+# per extra reply. Rules that hold every reply (median, trimmed mean, Krum) have no target.
+MAX_GROWTH_PER_REPLY = 0.1
+STREAMED_AGGREGATIONS = ("mean",)
+MIB = 2**20
+
+
+class ReplyingGrid(Grid):
+    """A Grid whose ``num_nodes`` nodes answer every message at once, as
+    :mod:`feddm_flower.client_app` would, without training.
+
+    It keeps no message content: ``push_messages`` records each message's id, destination,
+    type and round, and keeps one copy of the global weights (from the first training message
+    of a push) to answer from; ``pull_messages`` builds each reply when it is pulled, so that
+    no more replies exist at once than the strategy itself holds. A training reply carries
+    what ``client_app.train`` sends under ``uplink``: received weights + seeded noise of
+    standard deviation ``noise`` (fp32/fp16), or that update encoded (int8/int4), plus its
+    metrics; an evaluation reply carries metrics only.
+    """
+
+    def __init__(
+        self, num_nodes: int, uplink: str, *, block_size: int = 256, noise: float = 1e-3
+    ) -> None:
+        self.node_ids = [1000 + i for i in range(num_nodes)]  # SUPERLINK_NODE_ID is 1
+        self.uplink, self.block_size, self.noise = uplink, block_size, noise
+        self._run = Run.create_empty(run_id=1)
+        self._pending: dict[str, tuple[int, str, str, int]] = {}  # id -> node, type, group, round
+        self._received: dict[str, torch.Tensor] = {}
+        self._pushed = self._rounds = 0  # messages pushed, pushes of training messages
+        self.served: Counter[str] = Counter()  # replies built, by message type
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        weights_taken = False
+        for msg in messages:
+            meta = msg.metadata
+            if meta.message_type == MessageType.TRAIN and not weights_taken:
+                self.receive(msg.content["arrays"])
+                self._rounds += 1
+                weights_taken = True
+            self._pushed += 1
+            message_id = f"instruction-{self._pushed}"
+            meta.__dict__["_message_id"] = message_id  # as Flower's grids do
+            self._pending[message_id] = (
+                meta.dst_node_id, meta.message_type, meta.group_id, self._rounds
+            )  # fmt: skip
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = []
+        for message_id in message_ids:
+            if message_id in self._pending:
+                replies.append(self._reply(message_id, *self._pending.pop(message_id)))
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.pull_messages(list(self.push_messages(messages)))
+
+    def receive(self, arrays: ArrayRecord) -> None:
+        """Keep the weights the nodes answer from (one copy, widened to fp32 as a client's
+        U-Net loads them)."""
+        self._received = {}  # the previous copy goes first
+        self._received = {
+            k: (v.float() if v.is_floating_point() else v).clone()
+            for k, v in arrays.to_torch_state_dict().items()
+        }
+
+    def train_content(self, node: int, seed: int) -> RecordDict:
+        """What ``client_app.train`` of ``node`` would send back."""
+        gen = torch.Generator().manual_seed(seed)
+        local = {}
+        for name, value in self._received.items():  # tensor by tensor: one noise at a time
+            if value.is_floating_point():
+                noise = torch.randn(value.shape, generator=gen).mul_(self.noise)
+                local[name] = noise.add_(value)
+            else:
+                local[name] = value.clone()
+        record, _ = encode_uplink(
+            local, self._received, self.uplink, block_size=self.block_size, seed=seed
+        )
+        del local
+        metrics = MetricRecord(
+            {"num-examples": 100, "train-loss": 0.1, "train-steps": 1, "train-seconds": 1.0}
+        )
+        return RecordDict({uplink_key(self.uplink): record, "metrics": metrics})
+
+    def _reply(
+        self, message_id: str, node: int, kind: str, group_id: str, server_round: int
+    ) -> Message:
+        if kind == MessageType.TRAIN:
+            content = self.train_content(node, seed=server_round * 100_003 + node)
+        else:
+            content = RecordDict({"metrics": MetricRecord({"num-examples": 100, "eval-loss": 0.1})})
+        self.served[kind] += 1
+        metadata = Metadata(
+            run_id=self._run.run_id,
+            message_id=f"reply-{message_id}",
+            src_node_id=node,
+            dst_node_id=SUPERLINK_NODE_ID,
+            reply_to_message_id=message_id,
+            group_id=group_id,
+            created_at=time.time(),
+            ttl=60.0,
+            message_type=kind,
+        )
+        return Message(metadata=metadata, content=content)
+
+
+def _proc_status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (VmRSS: resident now, VmHWM: its high-water mark)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _reset_hiwater() -> bool:
+    """Reset this process's peak RSS (VmHWM, ru_maxrss) to its current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _proc_status_kib("VmHWM") <= _proc_status_kib("VmRSS") + 1024  # within 1 MiB
+
+
+class RssSampler(threading.Thread):
+    """Samples this process's RSS every ``interval`` seconds until :meth:`stop`; ``peak``.
+
+    Each sample is one ``pread`` of /proc/self/statm and creates about one container object,
+    so that the sampler barely moves the cyclic GC's schedule: a reply whose records were
+    read through ``RecordDict.metric_records``/``array_records`` sits in a reference cycle
+    and is freed by the GC, not when the strategy drops it.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self._fd = os.open("/proc/self/statm", os.O_RDONLY)
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._running = True
+        self.peak = self.rss()
+
+    def rss(self) -> int:
+        return int(os.pread(self._fd, 256, 0).split()[1]) * self._page
+
+    def run(self) -> None:
+        while self._running:
+            time.sleep(self.interval)
+            self.peak = max(self.peak, self.rss())
+
+    def stop(self) -> int:
+        self._running = False
+        self.join()
+        self.peak = max(self.peak, self.rss())
+        os.close(self._fd)
+        return self.peak
+
+
+def measure_server_round(model: str, uplink: str, aggregation: str, replies: int) -> dict[str, Any]:
+    """Peak RSS growth of this process over one round of the real strategy with ``replies``.
+
+    Everything the round does not need to allocate is set up first (model, strategy, initial
+    ArrayRecord, one warm-up reply encoded and decoded); then the kernel's peak-RSS mark is
+    reset and the round runs: ``FedDMStrategy.start(num_rounds=1)`` against a
+    :class:`ReplyingGrid`. The peak is read from the kernel (VmHWM, ru_maxrss) and from a
+    thread sampling VmRSS every 5 ms; the round is then checked to have aggregated them all.
+    """
+    from feddm_flower.config import RunConfig
+    from feddm_flower.server_app import build_strategy
+
+    # Who this process is, as Flower's ServerApp runtime sets it: the strategy's instruction
+    # messages take their run and sender from it.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    preset, image_size, channels = SERVER_MODELS[model]
+    state = build_unet(preset, image_size, channels, seed=0).state_dict()
+    initial = ArrayRecord(state)
+    model_bytes = fp32_bytes(state)
+    parameters = sum(v.numel() for v in state.values())
+    cfg = RunConfig.from_mapping(
+        {"uplink": uplink, "aggregation": aggregation, "min-nodes": 2, "model-preset": preset}
+    )
+    strategy = build_strategy(cfg)
+    grid = ReplyingGrid(replies, uplink, block_size=cfg.quant_block_size)
+    # Warm-up: one reply built and decoded, so codec layouts and allocator pools exist.
+    grid.receive(initial)
+    warm = grid.train_content(grid.node_ids[0], seed=12345)
+    decode_uplink(warm[uplink_key(uplink)], uplink, state)
+    del warm, state
+    grid.receive(ArrayRecord())
+    gc.collect()
+
+    rss_before = _proc_status_kib("VmRSS") * 1024
+    maxrss_before = _maxrss_bytes()
+    hiwater_reset = _reset_hiwater()
+    sampler = RssSampler()
+    sampler.start()
+    seconds, result = _timed(
+        time.perf_counter,
+        strategy.start,
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=1,
+        timeout=3600.0,
+        evaluate_fn=None,
+    )
+    sampled_peak = sampler.stop()
+    hwm = _proc_status_kib("VmHWM") * 1024
+    maxrss_after = _maxrss_bytes()
+    rss_after = _proc_status_kib("VmRSS") * 1024
+
+    kernel_valid = hiwater_reset or maxrss_after > maxrss_before
+    kernel_peak = max(hwm, maxrss_after) if hiwater_reset else maxrss_after
+    peak = max(kernel_peak, sampled_peak) if kernel_valid else sampled_peak
+    rejected = [r for r in strategy.history[1].get("rejected", []) if r["phase"] == "train"]
+    aggregated = 1 in result.train_metrics_clientapp and len(result.arrays) > 0
+    update_norm = math.nan
+    if aggregated:
+        new = result.arrays.to_torch_state_dict()
+        old = initial.to_torch_state_dict()
+        update_norm = math.sqrt(
+            sum(
+                float(torch.linalg.vector_norm(new[k].double() - v.double())) ** 2
+                for k, v in old.items()
+                if v.is_floating_point()
+            )
+        )
+    return {
+        "model": model,
+        "uplink": uplink,
+        "aggregation": aggregation,
+        "replies": replies,
+        "parameters": parameters,
+        "fp32_model_bytes": model_bytes,
+        "rss_before_bytes": rss_before,
+        "rss_after_bytes": rss_after,
+        "peak_delta_bytes": peak - rss_before,
+        "sampled_peak_delta_bytes": sampled_peak - rss_before,
+        "maxrss_delta_bytes": maxrss_after - rss_before if kernel_valid else None,
+        "hiwater_reset": hiwater_reset,
+        "seconds": seconds,
+        "train_replies_served": grid.served[MessageType.TRAIN],
+        "evaluate_replies_served": grid.served[MessageType.EVALUATE],
+        "rejected_train_replies": len(rejected),
+        "accepted_train_replies": grid.served[MessageType.TRAIN] - len(rejected),
+        "aggregated": aggregated,
+        "noise_std": grid.noise,
+        "global_update_norm": update_norm,
+        "train_metrics": dict(result.train_metrics_clientapp.get(1, {})),
+        "evaluate_metrics": dict(result.evaluate_metrics_clientapp.get(1, {})),
+    }
+
+
+def _run_cell(
+    model: str, uplink: str, aggregation: str, replies: int, threads: int | None
+) -> dict[str, Any]:
+    """:func:`measure_server_round` in a fresh Python process (its own peak RSS)."""
+    command = [sys.executable, "-m", "feddm_flower.bench", "server-memory"]
+    command += ["--cell", f"{model}:{uplink}:{aggregation}:{replies}"]
+    if threads:
+        command += ["--threads", str(threads)]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"server-memory cell {model}:{uplink}:{aggregation}:{replies} failed "
+            f"(exit {done.returncode}):\n{done.stderr[-4000:]}"
+        )
+    return json.loads(done.stdout)
+
+
+_MEDIAN_KEYS = (
+    "peak_delta_bytes",
+    "sampled_peak_delta_bytes",
+    "rss_before_bytes",
+    "rss_after_bytes",
+    "seconds",
+)
+
+
+def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated measurements of one setting (fresh processes) as one cell: medians of the
+    measurements, every run's peak, and the round checks that must hold in all of them."""
+    cell = dict(runs[0])
+    for key in _MEDIAN_KEYS:
+        cell[key] = statistics.median(run[key] for run in runs)
+    maxrss = [run["maxrss_delta_bytes"] for run in runs]
+    cell["maxrss_delta_bytes"] = None if None in maxrss else statistics.median(maxrss)
+    for key in ("train_replies_served", "evaluate_replies_served", "accepted_train_replies"):
+        cell[key] = min(run[key] for run in runs)
+    cell["rejected_train_replies"] = max(run["rejected_train_replies"] for run in runs)
+    cell["aggregated"] = all(run["aggregated"] for run in runs)
+    cell["hiwater_reset"] = all(run["hiwater_reset"] for run in runs)
+    cell["repeats"] = len(runs)
+    cell["peak_delta_bytes_runs"] = [run["peak_delta_bytes"] for run in runs]
+    return cell
+
+
+def growth(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Peak growth per extra reply, as a share of the fp32 model, for one series of cells
+    (same model, uplink and aggregation): from the fewest to the most replies, and between
+    neighbouring reply counts."""
+    cells = sorted(cells, key=lambda c: c["replies"])
+    model_bytes = cells[0]["fp32_model_bytes"]
+
+    def slope(a: dict[str, Any], b: dict[str, Any]) -> float:
+        added = b["replies"] - a["replies"]
+        return (b["peak_delta_bytes"] - a["peak_delta_bytes"]) / added / model_bytes
+
+    first, last = cells[0], cells[-1]
+    aggregation = first["aggregation"]
+    streamed = aggregation in STREAMED_AGGREGATIONS
+    per_reply = slope(first, last) if len(cells) > 1 else None
+    passed = per_reply <= MAX_GROWTH_PER_REPLY if streamed and per_reply is not None else None
+    if not streamed:
+        verdict = "holds every reply (no streaming target)"
+    else:
+        verdict = "n/a" if passed is None else ("PASS" if passed else "FAIL")
+    return {
+        "model": first["model"],
+        "uplink": first["uplink"],
+        "aggregation": aggregation,
+        "fp32_model_bytes": model_bytes,
+        "replies": [c["replies"] for c in cells],
+        "peak_delta_bytes": [c["peak_delta_bytes"] for c in cells],
+        "peak_delta_bytes_runs": [c.get("peak_delta_bytes_runs", []) for c in cells],
+        "growth_per_reply": per_reply,
+        "pairwise_growth": [
+            {"from": a["replies"], "to": b["replies"], "growth_per_reply": slope(a, b)}
+            for a, b in zip(cells, cells[1:], strict=False)
+        ],
+        "target": MAX_GROWTH_PER_REPLY if streamed else None,
+        "pass": passed,
+        "verdict": verdict,
+    }
+
+
+def run_server_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``server-memory`` subcommand: one fresh process per model x uplink x aggregation x
+    reply count (or, with ``--cell``, the measurement of one of them)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cell:
+        model, uplink, aggregation, replies = args.cell.split(":")
+        return measure_server_round(model, uplink, aggregation, int(replies))
+    todo, skipped = [], []
+    settings = itertools.product(
+        args.model, args.aggregations, args.uplinks, sorted(set(args.replies))
+    )
+    for model, aggregation, uplink, replies in settings:
+        if aggregation not in STREAMED_AGGREGATIONS and replies > args.max_held_replies:
+            _log(f"server-memory: {model} {uplink} {aggregation} N={replies}: skipped "
+                 "(N > --max-held-replies)")  # fmt: skip
+            skipped.append(f"{model}:{uplink}:{aggregation}:{replies}")
+        else:
+            todo.append((model, uplink, aggregation, replies))
+
+    def cell(setting: tuple[str, str, str, int]) -> dict[str, Any]:
+        name = f"{' '.join(map(str, setting[:3]))} N={setting[3]}"
+        _log(f"server-memory: {name} ...")
+        result = _run_cell(*setting, args.threads)
+        _log(
+            f"server-memory: {name}: peak +{result['peak_delta_bytes'] / MIB:.0f} MiB "
+            f"({result['peak_delta_bytes'] / result['fp32_model_bytes']:.2f}x model), "
+            f"{result['accepted_train_replies']} replies aggregated, {result['seconds']:.1f} s"
+        )
+        return result
+
+    # Each process measures its own RSS: cells may run side by side (given the memory).
+    # Repeats go round-robin, so that a slow patch of the machine hits every setting alike.
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        runs = list(pool.map(cell, todo * max(1, args.repeats)))
+    cells = [combine_runs(runs[i :: len(todo)]) for i in range(len(todo))]
+    series: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for cell in cells:
+        series.setdefault((cell["model"], cell["uplink"], cell["aggregation"]), []).append(cell)
+    results = [growth(group) for group in series.values()]
+    judged = [s["pass"] for s in results if s["pass"] is not None]
+    return {
+        "benchmark": "server-memory",
+        "torch": torch.__version__,
+        "threads": args.threads or torch.get_num_threads(),
+        "jobs": args.jobs,
+        "repeats": max(1, args.repeats),
+        "max_growth_per_reply": MAX_GROWTH_PER_REPLY,
+        "targets": {"streamed_growth": all(judged) if judged else None},
+        "series": results,
+        "cells": cells,
+        "skipped": skipped,
+    }
+
+
+def _peak_text(peak: float, runs: list[float]) -> str:
+    """A peak in MiB, with the range of the runs when there were several."""
+    if len(runs) > 1:
+        return f"{peak / MIB:,.0f} MiB ({min(runs) / MIB:,.0f}–{max(runs) / MIB:,.0f})"
+    return f"{peak / MIB:,.0f} MiB"
+
+
+def server_memory_markdown(report: dict[str, Any]) -> str:
+    """The ``server-memory`` report as a Markdown table, one row per series."""
+    counts = sorted({n for s in report["series"] for n in s["replies"]})
+    lines = [
+        "| model (fp32 size) | uplink | aggregation | "
+        + " | ".join(f"peak Δ N={n}" for n in counts)
+        + " | growth per extra reply (× model) | pairwise | target | result |",
+        "|---|---|---|" + "---|" * len(counts) + "---|---|---|---|",
+    ]
+    for s in report["series"]:
+        size = s["fp32_model_bytes"] / MIB
+        peaks = dict(zip(s["replies"], s["peak_delta_bytes"], strict=True))
+        runs = dict(zip(s["replies"], s.get("peak_delta_bytes_runs", []), strict=False))
+        cols = [_peak_text(peaks[n], runs.get(n, [])) if n in peaks else "—" for n in counts]
+        per_reply = "—" if s["growth_per_reply"] is None else f"{s['growth_per_reply']:.3f}"
+        pairwise = ", ".join(
+            f"{p['from']}→{p['to']}: {p['growth_per_reply']:.3f}" for p in s["pairwise_growth"]
+        )
+        target = "—" if s["target"] is None else f"≤ {s['target']}"
+        verdict = f"**{s['verdict']}**" if s["pass"] is not None else s["verdict"]
+        lines.append(
+            f"| {s['model']} ({size:.0f} MiB) | {s['uplink']} | {s['aggregation']} | "
+            + " | ".join(cols)
+            + f" | {per_reply} | {pairwise or '—'} | {target} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m feddm_flower.bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -248,14 +727,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="wall time, or process CPU time (with --threads 1: work done, immune to load)",
     )
     codecs.add_argument("--markdown", action="store_true", help="a table instead of JSON")
-    codecs.set_defaults(run=run_codecs)
+    codecs.set_defaults(run=run_codecs, markdown_fn=markdown)
+
+    server = commands.add_parser(
+        "server-memory",
+        help="ServerApp peak memory in one round vs the number of replies",
+        description="Peak RSS growth of the ServerApp process over one round of the real "
+        "FedDM strategy, each setting in a fresh process, against a grid that builds each "
+        "reply when it is pulled.",
+    )
+    server.add_argument(
+        "--model",
+        nargs="+",
+        choices=sorted(SERVER_MODELS),
+        default=["paper-32"],
+        help="paper-32: build_unet('paper', 32, 3); tiny: build_unet('tiny', 28, 1)",
+    )
+    server.add_argument(
+        "--replies", nargs="+", type=int, default=[2, 8, 32], metavar="N", help="replies per round"
+    )
+    server.add_argument("--uplinks", nargs="+", choices=UPLINKS, default=["fp32", "int8"])
+    server.add_argument("--aggregations", nargs="+", choices=AGGREGATIONS, default=["mean"])
+    server.add_argument(
+        "--max-held-replies",
+        type=int,
+        default=8,
+        help="skip larger N for the aggregations that hold every reply (their peak grows by "
+        "about two fp32 models per reply)",
+    )
+    server.add_argument("--threads", type=int, help="torch intra-op threads in each process")
+    server.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="fresh processes per setting; the median peak is reported (the table adds the "
+        "range): where the C allocator places blocks, and when the cyclic GC runs, move the "
+        "peak of identical runs by up to about two fp32 models",
+    )
+    server.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="settings measured at once, each in its own process (RSS is per process; the "
+        "machine needs the memory of all of them)",
+    )
+    server.add_argument("--markdown", action="store_true", help="a table instead of JSON")
+    server.add_argument("--cell", help=argparse.SUPPRESS)  # model:uplink:aggregation:N
+    server.set_defaults(run=run_server_memory, markdown_fn=server_memory_markdown)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     report = args.run(args)
-    print(markdown(report) if args.markdown else json.dumps(report, indent=2))
+    as_table = args.markdown and not getattr(args, "cell", None)
+    print(args.markdown_fn(report) if as_table else json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

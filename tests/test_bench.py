@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -29,3 +30,60 @@ def test_codec_benchmark_prints_a_markdown_table(capsys: pytest.CaptureFixture) 
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].startswith("| model (parameters) | bits | block |")
     assert len(rows) == 2 + 8 and all(r.startswith("| tiny 28px (0.27 M) | int") for r in rows[2:])
+
+
+def test_server_memory_benchmark_aggregates_every_reply(capsys: pytest.CaptureFixture) -> None:
+    argv = ["server-memory", "--model", "tiny", "--replies", "2", "8", "--uplinks", "fp32"]
+    bench.main([*argv, "int8", "--threads", "1", "--jobs", "2"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["benchmark"] == "server-memory" and report["skipped"] == []
+    cells = {(c["uplink"], c["replies"]): c for c in report["cells"]}
+    assert sorted(cells) == [("fp32", 2), ("fp32", 8), ("int8", 2), ("int8", 8)]
+    for (_, n), cell in cells.items():
+        # The real strategy took every reply of the round and produced a new global model.
+        assert cell["train_replies_served"] == cell["accepted_train_replies"] == n
+        assert cell["evaluate_replies_served"] == n and cell["rejected_train_replies"] == 0
+        assert cell["aggregated"] and set(cell["train_metrics"]) >= {"train-loss"}
+        assert cell["evaluate_metrics"]["eval-loss"] == pytest.approx(0.1)
+        # The mean of n independent N(0, s^2) updates of P values has norm ~ s * sqrt(P / n).
+        expected = cell["noise_std"] * math.sqrt(cell["parameters"] / n)
+        assert 0.8 < cell["global_update_norm"] / expected < 1.2
+        for key in ("peak_delta_bytes", "sampled_peak_delta_bytes", "rss_before_bytes"):
+            assert cell[key] > 0
+        assert cell["seconds"] > 0 and cell["fp32_model_bytes"] == 4 * cell["parameters"]
+    assert {(s["uplink"], s["aggregation"]) for s in report["series"]} == {
+        ("fp32", "mean"),
+        ("int8", "mean"),
+    }
+    for series in report["series"]:
+        assert series["replies"] == [2, 8] and series["target"] == bench.MAX_GROWTH_PER_REPLY
+        assert math.isfinite(series["growth_per_reply"]) and series["pass"] in (True, False)
+        assert series["verdict"] == ("PASS" if series["pass"] else "FAIL")
+
+
+def _cell(aggregation: str, replies: int, peak_mib: float) -> dict[str, object]:
+    """One run's record as ``measure_server_round`` writes it (tiny numbers, 1 MiB model)."""
+    peak = peak_mib * 2**20
+    return {"model": "tiny", "uplink": "fp32", "aggregation": aggregation, "replies": replies,
+            "fp32_model_bytes": 2**20, "peak_delta_bytes": peak, "sampled_peak_delta_bytes": peak,
+            "maxrss_delta_bytes": peak, "rss_before_bytes": 2**30, "rss_after_bytes": 2**30,
+            "seconds": 1.0, "train_replies_served": replies, "evaluate_replies_served": replies,
+            "accepted_train_replies": replies, "rejected_train_replies": 0, "aggregated": True,
+            "hiwater_reset": True}  # fmt: skip
+
+
+def test_server_memory_growth_and_markdown_table() -> None:
+    repeated = bench.combine_runs([_cell("median", 8, p) for p in (20, 15, 16)])
+    assert repeated["peak_delta_bytes"] == 16 * 2**20 and repeated["repeats"] == 3
+    mean = [_cell("mean", 2, 3), _cell("mean", 8, 3.5)]
+    report = {"series": [bench.growth(mean), bench.growth([_cell("median", 2, 4), repeated])]}
+    assert report["series"][0]["growth_per_reply"] == pytest.approx(0.5 / 6)
+    rows = bench.server_memory_markdown(report).splitlines()
+    assert rows[0].startswith("| model (fp32 size) | uplink | aggregation | peak Δ N=2 |")
+    assert rows[2] == (
+        "| tiny (1 MiB) | fp32 | mean | 3 MiB | 4 MiB | 0.083 | 2→8: 0.083 | ≤ 0.1 | **PASS** |"
+    )
+    assert rows[3] == (
+        "| tiny (1 MiB) | fp32 | median | 4 MiB | 16 MiB (15–20) | 2.000 | 2→8: 2.000 | — "
+        "| holds every reply (no streaming target) |"
+    )
