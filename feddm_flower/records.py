@@ -27,7 +27,8 @@ def message_bytes(content: RecordDict) -> int:
 
 def array_bytes(content: RecordDict) -> int:
     """Bytes of the message's ArrayRecords alone."""
-    return sum(record.count_bytes() for record in content.array_records.values())
+    # Not content.array_records: its view keeps the message alive in a reference cycle.
+    return sum(r.count_bytes() for r in content.values() if isinstance(r, ArrayRecord))
 
 
 def to_record(state: State, dtype: str = "fp32") -> ArrayRecord:

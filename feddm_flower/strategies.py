@@ -299,13 +299,15 @@ class FedDMStrategy(Strategy):
         names = set(msg.content.keys())
         if names != expected:
             raise InvalidReply(f"records {sorted(names)}, expected {sorted(expected)}")
-        if len(msg.content.metric_records) != 1:
+        # Not content.metric_records: its view keeps the reply alive in a reference cycle.
+        metric_records = [k for k, v in msg.content.items() if isinstance(v, MetricRecord)]
+        if metric_records != ["metrics"]:
             raise InvalidReply("expected exactly one MetricRecord, named 'metrics'")
 
     @staticmethod
     def _metrics(content: RecordDict, keys: tuple[str, ...]) -> tuple[float, dict[str, float]]:
-        record = content.metric_records.get("metrics")
-        if record is None:
+        record = content.get("metrics")
+        if not isinstance(record, MetricRecord):
             raise InvalidReply("no MetricRecord 'metrics'")
         weight = check_examples(record.get(WEIGHT_KEY))
         metrics = {}
