@@ -61,12 +61,13 @@ def update_norm(update: State) -> float:
 
 @dataclass
 class Contribution:
-    """One accepted reply: who sent it, its weight, its fp32 update and its update norm."""
+    """One accepted reply: who sent it, its weight, fp32 update, update norm and metrics."""
 
     node: int
     weight: float
     update: State
     norm: float
+    metrics: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,8 @@ class InfluenceBound:
     """Bounded influence of one reply, relative to the round's reference replies.
 
     The reference is the median weight and the median update norm of the first
-    ``reference_size`` accepted replies of the round (all of them for aggregations that hold
-    every reply anyway). A contribution's weight is capped at ``weight_bound`` x the median
+    ``reference_size`` accepted replies of the round (0: all of them, for aggregations that
+    hold every reply anyway). A contribution's weight is capped at ``weight_bound`` x the median
     weight and its update is scaled down to at most ``norm_bound`` x the median norm; 0 turns
     a bound off. As long as most reference replies are honest, a weighted mean of bounded
     updates is itself no longer than ``norm_bound`` x a typical honest update, whatever the
@@ -106,6 +107,31 @@ class InfluenceBound:
             c.norm = max_norm
         c.weight = min(c.weight, max_weight)
         return c
+
+
+class BoundedStream:
+    """Contributions in, bounded contributions out: the first ``reference_size`` are held
+    until they set the round's limits, every later one passes straight through."""
+
+    def __init__(self, bound: InfluenceBound) -> None:
+        self.bound = bound
+        self.pending: list[Contribution] = []
+        self.limits: tuple[float, float] | None = None
+
+    def push(self, c: Contribution) -> list[Contribution]:
+        """The contributions ready to aggregate now (bounded), possibly none yet."""
+        if self.limits is not None:
+            return [self.bound.apply(c, *self.limits)]
+        self.pending.append(c)
+        return self.flush() if len(self.pending) == self.bound.reference_size else []
+
+    def flush(self) -> list[Contribution]:
+        """The held contributions, bounded by the limits they set (at the end of a round)."""
+        if self.pending and self.limits is None:
+            self.limits = self.bound.limits(self.pending)
+        ready = [self.bound.apply(c, *self.limits) for c in self.pending]
+        self.pending = []
+        return ready
 
 
 class RunningMean:

@@ -41,6 +41,7 @@ from flwr.supercore import log
 
 from .accounting import CommLedger
 from .aggregation import (
+    BoundedStream,
     Contribution,
     InfluenceBound,
     InvalidReply,
@@ -204,19 +205,19 @@ class FedDMStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Guard, bound and combine the replies, then take the optimizer's step."""
-        reference: list[tuple[Contribution, dict[str, float]]] = []
-        limits: tuple[float, float] | None = None
+        stream = BoundedStream(self.bound)
         mean = RunningMean(self.global_state) if self.aggregator is None else None
         held: list[Contribution] = []
         records: list[RecordDict] = []
 
-        def fold(c: Contribution, metrics: dict[str, float]) -> None:
-            c = InfluenceBound.apply(c, *limits)
-            records.append(RecordDict({"metrics": MetricRecord({**metrics, WEIGHT_KEY: c.weight})}))
-            if mean is not None:
-                mean.add(c.update, c.weight)
-            else:
-                held.append(c)
+        def fold(ready: list[Contribution]) -> None:
+            for c in ready:
+                metrics = MetricRecord({**c.metrics, WEIGHT_KEY: c.weight})
+                records.append(RecordDict({"metrics": metrics}))
+                if mean is not None:
+                    mean.add(c.update, c.weight)  # and the update is dropped
+                else:
+                    held.append(c)
 
         replied: set[int] = set()
         for msg in replies:
@@ -226,24 +227,10 @@ class FedDMStrategy(Strategy):
             replied.add(node)
             self._count_up(server_round, msg)
             try:
-                c, metrics = self.contribution(msg, node)
+                fold(stream.push(self.contribution(msg, node)))
             except InvalidReply as exc:
                 self._reject(server_round, "train", node, str(exc))
-                continue
-            if limits is not None:
-                fold(c, metrics)
-                continue
-            reference.append((c, metrics))
-            if len(reference) == self.bound.reference_size:
-                limits = self.bound.limits([c for c, _ in reference])
-                for c, metrics in reference:
-                    fold(c, metrics)
-                reference.clear()
-        if reference:
-            limits = self.bound.limits([c for c, _ in reference])
-            for c, metrics in reference:
-                fold(c, metrics)
-            reference.clear()
+        fold(stream.flush())
         self._note_missing(server_round, replied)
         log(INFO, "Round %d: %d training replies accepted", server_round, len(records))
         if len(records) < self.min_replies:
@@ -283,14 +270,14 @@ class FedDMStrategy(Strategy):
 
     # ---------------------------------------------------------------------------- the guard
 
-    def contribution(self, msg: Message, node: int) -> tuple[Contribution, dict[str, float]]:
-        """A training reply as (fp32 update with its weight and norm, aggregated metrics);
+    def contribution(self, msg: Message, node: int) -> Contribution:
+        """A training reply as its fp32 update, weight, norm and aggregated metrics;
         :class:`InvalidReply` with the reason if any part of it is unusable."""
         key = uplink_key(self.uplink)
         self._check_records(msg, {key, "metrics"})
         weight, metrics = self._metrics(msg.content, TRAIN_METRICS)
         update = decode_uplink(msg.content[key], self.uplink, self.global_state)
-        return Contribution(node, weight, update, update_norm(update)), metrics
+        return Contribution(node, weight, update, update_norm(update), metrics)
 
     @staticmethod
     def _check_records(msg: Message, expected: set[str]) -> None:

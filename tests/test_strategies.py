@@ -25,7 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feddm_flower.aggregation import InfluenceBound, RunningMean
+from feddm_flower.aggregation import BoundedStream, Contribution, InfluenceBound, RunningMean
 from feddm_flower.codecs import decode_update, encode_update
 from feddm_flower.config import RunConfig
 from feddm_flower.records import payload_record
@@ -411,3 +411,17 @@ def test_fedadam_state_survives_a_restart() -> None:
     for rnd in (3, 4):
         after_two = _round(blank, rnd, after_two)
     assert not torch.equal(_weights(after_two)["w"], _weights(arrays)["w"])
+
+
+def test_the_first_three_replies_set_the_limits_for_the_round() -> None:
+    def contribution(norm: float, weight: float) -> Contribution:
+        update = {"w": torch.tensor([norm, 0.0])}
+        return Contribution(0, weight, update, norm, {})
+
+    stream = BoundedStream(InfluenceBound(norm_bound=1.5, weight_bound=2.0))
+    assert stream.push(contribution(1.0, 10)) == [] and stream.push(contribution(4.0, 30)) == []
+    ready = stream.push(contribution(2.0, 20))  # medians: norm 2, weight 20
+    assert [(c.norm, c.weight) for c in ready] == [(1.0, 10), (3.0, 30), (2.0, 20)]
+    torch.testing.assert_close(ready[1].update["w"], torch.tensor([3.0, 0.0]))
+    [late] = stream.push(contribution(100.0, 1e9))  # later replies pass straight through
+    assert (late.norm, late.weight) == (3.0, 40.0) and stream.flush() == []
