@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import difflib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,9 +153,7 @@ class RunConfig:
         fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
         for key in raw:
             if key not in fields:
-                raise ConfigError(
-                    f"unknown run-config key {key!r}; allowed keys: {', '.join(sorted(fields))}"
-                )
+                raise _unknown_key(key, fields)
         values = {}
         for key, f in fields.items():
             value = raw.get(key, f.default)
@@ -164,6 +163,14 @@ class RunConfig:
                 raise ConfigError(f"run-config {key}={value!r} is invalid: allowed is {allowed}")
             values[f.name] = value
         return _apply_shortcut(cls(**values))
+
+    @classmethod
+    def key_type(cls, key: str) -> type:
+        """The type of run-config ``key`` (bool, int, float or str); ConfigError if unknown."""
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        if key not in fields:
+            raise _unknown_key(key, fields)
+        return type(fields[key].default)
 
     @property
     def label(self) -> str:
@@ -181,6 +188,14 @@ class RunConfig:
     def to_dict(self) -> dict[str, Value]:
         """Dashed-key dict, as written to ``run_config.json`` and accepted by ``from_mapping``."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+
+def _unknown_key(key: str, known: Iterable[str]) -> ConfigError:
+    """The error for an unknown key: the closest known key, if one is close, then all of them."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
+    return ConfigError(f"unknown run-config key {key!r}{hint} allowed keys: {', '.join(known)}")
 
 
 def _apply_shortcut(cfg: RunConfig) -> RunConfig:

@@ -84,6 +84,40 @@ def test_unknown_key_lists_the_allowed_keys() -> None:
 
 
 @pytest.mark.parametrize(
+    ("given", "meant"),
+    [
+        ("uplnk", "uplink"),
+        ("downlink_dtype", "downlink-dtype"),
+        ("proximal-m", "proximal-mu"),
+        ("server-optimiser", "server-optimizer"),
+        ("num-server-round", "num-server-rounds"),
+    ],
+)
+def test_unknown_key_names_the_closest_known_key(given: str, meant: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_mapping({given: 1})
+    assert str(err.value).startswith(
+        f"unknown run-config key {given!r}; did you mean {meant!r}? allowed keys: aggregation, "
+    )
+    with pytest.raises(ConfigError, match=f"did you mean {meant!r}"):
+        RunConfig.key_type(given)
+
+
+def test_unknown_key_far_from_every_key_gets_no_guess() -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_mapping({"zzzz": 1})
+    assert "did you mean" not in str(err.value)
+    assert str(err.value).startswith("unknown run-config key 'zzzz'; allowed keys: aggregation")
+
+
+def test_key_type_is_the_type_of_the_default() -> None:
+    assert RunConfig.key_type("uplink") is str
+    assert RunConfig.key_type("proximal-mu") is float
+    assert RunConfig.key_type("num-server-rounds") is int
+    assert RunConfig.key_type("channels-last") is bool
+
+
+@pytest.mark.parametrize(
     ("shortcut", "overrides", "expected"),
     [
         ("vanilla", {}, {"proximal_mu": 0.0, "uplink": "fp32"}),
