@@ -34,9 +34,17 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from feddm_flower.codecs import decode_update, encode_update, fp32_bytes
+from feddm_flower.codecs import (
+    DEFAULT_ZSTD_LEVEL,
+    FLAG_ZSTD,
+    decode_update,
+    encode_update,
+    fp32_bytes,
+)
 from feddm_flower.config import AGGREGATIONS, UPLINKS
-from feddm_flower.models import build_unet
+from feddm_flower.data import load_dataset
+from feddm_flower.diffusion import train_local
+from feddm_flower.models import build_scheduler, build_unet
 from feddm_flower.records import decode_uplink, encode_uplink, uplink_key
 
 MODELS: tuple[tuple[str, int, int], ...] = (("tiny", 28, 1), ("paper", 28, 1), ("paper", 32, 3))
@@ -47,6 +55,12 @@ MIN_RATIO = {8: 3.9, 4: 7.5}
 RATIO_MIN_BLOCK_SIZE = 256
 MAX_TIME_VS_COPY = 3.0
 _QMAX = {8: 127, 4: 7}
+# ``--source train``: AdamW steps (the apps' learning rate) and minibatch size per preset. The
+# paper presets take seconds a step on a CPU, so they get a few small steps only.
+TRAIN_STEPS = {"tiny": 50, "paper": 12}
+TRAIN_BATCH = {"tiny": 64, "paper": 8}
+TRAIN_LR = 3e-3
+TRAIN_IMAGES = 4096
 
 
 def _log(message: str) -> None:
@@ -82,14 +96,47 @@ def _copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in tensors.items()}
 
 
+def training_images(image_size: int, channels: int, data_root: str = "") -> torch.Tensor:
+    """The first TRAIN_IMAGES FashionMNIST training images (uint8) in a model's input shape:
+    zero-padded (the background) from 28 px to ``image_size``, the channel repeated."""
+    images = load_dataset("fashion-mnist", data_root, limit=TRAIN_IMAGES).images
+    pad = image_size - images.shape[-1]
+    if pad < 0:
+        raise ValueError(f"cannot fit 28 px FashionMNIST into {image_size} px")
+    if pad:
+        images = torch.nn.functional.pad(images, (pad // 2, pad - pad // 2) * 2)
+    return images.expand(-1, channels, -1, -1).contiguous()
+
+
 def model_update(
-    preset: str, image_size: int, channels: int, source: str
+    preset: str,
+    image_size: int,
+    channels: int,
+    source: str,
+    train_steps: int | None = None,
+    data_root: str = "",
 ) -> dict[str, torch.Tensor]:
-    """A realistic update for a preset: seed-1 weights minus seed-0 weights, or N(0, 1e-3^2)."""
-    base = build_unet(preset, image_size, channels, seed=0).state_dict()
+    """An update for a preset: ``train`` = weights after local training from the seed-0
+    initialisation minus that initialisation (what a client sends in its first round, see
+    :func:`training_images` and TRAIN_STEPS); ``diff`` = seed-1 minus seed-0 weights;
+    ``normal`` = N(0, 1e-3^2) noise."""
+    unet = build_unet(preset, image_size, channels, seed=0)
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
     if source == "normal":
         gen = torch.Generator().manual_seed(0)
         return {k: torch.randn(v.shape, generator=gen) * 1e-3 for k, v in base.items()}
+    if source == "train":
+        train_local(
+            unet,
+            build_scheduler(),
+            training_images(image_size, channels, data_root),
+            batch_size=TRAIN_BATCH[preset],
+            lr=TRAIN_LR,
+            steps=TRAIN_STEPS[preset] if train_steps is None else train_steps,
+            seed=0,
+            label=f"bench {preset} {image_size}px",
+        )
+        return {k: v.detach() - base[k] for k, v in unet.state_dict().items()}
     other = build_unet(preset, image_size, channels, seed=1).state_dict()
     return {k: other[k] - v for k, v in base.items()}
 
@@ -126,26 +173,40 @@ def bench_codec(
     block_size: int,
     repeats: int,
     clock: Callable[[], float] = time.perf_counter,
+    zstd_level: int = DEFAULT_ZSTD_LEVEL,
 ) -> dict[str, Any]:
-    """Size, speed and error of one codec setting.
+    """Size, speed and error of one codec setting, without and with the lossless (zstd) stage.
 
     After one untimed round (plans and metadata are cached, as in later federated rounds),
-    copy, encode and decode are timed round-robin so that background load hits all three
-    alike. Times are medians over ``repeats``; the ``*_min`` ratios use the fastest runs,
-    which are steadier on a busy machine.
+    copy, encode and decode, then encode and decode with ``lossless=True``, are timed
+    round-robin so that background load hits all of them alike. Times are medians over
+    ``repeats``; the ``*_min`` ratios use the fastest runs, which are steadier on a busy machine.
     """
-    payload = encode_update(update, bits=bits, block_size=block_size)
-    decode_update(payload)
-    times: dict[str, list[float]] = {"copy": [], "encode": [], "decode": []}
+    kwargs = {"bits": bits, "block_size": block_size}
+    lossless = {**kwargs, "lossless": True, "zstd_level": zstd_level}
+    decode_update(encode_update(update, **kwargs))
+    decode_update(encode_update(update, **lossless))
+    times: dict[str, list[float]] = {
+        "copy": [],
+        "encode": [],
+        "decode": [],
+        "lossless_encode": [],
+        "lossless_decode": [],
+    }
     for _ in range(repeats):
         times["copy"].append(_timed(clock, _copy, update)[0])
-        seconds, payload = _timed(clock, encode_update, update, bits=bits, block_size=block_size)
+        seconds, payload = _timed(clock, encode_update, update, **kwargs)
         times["encode"].append(seconds)
         seconds, decoded = _timed(clock, decode_update, payload)
         times["decode"].append(seconds)
+        seconds, packed = _timed(clock, encode_update, update, **lossless)
+        times["lossless_encode"].append(seconds)
+        seconds, unpacked = _timed(clock, decode_update, packed)
+        times["lossless_decode"].append(seconds)
     median = {k: statistics.median(v) for k, v in times.items()}
     fastest = {k: min(v) for k, v in times.items()}
     ratio = fp32_bytes(update) / len(payload)
+    same = all(torch.equal(unpacked[k], v) for k, v in decoded.items())
     return {
         "bits": bits,
         "block_size": block_size,
@@ -160,6 +221,19 @@ def bench_codec(
         "encode_vs_copy_min": fastest["encode"] / fastest["copy"],
         "decode_vs_copy_min": fastest["decode"] / fastest["copy"],
         **error_stats(update, decoded, bits, block_size),
+        # The lossless stage: its payload, the extra ratio over the plain payload (1.0 when
+        # zstd would not make it smaller), and its time, also as extra seconds.
+        "lossless_used": packed[6] & FLAG_ZSTD == FLAG_ZSTD,
+        "lossless_payload_bytes": len(packed),
+        "lossless_ratio": fp32_bytes(update) / len(packed),
+        "lossless_gain": len(payload) / len(packed),
+        "lossless_decodes_same": same and list(unpacked) == list(decoded),
+        "lossless_encode_s": median["lossless_encode"],
+        "lossless_decode_s": median["lossless_decode"],
+        "lossless_extra_encode_s": median["lossless_encode"] - median["encode"],
+        "lossless_extra_decode_s": median["lossless_decode"] - median["decode"],
+        "lossless_encode_vs_copy": median["lossless_encode"] / median["copy"],
+        "lossless_decode_vs_copy": median["lossless_decode"] / median["copy"],
     }
 
 
@@ -184,15 +258,19 @@ def markdown(report: dict[str, Any]) -> str:
     """The ``codecs`` report as a Markdown table, one row per model, bits and block size."""
     lines = [
         "| model (parameters) | bits | block | payload bytes | fp32 / payload "
-        "| encode ÷ copy | decode ÷ copy | max error (steps) | rel. L2 error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| encode ÷ copy | decode ÷ copy | max error (steps) | rel. L2 error "
+        "| zstd: extra ratio | zstd: fp32 / payload | zstd: encode ÷ copy | zstd: decode ÷ copy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in report["models"]:
         name = f"{m['preset']} {m['image_size']}px ({m['elements'] / 1e6:.2f} M)"
         lines += [
             f"| {name} | int{r['bits']} | {r['block_size']} | {r['payload_bytes']:,} "
             f"| {r['ratio']:.3f} | {r['encode_vs_copy']:.1f} | {r['decode_vs_copy']:.1f} "
-            f"| {r['max_error_in_steps']:.3f} | {r['rel_l2_error']:.4f} |"
+            f"| {r['max_error_in_steps']:.3f} | {r['rel_l2_error']:.4f} "
+            f"| {r['lossless_gain']:.3f}{'' if r['lossless_used'] else ' (off)'} "
+            f"| {r['lossless_ratio']:.3f} | {r['lossless_encode_vs_copy']:.1f} "
+            f"| {r['lossless_decode_vs_copy']:.1f} |"
             for r in m["runs"]
         ]
     return "\n".join(lines)
@@ -207,12 +285,18 @@ def run_codecs(args: argparse.Namespace) -> dict[str, Any]:
     for preset, image_size, channels in MODELS:
         if args.models and f"{preset}{image_size}" not in args.models:
             continue
-        update = model_update(preset, image_size, channels, args.source)
+        _log(f"codecs: {preset} {image_size}px update ({args.source})")
+        update = model_update(
+            preset, image_size, channels, args.source, args.train_steps, args.data_root
+        )
         runs = []
         for bits in BITS:
             for block_size in BLOCK_SIZES:
                 _log(f"codecs: {preset} {image_size}px bits={bits} block_size={block_size}")
-                runs.append(bench_codec(update, bits, block_size, args.repeats, CLOCKS[args.clock]))
+                clock = CLOCKS[args.clock]
+                runs.append(
+                    bench_codec(update, bits, block_size, args.repeats, clock, args.zstd_level)
+                )
         models.append(
             {
                 "preset": preset,
@@ -221,6 +305,12 @@ def run_codecs(args: argparse.Namespace) -> dict[str, Any]:
                 "tensors": len(update),
                 "elements": sum(v.numel() for v in update.values()),
                 "fp32_bytes": fp32_bytes(update),
+                "train_steps": (
+                    (TRAIN_STEPS[preset] if args.train_steps is None else args.train_steps)
+                    if args.source == "train"
+                    else None
+                ),
+                "train_batch": TRAIN_BATCH[preset] if args.source == "train" else None,
                 "runs": runs,
             }
         )
@@ -229,6 +319,7 @@ def run_codecs(args: argparse.Namespace) -> dict[str, Any]:
         "source": args.source,
         "repeats": args.repeats,
         "clock": args.clock,
+        "zstd_level": args.zstd_level,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_pressure_avg10": {"before": pressure_before, "after": _cpu_pressure()},
@@ -705,9 +796,25 @@ def build_parser() -> argparse.ArgumentParser:
     codecs.add_argument("--repeats", type=int, default=7, help="timed repeats per setting")
     codecs.add_argument(
         "--source",
-        choices=("diff", "normal"),
-        default="diff",
-        help="update = difference of two seeds' weights, or N(0, 1e-3^2) noise",
+        choices=("train", "diff", "normal"),
+        default="train",
+        help="update = trained minus initial weights (AdamW, lr 3e-3, on the first "
+        f"{TRAIN_IMAGES} FashionMNIST training images, padded and channel-repeated for 32 px "
+        "RGB models), the difference of two seeds' weights, or N(0, 1e-3^2) noise",
+    )
+    codecs.add_argument(
+        "--train-steps",
+        type=int,
+        help="training steps for --source train (default: "
+        + ", ".join(f"{p} {n} steps of batch {TRAIN_BATCH[p]}" for p, n in TRAIN_STEPS.items())
+        + ")",
+    )
+    codecs.add_argument("--data-root", default="", help="dataset directory ('' = the cache)")
+    codecs.add_argument(
+        "--zstd-level",
+        type=int,
+        default=DEFAULT_ZSTD_LEVEL,
+        help=f"zstd level of the lossless stage (default {DEFAULT_ZSTD_LEVEL})",
     )
     codecs.add_argument(
         "--models",

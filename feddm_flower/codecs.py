@@ -2,11 +2,13 @@
 
 Clients send their update (local weights minus the received global weights) as one
 self-describing payload: float tensors are quantized blockwise to int8 or int4 with one
-absmax scale per block, every other tensor travels losslessly as raw bytes.
+absmax scale per block, every other tensor travels losslessly as raw bytes. Optionally
+(``encode_update(..., lossless=True)``) the scales and levels then pass through zstd, kept
+only when that makes the payload smaller.
 
 Payload layout (all little-endian)::
 
-    header    16 B: magic b"FDMQ", u8 FORMAT_VERSION, u8 bits, u16 reserved (0),
+    header    16 B: magic b"FDMQ", u8 FORMAT_VERSION, u8 bits, u16 flags,
               u32 block_size, u32 metadata length (before padding)
     metadata  zlib-compressed JSON ``[[name, dtype, shape], ...]`` in payload order,
               zero-padded so that the data starts 8-byte aligned
@@ -26,6 +28,40 @@ follow from the shapes; the decoder checks that the sections add up to the paylo
 exactly, and rejects metadata that claims more than the payload's length can hold before
 laying anything out. Layouts and metadata are cached between calls, since every round
 repeats them (up to a size that real models stay well within).
+
+Lossless stage (flag bit 0, ``FLAG_ZSTD``): the scales and levels sections, ``D`` bytes
+together as the metadata implies, are replaced by one zstd frame of them, preceded by zero
+bytes only as described below; the header, metadata and raw sections are unchanged. Flags
+are a header bit rather than a new FORMAT_VERSION because a payload without the flag is
+byte for byte the format-2 payload it always was (old payloads decode, and
+``lossless=False`` writes exactly what older encoders wrote), while a decoder from before
+the flag refuses a flagged payload at its "reserved header field must be 0" check instead of
+misreading it. Other flag bits must be 0. The decoder learns the frame's section length
+``S`` as the payload length minus the other sections, and before it decompresses or lays
+out anything it requires, in plain integers:
+
+* ``D <= 64 * S`` (``_MAX_ZSTD_RATIO``): the claim is bounded by the payload's length, as
+  for plain payloads, only 64 times looser. Without it a payload of one megabyte could
+  claim some 32 GB (zstd's own format allows about 32768:1: a 4-byte RLE block
+  regenerates 128 KiB), all legitimately declared. Real updates compress far less (1.01-1.34x
+  measured, see docs/benchmarks.md); an update so sparse that zstd squeezes its section
+  below ``ceil(D / 64)`` bytes is not sent raw instead: the encoder puts zero bytes in
+  front of the frame up to exactly that length (a frame starts with the nonzero byte 0x28,
+  so the decoder strips them unambiguously; they are allowed only when ``S`` is exactly
+  ``ceil(D / 64)``), so such payloads stay 64 times smaller than the plain section.
+* ``S < D``: the encoder compresses only when that makes the payload smaller, so a
+  flagged payload that is not smaller is refused (this also rules out empty sections and
+  zstd's skippable frames, which hold their content uncompressed).
+* The frame is a zstd frame (magic 0xFD2FB528, no dictionary) whose header declares its
+  content size, and that size is exactly ``D``: the decompressor allocates what a frame
+  declares, so a frame declaring more than the metadata implies is refused before any
+  allocation, and one without a declared size is refused outright.
+
+The frame is then decompressed into exactly ``D`` bytes: one that regenerates more fails
+when the output is full, one that regenerates less or is followed by any stray byte fails
+too; the result goes through the same checks as a plain section (scales finite and in range,
+levels in range, int4 padding nibble). So a decoder holds at most ``D <= 64 * S`` bytes of
+inflated data beside its output tensors, whatever a frame holds.
 """
 
 from __future__ import annotations
@@ -44,11 +80,16 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
+import zstandard
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 FORMAT_VERSION: int = 2
 MAGIC = b"FDMQ"
 ALLOWED_BITS = (8, 4)
+FLAG_ZSTD = 1  # header flag: the scales and levels are one zstd frame
+# zstd level 1: zstd's default (3) makes trained paper-model payloads another 1-3 % smaller
+# for 1.4-2.5 times the compression time (docs/benchmarks.md).
+DEFAULT_ZSTD_LEVEL = 1
 
 
 class CodecError(ValueError):
@@ -62,6 +103,11 @@ _INT4_OFFSET = 8
 _MAX_NDIM = 64
 # Cap on the inflated metadata, so a tiny hostile payload cannot inflate to gigabytes.
 _MAX_METADATA = 64 << 20
+# The scales and levels a zstd section claims are at most this many times its length (see the
+# module docstring); zstd levels the encoder accepts.
+_MAX_ZSTD_RATIO = 64
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_LEVELS = range(1, zstandard.MAX_COMPRESSION_LEVEL + 1)
 # Metadata, layouts and templates are cached between calls (every round repeats them) for
 # payloads whose metadata inflates to at most _CACHED_METADATA bytes and lists at most
 # _CACHED_TENSORS float tensors: real models fit easily (about 70 bytes a tensor), while the
@@ -465,16 +511,21 @@ def encode_update(
     block_size: int,
     stochastic: bool = False,
     seed: int | None = None,
+    lossless: bool = False,
+    zstd_level: int = DEFAULT_ZSTD_LEVEL,
 ) -> bytes:
     """Encode a state-dict-like mapping of CPU tensors into one self-describing payload.
 
     Float tensors (float16/bfloat16/float32/float64) are quantized to ``bits`` in blocks of
     ``block_size`` values of their joint stream; other tensors are copied losslessly.
     ``stochastic`` rounds with noise from a generator seeded with ``seed`` (random when None),
-    so one seed gives one payload. Raises ValueError for bad parameters, unsupported dtypes or
-    non-finite floats.
+    so one seed gives one payload. ``lossless`` compresses the scales and levels with zstd at
+    ``zstd_level`` (1-22) and keeps that only if the payload gets smaller (header flag
+    FLAG_ZSTD); either way the payload decodes to the same tensors. Raises ValueError for bad
+    parameters, unsupported dtypes or non-finite floats.
     """
     _check_params(bits, block_size)
+    _check_lossless(lossless, zstd_level)
     _check_byteorder()
     schema = _schema(tuple((name, t.dtype, t.shape) for name, t in tensors.items()))
     values = list(tensors.values())
@@ -486,9 +537,50 @@ def encode_update(
     names = [schema.entries[i].name for i in schema.floats]
     scales, levels = _quantize(floats, names, stream, bits, rng, packed=bits == 4)
     raw = [values[i].to("cpu").contiguous().reshape(-1).view(torch.uint8) for i in schema.raws]
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, bits, 0, block_size, len(schema.metadata))
-    parts = [scales, levels, *raw]
-    return b"".join([header, schema.metadata, schema.padding, *(p.numpy() for p in parts)])
+    data, flags = [scales.numpy(), levels.numpy()], 0
+    if lossless:
+        section = _zstd_section(data, 4 * scales.numel() + levels.numel(), zstd_level)
+        if section is not None:
+            data, flags = section, FLAG_ZSTD
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, bits, flags, block_size, len(schema.metadata))
+    return b"".join([header, schema.metadata, schema.padding, *data, *(r.numpy() for r in raw)])
+
+
+def _check_lossless(lossless: bool, zstd_level: int) -> None:
+    if not isinstance(lossless, bool):
+        raise ValueError(f"lossless must be a bool, got {lossless!r}")
+    if not _is_int(zstd_level) or zstd_level not in _ZSTD_LEVELS:
+        raise ValueError(
+            f"zstd_level must be an int in [1, {_ZSTD_LEVELS[-1]}], got {zstd_level!r}"
+        )
+
+
+def _zstd_section(parts: Sequence[object], size: int, level: int) -> list[bytes] | None:
+    """The ``size`` bytes of ``parts`` (buffers) as a zstd section, zero bytes in front of the
+    frame up to ``ceil(size / _MAX_ZSTD_RATIO)``; None where that is not smaller."""
+    floor = -(-size // _MAX_ZSTD_RATIO)
+    if floor >= size:  # nothing a frame could save (a frame takes at least 9 bytes anyway)
+        return None
+    stream = _zstd_compressor(level).compressobj(size=size)  # declares the content size
+    frame = b"".join([*(stream.compress(part) for part in parts), stream.flush()])
+    if max(len(frame), floor) >= size:
+        return None
+    return [bytes(max(0, floor - len(frame))), frame]
+
+
+def _zstd_compressor(level: int) -> zstandard.ZstdCompressor:
+    """A per-thread compressor for ``level`` (they hold a context and are not thread-safe)."""
+    compressors = _scratch.__dict__.setdefault("zstd_compressors", {})
+    if level not in compressors:
+        compressors[level] = zstandard.ZstdCompressor(level=level)
+    return compressors[level]
+
+
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    decompressor = getattr(_scratch, "zstd_decompressor", None)
+    if decompressor is None:
+        decompressor = _scratch.zstd_decompressor = zstandard.ZstdDecompressor()
+    return decompressor
 
 
 def decode_update(
@@ -504,7 +596,7 @@ def decode_update(
     _check_byteorder()
     if len(payload) < _HEADER.size:
         raise CodecError(f"payload truncated: {len(payload)} bytes, header needs {_HEADER.size}")
-    magic, version, bits, reserved, block_size, meta_len = _HEADER.unpack_from(payload)
+    magic, version, bits, flags, block_size, meta_len = _HEADER.unpack_from(payload)
     if magic != MAGIC:
         raise CodecError(f"bad magic {magic!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
@@ -513,8 +605,10 @@ def decode_update(
         )
     if bits not in _QMAX:
         raise CodecError(f"unsupported bits {bits}, allowed: {ALLOWED_BITS}")
-    if reserved:
-        raise CodecError(f"reserved header field is {reserved}, must be 0")
+    if flags & ~FLAG_ZSTD:
+        raise CodecError(
+            f"header flags 0x{flags:04x} set reserved bits (known: 0x{FLAG_ZSTD:04x}), must be 0"
+        )
     if block_size == 0:
         raise CodecError("block_size is 0")
     data_start = -(-(_HEADER.size + meta_len) // _ALIGN) * _ALIGN
@@ -526,32 +620,52 @@ def decode_update(
     if expected is not None:
         _check_expected(entries, expected)
 
-    # A payload claims at most what its own length can hold: the sizes follow from the
-    # metadata alone, in plain integers, before anything is laid out or allocated from them.
+    # A payload claims at most what its own length can hold (a zstd section: 64 times its
+    # length): the sizes follow from the metadata alone, in plain integers, before anything
+    # is laid out, allocated or decompressed from them.
     floats = tuple(e for e in entries if e.quantized)
     numel = sum(e.numel for e in floats)
     n_blocks = -(-numel // block_size)
-    levels_at = data_start + 4 * n_blocks
     level_bytes = numel if bits == 8 else (numel + 1) // 2
-    raw_at = levels_at + level_bytes
-    total = raw_at + sum(e.raw_nbytes for e in entries)
-    if len(payload) < total:
-        values = numel + sum(e.numel for e in entries if not e.quantized)
-        raise CodecError(
-            f"payload truncated: metadata claims {_count(values)} values needing "
-            f"{_count(total)} bytes, payload has {len(payload)}"
-        )
-    if len(payload) > total:
-        raise CodecError(f"{len(payload) - total} trailing bytes after the data")
+    data_bytes = 4 * n_blocks + level_bytes  # scales and levels
+    raw_bytes = sum(e.raw_nbytes for e in entries)
+    values = numel + sum(e.numel for e in entries if not e.quantized)
+    if flags & FLAG_ZSTD:
+        zstd_bytes = len(payload) - data_start - raw_bytes
+        if zstd_bytes < 0 or data_bytes > _MAX_ZSTD_RATIO * zstd_bytes:
+            raise CodecError(
+                f"payload truncated: metadata claims {_count(values)} values needing "
+                f"{_count(data_bytes)} bytes of scales and levels, over {_MAX_ZSTD_RATIO} "
+                f"times the {max(zstd_bytes, 0)} bytes left for their zstd section and "
+                f"{_count(raw_bytes)} bytes of raw data, payload has {len(payload)}"
+            )
+        if zstd_bytes >= data_bytes:
+            raise CodecError(
+                f"zstd section of {zstd_bytes} bytes is not smaller than the {data_bytes} "
+                "bytes of scales and levels it holds (only smaller sections are compressed)"
+            )
+        data, data_at = _inflate(payload, data_start, zstd_bytes, data_bytes), 0
+        raw_at = data_start + zstd_bytes
+    else:
+        total = data_start + data_bytes + raw_bytes
+        if len(payload) < total:
+            raise CodecError(
+                f"payload truncated: metadata claims {_count(values)} values needing "
+                f"{_count(total)} bytes, payload has {len(payload)}"
+            )
+        if len(payload) > total:
+            raise CodecError(f"{len(payload) - total} trailing bytes after the data")
+        data, data_at = payload, data_start
+        raw_at = data_start + data_bytes
     cached = len(floats) <= _CACHED_TENSORS
     layout, templates = (_stream, _templates) if cached else (_stream.__wrapped__, _make_templates)
     stream = layout(tuple(e.numel for e in floats), block_size)
-    scales = _buffer_view(payload, torch.float32, data_start, n_blocks)
+    scales = _buffer_view(data, torch.float32, data_at, n_blocks)
     # NaN fails both comparisons, so this also rejects non-finite scales.
     if not bool(((scales >= 0) & (scales <= _MAX_SCALE[bits])).all()):
         raise CodecError(f"scales must be finite and in [0, {_MAX_SCALE[bits]:.6g}]")
     level_dtype = torch.int8 if bits == 8 else torch.uint8
-    section = _buffer_view(payload, level_dtype, levels_at, level_bytes)
+    section = _buffer_view(data, level_dtype, data_at + 4 * n_blocks, level_bytes)
     if bits == 4 and numel % 2 and section[-1].item() >> 4 != _INT4_OFFSET:
         raise CodecError("int4 padding nibble does not hold level 0")
 
@@ -575,6 +689,38 @@ def decode_update(
         out[e.name] = raw.view(e.torch_dtype).reshape(e.shape)
         offset += e.raw_nbytes
     return out
+
+
+def _inflate(payload: bytes, start: int, length: int, size: int) -> bytes:
+    """The ``size`` bytes of scales and levels held by the zstd section of ``length`` bytes at
+    ``start`` (``size <= _MAX_ZSTD_RATIO * length`` and ``length < size``: checked already)."""
+    frame = memoryview(payload).cast("B")[start : start + length]
+    if length == -(-size // _MAX_ZSTD_RATIO) and not frame[0]:  # zeros before a short frame
+        frame = frame[length - len(bytes(frame).lstrip(b"\0")) :]
+    if bytes(frame[: len(_ZSTD_MAGIC)]) != _ZSTD_MAGIC:
+        raise CodecError("zstd section does not hold a zstd frame (bad magic)")
+    try:
+        params = zstandard.get_frame_parameters(frame)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"zstd frame header is invalid: {exc}") from exc
+    # The decompressor allocates what the frame declares: it must be exactly what the
+    # metadata implies. An unknown size reads as 2**64 - 1 (or -1, depending on the backend).
+    if params.content_size != size:
+        unknown = params.content_size in (-1, 2**64 - 1)
+        declared = "none" if unknown else f"{params.content_size} bytes"
+        raise CodecError(
+            f"zstd frame declares a content size of {declared}, metadata implies {size} "
+            "bytes of scales and levels"
+        )
+    if params.dict_id:
+        raise CodecError(f"zstd frame needs dictionary {params.dict_id}")
+    try:
+        data = _zstd_decompressor().decompress(frame, max_output_size=size, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"zstd frame does not inflate to exactly {size} bytes: {exc}") from exc
+    if len(data) != size:
+        raise CodecError(f"zstd frame inflated to {len(data)} bytes, expected {size}")
+    return data
 
 
 def _count(n: int) -> str:

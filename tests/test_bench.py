@@ -11,25 +11,37 @@ from feddm_flower import bench
 
 
 def test_codec_benchmark_reports_sizes_speeds_and_errors(capsys: pytest.CaptureFixture) -> None:
-    bench.main(["codecs", "--models", "tiny28", "--repeats", "1", "--threads", "1"])
+    argv = ["codecs", "--models", "tiny28", "--repeats", "1", "--threads", "1"]
+    bench.main([*argv, "--train-steps", "5"])
     report = json.loads(capsys.readouterr().out)
     (model,) = report["models"]
+    assert report["source"] == "train" and model["train_steps"] == 5
     assert model["preset"] == "tiny" and len(model["runs"]) == 8
     for run in model["runs"]:
         assert run["max_error_in_steps"] <= 0.5 + 1e-6  # round to nearest: half a step at most
         assert 0 < run["rel_l2_error"] < (0.01 if run["bits"] == 8 else 0.2)
         assert run["ratio"] < 32 / run["bits"]
         assert run["copy_s"] > 0 and run["encode_vs_copy"] > 0 and run["decode_vs_copy"] > 0
+        # The lossless stage: never larger, the same tensors, timed.
+        assert run["lossless_decodes_same"]
+        assert run["lossless_gain"] >= 1 and run["lossless_used"] == (run["lossless_gain"] > 1)
+        assert run["lossless_ratio"] == pytest.approx(run["ratio"] * run["lossless_gain"])
+        assert run["lossless_encode_vs_copy"] > 0 and run["lossless_decode_vs_copy"] > 0
+        if run["bits"] == 4:  # nibble pairs of a trained update: zstd finds 10-30 %
+            assert run["lossless_used"] and run["lossless_gain"] > 1.05
     assert report["targets"]["ratio"]  # the size targets hold on every model
     worst = max(run["encode_vs_copy"] for run in model["runs"])
     assert report["targets"]["worst_encode_vs_copy"] == worst
 
 
 def test_codec_benchmark_prints_a_markdown_table(capsys: pytest.CaptureFixture) -> None:
-    bench.main(["codecs", "--models", "tiny28", "--repeats", "1", "--markdown"])
+    argv = ["codecs", "--models", "tiny28", "--repeats", "1", "--markdown"]
+    bench.main([*argv, "--source", "diff"])
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].startswith("| model (parameters) | bits | block |")
+    assert rows[0].endswith("| zstd: encode ÷ copy | zstd: decode ÷ copy |")
     assert len(rows) == 2 + 8 and all(r.startswith("| tiny 28px (0.27 M) | int") for r in rows[2:])
+    assert all(len(r.split("|")) == len(rows[0].split("|")) for r in rows)
 
 
 def test_server_memory_benchmark_aggregates_every_reply(capsys: pytest.CaptureFixture) -> None:

@@ -11,6 +11,7 @@ import json
 import math
 import struct
 import time
+import tracemalloc
 import zlib
 from collections.abc import Iterator
 from unittest import mock
@@ -19,11 +20,13 @@ import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+import zstandard
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from feddm_flower import codecs
 from feddm_flower.codecs import (
+    FLAG_ZSTD,
     FORMAT_VERSION,
     MAGIC,
     CodecError,
@@ -35,7 +38,7 @@ from feddm_flower.codecs import (
 from feddm_flower.models import build_unet
 
 QMAX = {8: 127, 4: 7}
-HEADER = struct.Struct("<4sBBHII")  # magic, version, bits, reserved, block_size, metadata length
+HEADER = struct.Struct("<4sBBHII")  # magic, version, bits, flags, block_size, metadata length
 FLT_MAX = float(np.finfo(np.float32).max)
 FLT_TRUE_MIN = 2.0**-149
 
@@ -495,14 +498,18 @@ def test_trailing_bytes_are_rejected(payload: bytes, extra: bytes) -> None:
         decode_update(payload + extra)
 
 
-HEADER_FIELDS = {"magic": 0, "version": 4, "bits": 5, "reserved": 6}
+HEADER_FIELDS = {"magic": 0, "version": 4, "bits": 5, "flags": 6}
 
 
 @SETTINGS
 @given(payload=payloads(), field=st.sampled_from(sorted(HEADER_FIELDS)), data=st.data())
 def test_header_fields_are_checked(payload: bytes, field: str, data: st.DataObject) -> None:
     offset = HEADER_FIELDS[field] + (data.draw(st.integers(0, 3)) if field == "magic" else 0)
+    if field == "flags":
+        offset += data.draw(st.integers(0, 1))  # u16: bit 0 is FLAG_ZSTD, the rest reserved
     allowed = {payload[offset]} | ({4, 8} if field == "bits" else set())
+    if field == "flags" and offset == 6:
+        allowed |= {b ^ FLAG_ZSTD for b in allowed}  # toggling the known flag: see below
     value = data.draw(st.integers(0, 255).filter(lambda b: b not in allowed))
     with pytest.raises(CodecError, match=field):
         decode_update(patched(payload, offset, bytes([value])))
@@ -762,3 +769,346 @@ def test_float64_beyond_float32_range_and_odd_dtypes_are_refused() -> None:
         encode_update({"x": torch.tensor([1e300], dtype=torch.float64)}, bits=8, block_size=4)
     with pytest.raises(ValueError, match="unsupported dtype"):
         encode_update({"x": torch.ones(2, dtype=torch.complex64)}, bits=8, block_size=4)
+
+
+# --- lossless stage (zstd) -----------------------------------------------------------------------
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+MAX_ZSTD_RATIO = 64  # the documented cap: scales and levels <= 64 x their zstd section
+RLE_RUN = 128 << 10  # zstd's largest block
+
+
+def flags(payload: bytes) -> int:
+    return HEADER.unpack_from(payload)[3]
+
+
+def data_bytes(payload: bytes) -> int:
+    """Bytes of scales and levels that a payload's metadata implies (the documented layout)."""
+    _, _, bits, _, block_size, meta_len = HEADER.unpack_from(payload)
+    meta = json.loads(zlib.decompress(payload[HEADER.size : HEADER.size + meta_len]))
+    n = sum(math.prod(shape) for _, dtype, shape in meta if dtype.startswith(("float", "bfloat")))
+    return 4 * -(-n // block_size) + (n if bits == 8 else (n + 1) // 2)
+
+
+def zstd_section(payload: bytes) -> tuple[int, int]:
+    """(start, length) of a flagged payload's zstd section: the data up to the raw tensors."""
+    start = sections(payload)["data"]
+    _, _, _, _, _, meta_len = HEADER.unpack_from(payload)
+    meta = json.loads(zlib.decompress(payload[HEADER.size : HEADER.size + meta_len]))
+    raw = sum(
+        math.prod(shape) * getattr(torch, dtype).itemsize
+        for _, dtype, shape in meta
+        if not dtype.startswith(("float", "bfloat"))
+    )
+    return start, len(payload) - start - raw
+
+
+def with_zstd_section(payload: bytes, section: bytes) -> bytes:
+    """``payload`` (flagged) with its zstd section replaced."""
+    start, length = zstd_section(payload)
+    return payload[:start] + section + payload[start + length :]
+
+
+def forged_zstd_payload(meta: list, bits: int, block_size: int, section: bytes) -> bytes:
+    """A flagged payload built by hand from metadata and a zstd section (no raw tensors)."""
+    blob = zlib.compress(json.dumps(meta).encode())
+    head = HEADER.pack(MAGIC, FORMAT_VERSION, bits, FLAG_ZSTD, block_size, len(blob)) + blob
+    return head + bytes(-len(head) % 8) + section
+
+
+def rle_frame(declared: int | None, regenerated: int) -> bytes:
+    """A zstd frame (RFC 8878) of RLE blocks that regenerates ``regenerated`` zero bytes and
+    declares ``declared`` as its content size (None: no size). Each block takes 4 bytes for up
+    to 128 KiB, zstd's own limit on the ratio (32768:1): a small frame, a huge output."""
+    descriptor = 0xC0 if declared is not None else 0x00  # 8-byte content size; not single-segment
+    head = ZSTD_MAGIC + bytes([descriptor, (17 - 10) << 3])  # window 2^17: room for a block
+    head += struct.pack("<Q", declared) if declared is not None else b""
+    sizes = [RLE_RUN] * (regenerated // RLE_RUN) + [regenerated % RLE_RUN] * bool(
+        regenerated % RLE_RUN
+    )
+
+    def block(size: int, last: bool) -> bytes:
+        return (last | 1 << 1 | size << 3).to_bytes(3, "little") + b"\0"  # type 1: RLE
+
+    full = block(RLE_RUN, False)
+    return head + b"".join([full * (len(sizes) - 1), block(sizes[-1], True)])
+
+
+def sparse_update(seed: int = 0, density: float = 0.05, n: int = 50_000) -> dict[str, torch.Tensor]:
+    """An update that is mostly zeros (levels and scales zstd shrinks), with a raw tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=gen) * (torch.rand(n, generator=gen) < density)
+    return {"w": w.view(50, -1), "steps": torch.tensor([3, 4]), "b": torch.randn(7, generator=gen)}
+
+
+def unet_update() -> dict[str, torch.Tensor]:
+    base = build_unet("tiny", 28, 1, seed=0).state_dict()
+    other = build_unet("tiny", 28, 1, seed=1).state_dict()
+    return {k: other[k] - v for k, v in base.items()}
+
+
+def assert_same_decode(a: bytes, b: bytes) -> None:
+    da, db = decode_update(a), decode_update(b)
+    assert list(da) == list(db)
+    for name, value in da.items():
+        assert db[name].dtype == value.dtype and torch.equal(db[name], value)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("make", [sparse_update, unet_update])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_lossless_round_trip_decodes_like_the_plain_payload(
+    bits: int, make: object, stochastic: bool
+) -> None:
+    update = make()  # type: ignore[operator]
+    kwargs = {"bits": bits, "block_size": 256, "stochastic": stochastic, "seed": 5}
+    plain = encode_update(update, **kwargs)
+    packed = encode_update(update, **kwargs, lossless=True)
+    assert flags(plain) == 0 and flags(packed) == FLAG_ZSTD and len(packed) < len(plain)
+    # Header (but the flag) and metadata are those of the plain payload; the data is a frame.
+    start = sections(plain)["data"]
+    assert packed[:6] == plain[:6] and packed[8:start] == plain[8:start]
+    assert packed[start : start + 4] == ZSTD_MAGIC
+    assert_same_decode(plain, packed)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in update.items()}
+    assert list(decode_update(packed, expected)) == list(update)
+    # Deterministic: one input, one payload.
+    assert packed == encode_update(update, **kwargs, lossless=True)
+
+
+@SETTINGS
+@given(
+    tensors=state_dicts(),
+    bits=bits_st,
+    block_size=block_st,
+    level=st.sampled_from([1, 3, 9, 19]),
+    sparse=st.booleans(),
+)
+def test_lossless_is_used_only_when_smaller_and_decodes_the_same(
+    tensors: dict[str, torch.Tensor], bits: int, block_size: int, level: int, sparse: bool
+) -> None:
+    if sparse:
+        tensors = {**tensors, "sparse": sparse_update(n=3000)["w"]}
+    plain = encode_update(tensors, bits=bits, block_size=block_size)
+    packed = encode_update(
+        tensors, bits=bits, block_size=block_size, lossless=True, zstd_level=level
+    )
+    if flags(packed) == 0:
+        assert packed == plain  # not smaller: the plain payload, byte for byte
+    else:
+        assert len(packed) < len(plain)
+        start, length = zstd_section(packed)
+        frame = packed[start : start + length].lstrip(b"\0")
+        dctx = zstandard.ZstdDecompressor()
+        assert dctx.decompress(frame) == plain[start : start + data_bytes(plain)]
+    assert_same_decode(plain, packed)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_incompressible_levels_stay_plain(bits: int) -> None:
+    # Uniform values give uniform levels: nothing for zstd to save (int4 nibble pairs still
+    # carry some redundancy, so int4 is checked on a payload too small to pay for a frame).
+    gen = torch.Generator().manual_seed(0)
+    n = 100_000 if bits == 8 else 300
+    update = {"x": torch.rand(n, generator=gen) * 2 - 1}
+    for block_size in (64, 4096):
+        plain = encode_update(update, bits=bits, block_size=block_size)
+        assert encode_update(update, bits=bits, block_size=block_size, lossless=True) == plain
+    # Mostly zeros: compressed, and much smaller.
+    x = torch.rand(100_000, generator=gen) * 2 - 1
+    sparse = {"x": x * (torch.rand(x.numel(), generator=gen) < 0.01)}
+    packed = encode_update(sparse, bits=bits, block_size=64, lossless=True)
+    assert flags(packed) == FLAG_ZSTD
+    assert len(packed) < len(encode_update(sparse, bits=bits, block_size=64)) / 3
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_zstd_section_is_padded_up_to_the_ratio_cap(bits: int) -> None:
+    # All zeros compress far beyond 64:1; the section is then exactly ceil(D / 64) bytes,
+    # zero bytes and the frame, and still decodes.
+    update = {"w": torch.zeros(200_000), "n": torch.tensor([1, 2, 3])}
+    packed = encode_update(update, bits=bits, block_size=64, lossless=True)
+    start, length = zstd_section(packed)
+    assert flags(packed) == FLAG_ZSTD and length == -(-data_bytes(packed) // MAX_ZSTD_RATIO)
+    section = packed[start : start + length]
+    frame = section.lstrip(b"\0")
+    assert frame.startswith(ZSTD_MAGIC) and len(frame) < length
+    assert zstandard.get_frame_parameters(frame).content_size == data_bytes(packed)
+    assert_same_decode(encode_update(update, bits=bits, block_size=64), packed)
+    # Padding is allowed only at the cap, and only up to it.
+    pad = length - len(frame)
+    for bad in (section[1:], b"\0" + section, section[:pad] + b"\0" + frame):
+        with pytest.raises(CodecError):
+            decode_update(with_zstd_section(packed, bad))
+
+
+def test_lossless_parameters_are_checked() -> None:
+    for level in (0, -1, 23, 3.0, True):
+        with pytest.raises(ValueError, match="zstd_level"):
+            encode_update(
+                {"x": torch.ones(3)}, bits=8, block_size=4, lossless=True, zstd_level=level
+            )  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lossless"):
+        encode_update({"x": torch.ones(3)}, bits=8, block_size=4, lossless=1)  # type: ignore[arg-type]
+
+
+def test_toggling_the_zstd_flag_is_rejected() -> None:
+    plain = encode_update(sparse_update(), bits=8, block_size=64)
+    packed = encode_update(sparse_update(), bits=8, block_size=64, lossless=True)
+    assert flags(packed) == FLAG_ZSTD
+    with pytest.raises(CodecError, match="not smaller"):
+        decode_update(patched(plain, 6, bytes([FLAG_ZSTD])))
+    with pytest.raises(CodecError, match="truncated"):
+        decode_update(patched(packed, 6, b"\0"))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_frame_content_size_must_equal_what_the_metadata_implies(bits: int) -> None:
+    packed = encode_update(sparse_update(), bits=bits, block_size=64, lossless=True)
+    start, length = zstd_section(packed)
+    data = zstandard.ZstdDecompressor().decompress(packed[start : start + length])
+    assert len(data) == data_bytes(packed)
+    cctx = zstandard.ZstdCompressor()
+    # A valid frame of the right data decodes (the helpers are right) ...
+    assert_same_decode(packed, with_zstd_section(packed, cctx.compress(data)))
+    # ... one of a byte more or less is refused, before it is decompressed.
+    for other in (data[:-1], data + b"\0", data + data):
+        with pytest.raises(CodecError, match="declares a content size"):
+            decode_update(with_zstd_section(packed, cctx.compress(other)))
+    # A frame that does not declare its size (streamed) is refused.
+    stream = cctx.compressobj()
+    unsized = stream.compress(data) + stream.flush()
+    assert zstandard.get_frame_parameters(unsized).content_size in (-1, 2**64 - 1)
+    with pytest.raises(CodecError, match="content size of none"):
+        decode_update(with_zstd_section(packed, unsized))
+    # Two frames, or a frame and a stray byte, are refused.
+    half = len(data) // 2
+    two = cctx.compress(data[:half]) + cctx.compress(data[half:])
+    with pytest.raises(CodecError):
+        decode_update(with_zstd_section(packed, two))
+    with pytest.raises(CodecError, match="unused data"):
+        decode_update(with_zstd_section(packed, cctx.compress(data) + b"\0"))
+    with pytest.raises(CodecError, match="magic"):
+        decode_update(with_zstd_section(packed, b"\0" + cctx.compress(data)))
+
+
+@contextlib.contextmanager
+def bomb_guard() -> Iterator[None]:
+    """Time the block (< 1 s) and trace its Python allocations, the decompressor's output
+    included: it must never have held more than 64 MiB at once."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert elapsed < 1.0
+    assert peak < 64 << 20, f"{peak} bytes allocated"
+
+
+def no_decompression(*args: object) -> None:
+    raise AssertionError("a frame was decompressed")
+
+
+def test_rle_frames_are_valid_zstd() -> None:
+    """The bombs below are valid frames: the decoder accepts one within the rules."""
+    for size in (1, RLE_RUN, 3 * RLE_RUN + 5):
+        frame = rle_frame(size, size)
+        assert zstandard.ZstdDecompressor().decompress(frame) == bytes(size)
+    # 2^20 zero levels and one zero scale: a 50-byte frame, padded in front to 1/64 of them.
+    size = 4 + 2**20
+    frame = rle_frame(size, size)
+    section = bytes(-(-size // MAX_ZSTD_RATIO) - len(frame)) + frame
+    payload = forged_zstd_payload([["x", "float32", [2**20]]], 8, 2**20, section)
+    assert torch.equal(decode_update(payload)["x"], torch.zeros(2**20))
+    with pytest.raises(CodecError, match="over 64 times"):  # the frame alone: 20000:1
+        decode_update(forged_zstd_payload([["x", "float32", [2**20]]], 8, 2**20, frame))
+
+
+@pytest.mark.parametrize("with_expected", [False, True])
+def test_zstd_bomb_claiming_a_huge_update_is_rejected_before_inflating(
+    with_expected: bool,
+) -> None:
+    # 2^33 zero levels (8 GiB) in a valid 256 KiB frame that declares them honestly and
+    # metadata that claims them: only the 64:1 cap stands between it and 8 GiB of memory.
+    claimed = 12 + 2**33  # 3 scales (block_size 2^32 - 1) and the levels
+    frame = rle_frame(claimed, claimed)
+    payload = forged_zstd_payload([["x", "float32", [2**33]]], 8, 2**32 - 1, frame)
+    expected = {"x": ((2**33,), torch.float32)} if with_expected else None
+    with (
+        mock.patch.object(codecs, "_stream", no_layouts),
+        mock.patch.object(codecs, "_zstd_decompressor", no_decompression),
+        bomb_guard(),
+        pytest.raises(CodecError, match=f"over 64 times the {len(frame)} bytes"),
+    ):
+        decode_update(payload, expected)
+
+
+def test_zstd_bomb_frames_are_rejected_without_inflating() -> None:
+    # Metadata claims 2^20 values (1 MiB of levels and one scale); each frame is ~32 KiB,
+    # within the 64:1 cap, but regenerates 1 GiB.
+    claimed, huge = 4 + 2**20, 2**30
+    meta = [["x", "float32", [2**20]]]
+    bombs = {
+        "declares a content size of 1073741824": rle_frame(huge, huge),  # declares the truth
+        "declares a content size of none": rle_frame(None, huge),
+        "inflate to exactly": rle_frame(claimed, huge),  # declares what the metadata implies
+    }
+    for match, frame in bombs.items():
+        assert len(frame) < claimed <= MAX_ZSTD_RATIO * len(frame)
+        with bomb_guard(), pytest.raises(CodecError, match=match):
+            decode_update(forged_zstd_payload(meta, 8, 2**20, frame))
+
+
+@st.composite
+def lossless_payloads(draw: st.DrawFn) -> bytes:
+    """Flagged payloads: random tensors of every kind beside a mostly-zero one."""
+    tensors = draw(state_dicts())
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32)))
+    n = draw(st.integers(500, 3000))
+    tensors["sparse"] = torch.randn(n, generator=gen) * (torch.rand(n, generator=gen) < 0.05)
+    payload = encode_update(
+        tensors,
+        bits=draw(bits_st),
+        block_size=draw(st.integers(1, 300)),
+        lossless=True,
+        zstd_level=draw(st.sampled_from([1, 3, 19])),
+    )
+    assume(flags(payload) == FLAG_ZSTD)
+    return payload
+
+
+@SETTINGS
+@given(payload=lossless_payloads(), data=st.data())
+def test_lossless_truncation_is_rejected(payload: bytes, data: st.DataObject) -> None:
+    cut = data.draw(st.integers(0, len(payload) - 1))
+    with pytest.raises(CodecError):
+        decode_update(payload[:cut])
+
+
+@SETTINGS
+@given(payload=lossless_payloads(), extra=st.binary(min_size=1, max_size=17))
+def test_lossless_trailing_bytes_are_rejected(payload: bytes, extra: bytes) -> None:
+    with pytest.raises(CodecError):
+        decode_update(payload + extra)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=lossless_payloads(), data=st.data())
+def test_lossless_corruption_is_rejected_or_decodes_to_finite_tensors(
+    payload: bytes, data: st.DataObject
+) -> None:
+    """Flipped bytes anywhere in a flagged payload, the frame included: a CodecError or a
+    well-formed result, never another exception."""
+    corrupted = bytearray(payload)
+    for _ in range(data.draw(st.integers(1, 3))):
+        corrupted[data.draw(st.integers(0, len(payload) - 1))] ^= data.draw(st.integers(1, 255))
+    try:
+        decoded = decode_update(bytes(corrupted))
+    except CodecError:
+        return
+    for t in decoded.values():
+        if t.is_floating_point():
+            assert bool(torch.isfinite(t).all())
