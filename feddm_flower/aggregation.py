@@ -59,6 +59,29 @@ def update_norm(update: State) -> float:
     return math.sqrt(total)
 
 
+# fp32 rounds each scaled value by at most 2**-24 of itself; scaling to this much below the
+# clip keeps the rounded result's norm at or under it (so a bound that holds, holds exactly).
+_CLIP_MARGIN = 1 - 2**-22
+
+
+def clip_update(update: State, max_norm: float) -> float:
+    """Scale the float tensors of ``update`` in place to L2 norm <= ``max_norm``; return the
+    norm it had.
+
+    Flower's ``fixedclipping_mod`` (FlatClip, arXiv:1710.06963), on a state dict: one scale
+    ``min(1, max_norm / norm)`` for all float tensors together. Ours because that mod needs
+    exactly one ArrayRecord in the reply, and a codec reply carries a payload instead, which
+    must be quantized from the clipped update. Non-float tensors are never aggregated and stay.
+    """
+    norm = update_norm(update)
+    if norm > max_norm:
+        scale = max_norm / norm * _CLIP_MARGIN
+        for t in update.values():
+            if t.is_floating_point():
+                t.mul_(scale)
+    return norm
+
+
 @dataclass
 class Contribution:
     """One accepted reply: who sent it, its weight, fp32 update, update norm and metrics."""

@@ -9,6 +9,7 @@ import torch
 from diffusers import UNet2DModel
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from . import configure_logging
 from .config import RunConfig
@@ -16,7 +17,7 @@ from .data import IMAGE_SHAPES, ImageSet, load_client_data
 from .diffusion import denoising_loss, train_local
 from .latents import DEFAULT_LATENT_CACHE, cached_encode, model_space
 from .models import build_scheduler, build_unet, resolve_device
-from .records import CODEC_BITS, encode_uplink, uplink_key
+from .records import CODEC_BITS, clipped_update, encode_uplink, uplink_key
 
 app = ClientApp()
 RESIDUAL_KEY = "quant-residual"  # error-feedback residual in the node's context.state
@@ -25,16 +26,19 @@ RESIDUAL_KEY = "quant-residual"  # error-feedback residual in the node's context
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global U-Net on this node's partition; reply with the weights, or
-    under an int8/int4 uplink with the encoded update."""
+    under an int8/int4 uplink with the encoded update. Under differential privacy the update
+    is first clipped to the ``clipping_norm`` the server's DP wrapper put in the config."""
     cfg, pid, train_inputs, _ = _setup(context)
     config: ConfigRecord = msg.content["config"]
     server_round = int(config["server-round"])
     uplink = str(config.get("uplink", "fp32"))
+    clip_norm = float(config.get(KEY_CLIPPING_NORM, 0.0))
     seed = _round_seed(cfg.seed, server_round, pid)
     unet = _unet(cfg, msg)
     # The received weights: the proximal term's anchor lives in train_local; a coded uplink
-    # sends the difference from them.
-    received = {k: v.clone() for k, v in unet.state_dict().items()} if uplink in CODEC_BITS else {}
+    # sends the difference from them, and DP clips that difference.
+    keep = uplink in CODEC_BITS or clip_norm > 0
+    received = {k: v.clone() for k, v in unet.state_dict().items()} if keep else {}
     _place(unet, cfg)
     result = train_local(
         unet,
@@ -72,9 +76,10 @@ def train(msg: Message, context: Context) -> Message:
         block_size=int(config.get("quant-block-size", 256)),
         stochastic=bool(config.get("quant-stochastic", False)),
         seed=seed,
+        clip_norm=clip_norm,
     )
-    if feedback:  # what the server did not get of this update goes into the next one
-        update = {k: local[k] - received[k] for k in local}
+    if feedback:  # what the server did not get of this (clipped) update goes into the next
+        update = clipped_update(local, received, clip_norm)
         context.state[RESIDUAL_KEY] = ArrayRecord({k: v - sent[k] for k, v in update.items()})
     content = RecordDict({uplink_key(uplink): record, "metrics": metrics})
     return Message(content, reply_to=msg)

@@ -110,6 +110,11 @@ class RunConfig:
     trim_fraction: float = _key(0.25, _below_half, "trimmed-mean: share cut at each end")
     norm_bound: float = _key(1.0, _at_least(0.0), "update norm cap, x round median; 0 = off")
     weight_bound: float = _key(2.0, _at_least(0.0), "num-examples cap, x round median; 0 = off")
+    dp_clip_norm: float = _key(0.0, _at_least(0.0), "DP: L2 clip of each client update; 0 = off")
+    dp_noise_multiplier: float = _key(
+        0.0, _at_least(0.0), "DP: Gaussian noise std over the clip, on the sum; 0 = off"
+    )
+    dp_delta: float = _key(1e-5, _fraction, "DP: the delta at which epsilon is reported")
     downlink_dtype: str = _key("fp32", _one_of("fp32", "fp16"), "dtype of weights sent down")
     dataset: str = _key("fashion-mnist", _one_of(*DATASETS), "training data")
     data_root: str = _key("", help="dataset directory; '' = ~/.cache/feddm-flower/data")
@@ -162,7 +167,7 @@ class RunConfig:
             if allowed is not None:
                 raise ConfigError(f"run-config {key}={value!r} is invalid: allowed is {allowed}")
             values[f.name] = value
-        return _apply_shortcut(cls(**values))
+        return _check_privacy(_apply_shortcut(cls(**values)))
 
     @classmethod
     def key_type(cls, key: str) -> type:
@@ -182,6 +187,7 @@ class RunConfig:
             self.uplink if self.uplink != "fp32" else "",
             self.server_optimizer if self.server_optimizer != "none" else "",
             self.aggregation if self.aggregation != "mean" else "",
+            "dp" if self.dp_clip_norm else "",
         ]
         return "-".join(p for p in parts if p) or "vanilla"
 
@@ -214,6 +220,28 @@ def _apply_shortcut(cfg: RunConfig) -> RunConfig:
                 "combine freely"
             )
     return dataclasses.replace(cfg, **changes)
+
+
+def _check_privacy(cfg: RunConfig) -> RunConfig:
+    """``cfg`` unless its differential-privacy keys contradict each other or the aggregation.
+
+    DP needs both the clip (the sensitivity) and the noise, and the Gaussian mechanism's
+    sensitivity clip/n holds for the mean of clipped updates only: a median, trimmed mean or
+    Krum pick can move further than clip/n when one client changes.
+    """
+    clip, noise = cfg.dp_clip_norm, cfg.dp_noise_multiplier
+    if (clip > 0) != (noise > 0):
+        raise ConfigError(
+            f"run-config dp-clip-norm={clip!r} and dp-noise-multiplier={noise!r} contradict: "
+            "differential privacy needs both > 0 (or both 0 = off)"
+        )
+    if clip > 0 and cfg.aggregation != "mean":
+        raise ConfigError(
+            f"run-config dp-clip-norm={clip!r} (differential privacy) contradicts "
+            f"aggregation={cfg.aggregation!r}: the Gaussian mechanism's sensitivity (clip / "
+            "number of clients) holds for aggregation='mean' only"
+        )
+    return cfg
 
 
 def _coerce(key: str, value: Any, kind: type) -> Value:

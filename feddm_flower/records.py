@@ -2,7 +2,8 @@
 
 The uplink is what a client sends back after training: its weights as an ArrayRecord
 ``arrays`` (``fp32`` or ``fp16``), or under a codec (``int8``, ``int4``) its quantized update
-(local - received weights) as one payload in an ArrayRecord ``update``.
+(local - received weights) as one payload in an ArrayRecord ``update``. Under differential
+privacy the update is clipped before either (:func:`clipped_update`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from .aggregation import InvalidReply, State, check_like
+from .aggregation import InvalidReply, State, check_like, clip_update
 from .codecs import CodecError, decode_update, encode_update
 
 # The stype of an Array that carries a codec payload (see codecs.py) instead of a tensor.
@@ -58,6 +59,15 @@ def uplink_key(uplink: str) -> str:
     return "update" if uplink in CODEC_BITS else "arrays"
 
 
+def clipped_update(local: State, received: State, clip_norm: float = 0.0) -> State:
+    """``local - received``, scaled to L2 norm <= ``clip_norm`` when it is > 0 (see
+    :func:`~feddm_flower.aggregation.clip_update`, Flower's ``fixedclipping_mod``)."""
+    update = {k: local[k] - received[k] for k in local}
+    if clip_norm > 0:
+        clip_update(update, clip_norm)
+    return update
+
+
 def encode_uplink(
     local: State,
     received: State,
@@ -66,12 +76,23 @@ def encode_uplink(
     block_size: int = 256,
     stochastic: bool = False,
     seed: int | None = None,
+    clip_norm: float = 0.0,
 ) -> tuple[ArrayRecord, State]:
     """The reply record for ``uplink`` and the update as the server will decode it (for a
-    codec: what the client keeps its error-feedback residual against; else empty)."""
+    codec: what the client keeps its error-feedback residual against; else empty).
+
+    With ``clip_norm`` > 0 (differential privacy) the update is clipped first, as Flower's
+    ``fixedclipping_mod`` does: a codec quantizes the clipped update (rounding then adds at
+    most half a step per value, a full one with stochastic rounding; the server clips the
+    decoded update again), fp32/fp16 send ``received`` + the clipped update.
+    """
     if uplink not in CODEC_BITS:
+        if clip_norm > 0:
+            update = clipped_update(local, received, clip_norm)
+            local = {k: received[k] + u if u.is_floating_point() else local[k]
+                     for k, u in update.items()}  # fmt: skip
         return to_record(local, uplink), {}
-    update = {k: local[k] - received[k] for k in local}
+    update = clipped_update(local, received, clip_norm)
     payload = encode_update(
         update, bits=CODEC_BITS[uplink], block_size=block_size, stochastic=stochastic, seed=seed
     )

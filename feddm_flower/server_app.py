@@ -137,7 +137,8 @@ ADAPTIVE_DEFAULT_LR = 0.01
 
 def build_strategy(cfg: RunConfig) -> FedDMStrategy:
     """The FedDM strategy for the run config: Flower's server optimizer and aggregation rule,
-    wrapped with this combination's uplink, downlink, proximal term and bounds."""
+    wrapped with this combination's uplink, downlink, proximal term, bounds and (dp-* keys)
+    Flower's differential-privacy wrapper."""
     codec = {
         "quant-block-size": cfg.quant_block_size,
         "quant-stochastic": cfg.quant_stochastic,
@@ -151,6 +152,9 @@ def build_strategy(cfg: RunConfig) -> FedDMStrategy:
         downlink_dtype=cfg.downlink_dtype,
         codec=codec if cfg.uplink in ("int8", "int4") else {},
         bound=InfluenceBound(norm_bound=cfg.norm_bound, weight_bound=cfg.weight_bound),
+        dp_clip_norm=cfg.dp_clip_norm,
+        dp_noise_multiplier=cfg.dp_noise_multiplier,
+        dp_delta=cfg.dp_delta,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_nodes=cfg.min_nodes,

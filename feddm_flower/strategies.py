@@ -6,14 +6,18 @@ state a resumed run needs. What Flower already has it delegates: the server opti
 Flower ``FedAvg``/``FedAvgM``/``FedAdam``/``FedYogi``/``FedAdagrad`` and a robust aggregation a
 Flower ``FedMedian``/``FedTrimmedAvg``/``Krum``; they receive decoded fp32 weights in the
 record layout they expect. ``FedDMVanilla``, ``FedDMProx`` and ``FedDMQuant`` are presets.
+Differential privacy is Flower's ``DifferentialPrivacyClientSideFixedClipping`` with Flower's
+RDP accountant.
 
 One training round::
 
-    configure_train   seeded sample; downlink weights + config (proximal-mu, uplink)
+    configure_train   seeded sample; downlink weights + config (proximal-mu, uplink,
+                      DP: the wrapper's clipping_norm)
     _replies          push, then pull one reply at a time as it arrives (no round-sized list)
-    aggregate_train   guard each reply -> fp32 update -> bounded influence ->
+    aggregate_train   guard each reply -> fp32 update -> bounded influence (DP: the clip) ->
                       mean: folded into a running sum and dropped | robust rule: held
-                      -> aggregation rule -> server optimizer -> finite check -> new global
+                      -> aggregation rule (DP: Flower's wrapper noises the sum, / n)
+                      -> server optimizer -> finite check -> new global
 """
 
 from __future__ import annotations
@@ -35,8 +39,21 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Krum, Result, Strategy
+from flwr.serverapp import (
+    GaussianPrivacyEvent,
+    Grid,
+    NeighboringRelation,
+    PrivacyConfig,
+    RdpAccountant,
+    SamplingMethod,
+)
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAvg,
+    Krum,
+    Result,
+    Strategy,
+)
 from flwr.supercore import log
 
 from .accounting import CommLedger
@@ -48,6 +65,7 @@ from .aggregation import (
     RunningMean,
     State,
     check_examples,
+    clip_update,
     update_norm,
 )
 from .records import array_bytes, decode_uplink, message_bytes, to_record, uplink_key
@@ -57,6 +75,10 @@ EVAL_METRICS = ("eval-loss",)
 WEIGHT_KEY = "num-examples"
 # Public state attributes of Flower's server optimizers that a resumed run must restore.
 OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
+# The population Flower's accountant is told. 'no-amplification' accounting does not use it
+# (epsilon depends on the noise multiplier and the number of releases only); it must merely
+# be at least any round's number of clients.
+DP_POPULATION = 2**31 - 1
 
 
 class FedDMStrategy(Strategy):
@@ -88,6 +110,17 @@ class FedDMStrategy(Strategy):
         ``quant-block-size``, ``quant-stochastic``, ``error-feedback`` for int uplinks.
     bound : InfluenceBound
         Caps on each reply's weight and update norm, relative to the round's reference.
+        Under differential privacy the fixed clip replaces it (and every weight is 1).
+    dp_clip_norm, dp_noise_multiplier : float
+        Differential privacy, both > 0 or both 0 (off); needs the streamed mean. Clients clip
+        their update to L2 norm ``dp_clip_norm`` before encoding it and the server clips every
+        decoded update again; the unweighted sum of the n accepted updates (sensitivity
+        ``dp_clip_norm``) gets Gaussian noise of std ``dp_noise_multiplier * dp_clip_norm``
+        from Flower's ``DifferentialPrivacyClientSideFixedClipping`` (:attr:`privacy`), then
+        is divided by n: std ``dp_noise_multiplier * dp_clip_norm / n`` on the mean update,
+        before the server optimizer (post-processing, so any optimizer keeps the guarantee).
+    dp_delta : float
+        The delta at which Flower's RDP accountant reports the epsilon spent so far.
     fraction_train, fraction_evaluate, min_nodes, min_replies, seed
         Nodes are drawn from the sorted node ids with ``random.Random(f"{seed}/{round}/...")``;
         at least ``min_nodes`` are sampled; fewer than ``min_replies`` accepted training
@@ -104,6 +137,9 @@ class FedDMStrategy(Strategy):
         downlink_dtype: str = "fp32",
         codec: dict[str, int | bool] | None = None,
         bound: InfluenceBound | None = None,
+        dp_clip_norm: float = 0.0,
+        dp_noise_multiplier: float = 0.0,
+        dp_delta: float = 1e-5,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_nodes: int = 2,
@@ -120,6 +156,9 @@ class FedDMStrategy(Strategy):
         self.bound = bound or InfluenceBound()
         if aggregator is not None:  # the rule holds every reply anyway: reference = all
             self.bound = InfluenceBound(self.bound.norm_bound, self.bound.weight_bound, 0)
+        self.privacy = self._privacy(dp_clip_norm, dp_noise_multiplier, dp_delta)
+        if self.privacy is not None:  # the fixed clip is the norm bound; every weight is 1
+            self.bound = InfluenceBound(norm_bound=0.0, weight_bound=0.0)
         self.fraction_train, self.fraction_evaluate = fraction_train, fraction_evaluate
         self.min_nodes, self.min_replies, self.seed = min_nodes, min_replies, seed
         self.poll_interval = poll_interval
@@ -130,12 +169,52 @@ class FedDMStrategy(Strategy):
         self.history: dict[int, dict[str, object]] = defaultdict(dict)
         self.global_state: State = {}
 
+    def _privacy(
+        self, clip: float, noise: float, delta: float
+    ) -> DifferentialPrivacyClientSideFixedClipping | None:
+        """Flower's client-side fixed-clipping DP wrapper with Flower's RDP accountant, or None.
+
+        It wraps a FedAvg release stage, not the optimizer: Flower accounts only for a wrapped
+        strategy that aggregates exactly as FedAvg does (FedAvgM/FedAdam/... do not), and the
+        optimizer then steps on the noised mean, which costs no privacy. The wrapper sees one
+        reply per round, the server's sum of the n clipped updates, whose sensitivity is the
+        clip: so its ``num_sampled_clients`` is 1 and its noise std noise x clip; the strategy
+        divides by n. Its accounting counts the messages the wrapped strategy sends, and
+        FedDM sends them itself, so :meth:`_release` composes each round's Gaussian event on
+        the wrapper's accountant (public API) once the noise is drawn.
+        """
+        if clip == 0 and noise == 0:
+            return None
+        if not (clip > 0 and noise > 0):
+            raise ValueError(f"DP needs dp_clip_norm={clip} and dp_noise_multiplier={noise} > 0")
+        if self.aggregator is not None:
+            raise ValueError("DP needs the streamed mean: its sensitivity is clip / n")
+        release = FedAvg()
+        release.fraction_train = release.fraction_evaluate = 0.0  # never samples nodes
+        config = PrivacyConfig(
+            target_delta=delta,
+            population_size=DP_POPULATION,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+        return DifferentialPrivacyClientSideFixedClipping(
+            release, noise, clip, num_sampled_clients=1, accountant=RdpAccountant(config)
+        )
+
     def summary(self) -> None:
         """Log the combination this strategy runs."""
         log(INFO, "\t├──> FedDM: uplink %s, downlink %s, proximal-mu %g",
             self.uplink, self.downlink_dtype, self.proximal_mu)  # fmt: skip
         rule = type(self.aggregator).__name__ if self.aggregator else "weighted mean (streamed)"
+        if self.privacy is not None:
+            rule = "unweighted mean (streamed) + Gaussian noise"
         log(INFO, "\t├──> optimizer %s, aggregation %s", type(self.optimizer).__name__, rule)
+        if self.privacy is not None:
+            log(INFO, "\t└──> DP: updates clipped to L2 norm %g (clients, then server), noise "
+                "multiplier %g, epsilon at delta %g (Flower's RDP accountant)",
+                self.privacy.clipping_norm, self.privacy.noise_multiplier,
+                self.privacy.accountant.config.target_delta)  # fmt: skip
+            return
         log(INFO, "\t└──> bounds: update norm %gx, num-examples %gx the round's median (0 = off)",
             self.bound.norm_bound, self.bound.weight_bound)  # fmt: skip
 
@@ -184,6 +263,8 @@ class FedDMStrategy(Strategy):
         seeded sample of nodes; counted as downlink."""
         self.global_state = arrays.to_torch_state_dict()
         self.optimizer.configure_train(server_round, arrays, config, grid)  # remembers arrays
+        if self.privacy is not None:  # puts clipping_norm in the config, opens the round
+            self.privacy.configure_train(server_round, arrays, config, grid)
         config["proximal-mu"] = self.proximal_mu
         config["uplink"] = self.uplink
         for key, value in self.codec.items():
@@ -204,7 +285,8 @@ class FedDMStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Guard, bound and combine the replies, then take the optimizer's step."""
+        """Guard, bound and combine the replies, then take the optimizer's step (under DP
+        after :meth:`configure_train` of the same round, which opens it for the wrapper)."""
         stream = BoundedStream(self.bound)
         mean = RunningMean(self.global_state) if self.aggregator is None else None
         held: list[Contribution] = []
@@ -236,9 +318,14 @@ class FedDMStrategy(Strategy):
         if len(records) < self.min_replies:
             log(WARNING, "Round %d: %d valid training replies, fewer than min-replies=%d; "
                 "global model unchanged", server_round, len(records), self.min_replies)  # fmt: skip
+            self._note_privacy(server_round)
             return None, None
-        candidate = self._combine(server_round, mean, held)
-        new_state = self._step(server_round, candidate)
+        if self.privacy is not None:
+            candidate = self._release(server_round, mean)
+            self._note_privacy(server_round)
+        else:
+            candidate = self._combine(server_round, mean, held)
+        new_state = self._step(server_round, candidate) if candidate is not None else None
         if new_state is None:
             return None, None
         metrics = self.optimizer.train_metrics_aggr_fn(records, WEIGHT_KEY)
@@ -272,11 +359,19 @@ class FedDMStrategy(Strategy):
 
     def contribution(self, msg: Message, node: int) -> Contribution:
         """A training reply as its fp32 update, weight, norm and aggregated metrics;
-        :class:`InvalidReply` with the reason if any part of it is unusable."""
+        :class:`InvalidReply` with the reason if any part of it is unusable.
+
+        Under DP the update is clipped to the clip norm here too, whatever the client did
+        (the quantization of a clipped update, half a step per value, or a client that does not
+        clip cannot exceed the sensitivity), and the weight is 1: the mean is unweighted.
+        """
         key = uplink_key(self.uplink)
         self._check_records(msg, {key, "metrics"})
         weight, metrics = self._metrics(msg.content, TRAIN_METRICS)
         update = decode_uplink(msg.content[key], self.uplink, self.global_state)
+        if self.privacy is not None:
+            clip_update(update, self.privacy.clipping_norm)
+            weight = 1.0
         return Contribution(node, weight, update, update_norm(update), metrics)
 
     @staticmethod
@@ -322,6 +417,33 @@ class FedDMStrategy(Strategy):
         arrays, _ = self.aggregator.aggregate_train(server_round, replies)
         return arrays.to_torch_state_dict()
 
+    def _release(self, server_round: int, mean: RunningMean) -> State | None:
+        """The aggregate weights under DP: global + (sum of the n clipped updates + Flower's
+        Gaussian noise of std noise x clip) / n, i.e. std noise x clip / n on the mean."""
+        n, privacy = mean.count, self.privacy
+        arrays, _ = privacy.aggregate_train(server_round, [_as_reply(mean.sums, 1.0)])
+        if arrays is None:  # the wrapper refused (it logged why)
+            self.history[server_round]["aggregate-rejected"] = "DP wrapper returned no arrays"
+            return None
+        # The noise is drawn: the release counts, whatever happens to the result.
+        event = GaussianPrivacyEvent(privacy.noise_multiplier, n, DP_POPULATION)
+        privacy.accountant.compose(event)
+        std = privacy.noise_multiplier * privacy.clipping_norm / n
+        self.history[server_round]["dp-noise-std"] = std
+        spent = privacy.privacy_spent()
+        log(INFO, "Round %d: DP noise std %.4g on the mean of %d clipped updates; epsilon %.4g "
+            "at delta %g after %d releases", server_round, std, n, spent.epsilon, spent.delta,
+            spent.num_releases)  # fmt: skip
+        return self._weights({k: v / n for k, v in arrays.to_torch_state_dict().items()})
+
+    def _note_privacy(self, server_round: int) -> None:
+        """The privacy spent up to this round, in its metrics line (under DP)."""
+        if self.privacy is None:
+            return
+        spent = self.privacy.privacy_spent()
+        self.history[server_round]["dp-epsilon"] = spent.epsilon
+        self.history[server_round]["dp-delta"] = spent.delta
+
     def _weights(self, update: State) -> State:
         """Global weights plus ``update`` (float tensors); other tensors stay the global's."""
         return {k: (g + update[k] if g.is_floating_point() else g)
@@ -345,11 +467,14 @@ class FedDMStrategy(Strategy):
 
     def state(self, completed_round: int) -> dict[str, object]:
         """What a resumed run needs besides the weights and :meth:`optimizer_state`."""
-        return {
+        state = {
             "round": completed_round,
             "ledger": self.ledger.to_dict(),
             "history": {str(k): v for k, v in self.history.items()},
         }
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.accountant.state_dict()
+        return state
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """The server optimizer's moments/momentum as flat named arrays (may be empty)."""
@@ -366,6 +491,8 @@ class FedDMStrategy(Strategy):
         self.first_round = int(state["round"]) + 1
         self.ledger = CommLedger.from_dict(state["ledger"])
         self.history.update({int(k): v for k, v in state["history"].items()})
+        if self.privacy is not None and "privacy" in state:
+            self.privacy.accountant.load_state_dict(state["privacy"])
         for attr in OPTIMIZER_STATE:
             named = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(attr + "/")}
             if named and attr == "momentum_vector":

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from feddm_flower import records
+from feddm_flower.aggregation import update_norm
 from feddm_flower.client_app import RESIDUAL_KEY, train
 from feddm_flower.codecs import decode_update
 from feddm_flower.models import build_unet
@@ -41,7 +44,9 @@ def fashion_context() -> Context:
                    run_config=run_config)  # fmt: skip
 
 
-def _train_message(feedback: bool, server_round: int, uplink: str = "int4") -> Message:
+def _train_message(
+    feedback: bool, server_round: int, uplink: str = "int4", clip: float = 0.0
+) -> Message:
     config = ConfigRecord(
         {
             "server-round": server_round,
@@ -51,6 +56,8 @@ def _train_message(feedback: bool, server_round: int, uplink: str = "int4") -> M
             "error-feedback": feedback,
         }
     )
+    if clip:  # what Flower's DP wrapper puts in the train config
+        config[KEY_CLIPPING_NORM] = clip
     arrays = ArrayRecord(build_unet("tiny", 28, 1, seed=0).state_dict())
     meta = Metadata(
         run_id=1,
@@ -85,3 +92,35 @@ def test_error_feedback_residual_is_what_the_payload_left_out(fashion_context) -
 def test_without_error_feedback_no_state_is_kept(fashion_context) -> None:
     train(_train_message(False, 1), fashion_context)
     assert RESIDUAL_KEY not in fashion_context.state
+
+
+def test_under_dp_the_client_sends_its_update_clipped(fashion_context) -> None:
+    """fp32: received + the update clipped to the config's clipping_norm."""
+    clip = 1e-3
+    reply = train(_train_message(False, 1, "fp32", clip=clip), fashion_context)
+    sent = reply.content["arrays"].to_torch_state_dict()
+    received = _train_message(False, 1).content["arrays"].to_torch_state_dict()
+    norm = update_norm({k: sent[k] - received[k] for k in sent})
+    assert 0.5 * clip < norm <= clip * (1 + 1e-4)  # fp32 rounding of received + update
+
+
+def test_under_dp_int8_quantizes_the_clipped_update_and_feeds_back_the_rest(
+    fashion_context, monkeypatch
+) -> None:
+    """int8 with error feedback: the codec gets the clipped update; the residual kept is what
+    quantization left out of it (the clipped-off part is dropped, not carried)."""
+    clip, seen = 1e-3, []
+    encode = records.encode_update
+
+    def spy(update, **kwargs):
+        seen.append({k: v.clone() for k, v in update.items()})
+        return encode(update, **kwargs)
+
+    monkeypatch.setattr(records, "encode_update", spy)
+    reply = train(_train_message(True, 1, "int8", clip=clip), fashion_context)
+    [update] = seen
+    assert update_norm(update) <= clip
+    sent = decode_update(payload_from(reply.content["update"]))
+    residual = fashion_context.state[RESIDUAL_KEY].to_torch_state_dict()
+    for name, value in update.items():
+        torch.testing.assert_close(sent[name] + residual[name], value, rtol=0, atol=1e-9)
