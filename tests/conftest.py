@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
 
 from feddm_flower.ablate import stop_local_superlink, toml_value
 
@@ -40,6 +42,12 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
             norm_num_groups=4,
             sample_size=256,
         )
+
+
+@pytest.fixture(scope="module")
+def server_identity() -> None:
+    """Flower's task identity as a ServerApp process sets it: strategies build messages."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
 
 
 @pytest.fixture(scope="session")

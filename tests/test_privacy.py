@@ -14,7 +14,6 @@ import pytest
 import torch
 from conftest import TINY_RUN
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import (
     GaussianPrivacyEvent,
     NeighboringRelation,
@@ -24,7 +23,6 @@ from flwr.serverapp import (
 )
 from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,11 +34,8 @@ from feddm_flower.records import clipped_update, encode_uplink, payload_record
 from feddm_flower.server_app import build_strategy
 from feddm_flower.strategies import DP_POPULATION, FedDMStrategy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _server_identity() -> None:
-    """What a ServerApp process has set before a strategy builds its messages."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+# What a ServerApp process has set before a strategy builds its messages.
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def _state(seed: int, shapes: list[tuple[int, ...]], scale: float) -> dict[str, torch.Tensor]:

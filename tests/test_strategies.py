@@ -21,7 +21,6 @@ from flwr.app import (
 )
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp.strategy import FedAdam
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,11 +31,8 @@ from feddm_flower.records import payload_record
 from feddm_flower.server_app import build_strategy
 from feddm_flower.strategies import FedDMProx, FedDMQuant, FedDMStrategy, FedDMVanilla
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _server_identity() -> None:
-    """What a ServerApp process has set before a strategy builds its messages."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+# What a ServerApp process has set before a strategy builds its messages.
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 GLOBAL = {"w": torch.zeros(3, 4), "b": torch.ones(5), "steps": torch.tensor([7])}
