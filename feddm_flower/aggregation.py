@@ -84,9 +84,8 @@ def clip_update(update: State, max_norm: float) -> float:
 
 @dataclass
 class Contribution:
-    """One accepted reply: who sent it, its weight, fp32 update, update norm and metrics."""
+    """One accepted reply: its weight, fp32 update, update norm and metrics."""
 
-    node: int
     weight: float
     update: State
     norm: float

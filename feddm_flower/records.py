@@ -16,7 +16,6 @@ from .codecs import CodecError, decode_update, encode_update
 
 # The stype of an Array that carries a codec payload (see codecs.py) instead of a tensor.
 PAYLOAD_STYPE = "feddm.codec"
-UPLINKS = ("fp32", "fp16", "int8", "int4")
 CODEC_BITS = {"int8": 8, "int4": 4}
 _FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 

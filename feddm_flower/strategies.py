@@ -309,7 +309,7 @@ class FedDMStrategy(Strategy):
             replied.add(node)
             self._count_up(server_round, msg)
             try:
-                fold(stream.push(self.contribution(msg, node)))
+                fold(stream.push(self.contribution(msg)))
             except InvalidReply as exc:
                 self._reject(server_round, "train", node, str(exc))
         fold(stream.flush())
@@ -357,7 +357,7 @@ class FedDMStrategy(Strategy):
 
     # ---------------------------------------------------------------------------- the guard
 
-    def contribution(self, msg: Message, node: int) -> Contribution:
+    def contribution(self, msg: Message) -> Contribution:
         """A training reply as its fp32 update, weight, norm and aggregated metrics;
         :class:`InvalidReply` with the reason if any part of it is unusable.
 
@@ -372,7 +372,7 @@ class FedDMStrategy(Strategy):
         if self.privacy is not None:
             clip_update(update, self.privacy.clipping_norm)
             weight = 1.0
-        return Contribution(node, weight, update, update_norm(update), metrics)
+        return Contribution(weight, update, update_norm(update), metrics)
 
     @staticmethod
     def _check_records(msg: Message, expected: set[str]) -> None:

@@ -412,7 +412,7 @@ def test_fedadam_state_survives_a_restart() -> None:
 def test_the_first_three_replies_set_the_limits_for_the_round() -> None:
     def contribution(norm: float, weight: float) -> Contribution:
         update = {"w": torch.tensor([norm, 0.0])}
-        return Contribution(0, weight, update, norm, {})
+        return Contribution(weight, update, norm, {})
 
     stream = BoundedStream(InfluenceBound(norm_bound=1.5, weight_bound=2.0))
     assert stream.push(contribution(1.0, 10)) == [] and stream.push(contribution(4.0, 30)) == []
