@@ -2,11 +2,13 @@
 
     python -m feddm_flower.ablate --out outputs/ablation
     python -m feddm_flower.ablate --grid "uplink=fp32,int8,int4 proximal-mu=0,0.01"
+    python -m feddm_flower.ablate --cells "fp32: ; int8: uplink=int8 downlink=int8"
 
 The paper's comparison (default) is strategies x partitionings (--strategies, --partitions);
---grid takes the product of the values listed for any run-config keys instead (optionally
-times --partitions). Every cell runs the same app, seed, model, rounds and local work through
-`flwr run . --stream` (simulation engine); only its own keys differ. Every cell's run-config
+--grid takes the product of the values listed for any run-config keys instead, and --cells a
+list of named cells (either optionally times --partitions). Every cell runs the same app,
+seed, model, rounds and local work through `flwr run . --stream` (simulation engine); only
+its own keys differ. Every cell's run-config
 is validated before the first one runs. Finished cells (those with a summary.json) are
 skipped and half-finished ones resumed, so rerunning the command after an interruption
 completes the grid; a cell that does not finish makes the command exit 1 after the others
@@ -65,6 +67,7 @@ RESULT_COLUMNS = [
     "bytes_total",
     "uplink_compression_vs_{base}",
     "traffic_compression_vs_{base}",
+    "traffic_compression_vs_fedavg",
     "fid_ratio_vs_{base}",
     "wall_seconds",
 ]
@@ -120,6 +123,42 @@ def parse_grid(text: str) -> dict[str, list[Value]]:
     if not grid:
         raise ConfigError("--grid is empty; give key=value1,value2,... pairs")
     return grid
+
+
+def parse_cells(text: str) -> dict[str, dict[str, Value]]:
+    """``"name: key=v key2=v; name2: key=v"`` into {name: run-config}, in order (the first is
+    the baseline; it may set nothing). Values as in --grid; ``ConfigError`` names the problem."""
+    cells: dict[str, dict[str, Value]] = {}
+    for item in filter(str.strip, text.split(";")):
+        name, sep, keys = item.partition(":")
+        name = name.strip()
+        if not sep or not name or "/" in name:
+            raise ConfigError(f"--cells {item.strip()!r} is not name: key=value key=value ...")
+        if name in cells:
+            raise ConfigError(f"--cells: two cells are named {name!r}")
+        cells[name] = {}
+        for pair in keys.split():
+            key, eq, value = pair.partition("=")
+            if not key or not eq or not value or "," in value:
+                raise ConfigError(f"--cells {name}: {pair!r} is not key=value (one value)")
+            cells[name][key] = _grid_value(key, value, RunConfig.key_type(key))
+    if not cells:
+        raise ConfigError("--cells is empty; give name: key=value ...; name2: ...")
+    return cells
+
+
+def named_cells(cells: dict[str, dict[str, Value]], partitions: list[str]) -> list[Cell]:
+    """The named cells, on each partitioning if given; ratios against the first cell."""
+    first = next(iter(cells))
+    out = []
+    for p in partitions or [""]:
+        for name, config in cells.items():
+            suffix = f"-{p}" if p else ""
+            describe = {"keys": " ".join(f"{k}={_value_text(v)}" for k, v in config.items())}
+            out.append(Cell(f"{name}{suffix}", describe | ({"partition": p} if p else {}),
+                            {**config, **(PARTITION_CELLS[p] if p else {})}, p, name,
+                            f"{first}{suffix}"))  # fmt: skip
+    return out
 
 
 def _grid_value(key: str, text: str, kind: type) -> Value:
@@ -259,6 +298,7 @@ def collect(out: Path, cells: list[Cell], base: str = "vanilla") -> list[dict[st
                     b.get("bytes-up-cumulative"), s["bytes-up-cumulative"]
                 ),
                 f"traffic_compression_vs_{base}": _ratio(base_total, total),
+                "traffic_compression_vs_fedavg": _ratio(_fedavg_total(s), total),
                 f"fid_ratio_vs_{base}": _ratio(s.get("fid"), b.get("fid")),
                 "wall_seconds": s["wall-seconds"],
             }
@@ -269,6 +309,16 @@ def collect(out: Path, cells: list[Cell], base: str = "vanilla") -> list[dict[st
 def _total(summary: dict[str, object]) -> int | None:
     down, up = summary.get("bytes-down-cumulative"), summary.get("bytes-up-cumulative")
     return down + up if isinstance(down, int) and isinstance(up, int) else None
+
+
+def _fedavg_total(summary: dict[str, object]) -> float | None:
+    """What fp32 FedAvg would have sent (both directions; the full fp32 model in every
+    message), from the ledger's ratios."""
+    parts = [(summary.get(f"compression-{d}"), summary.get(f"bytes-{d}-cumulative"))
+             for d in ("down", "up")]  # fmt: skip
+    if all(isinstance(r, int | float) and isinstance(b, int) for r, b in parts):
+        return sum(r * b for r, b in parts)
+    return None
 
 
 def _ratio(a: object, b: object) -> float | None:
@@ -294,7 +344,9 @@ def write_tables(
         "",
         f"Ratios compare each cell with its baseline, {baseline}: `uplink_compression` and "
         "`traffic_compression` are the baseline's bytes ÷ the cell's (uplink; `bytes_total` = "
-        "down + up), above 1 = less traffic; `fid_ratio` is the cell's FID ÷ the baseline's.",
+        "down + up), above 1 = less traffic; `traffic_compression_vs_fedavg` compares with "
+        "what Flower's FedAvg sends (the fp32 model in every train and evaluate message and "
+        "every reply); `fid_ratio` is the cell's FID ÷ the baseline's.",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
@@ -357,6 +409,11 @@ def main(argv: list[str] | None = None) -> None:
         help="instead of --strategies: the product of run-config values, e.g. "
         '"uplink=fp32,int8,int4 proximal-mu=0,0.01" (the first cell is the baseline)',
     )
+    parser.add_argument(
+        "--cells",
+        help="instead of --strategies: named cells, e.g. "
+        '"fp32: ; int8: uplink=int8 downlink=int8" (the first cell is the baseline)',
+    )
     parser.add_argument("--num-supernodes", type=int, default=4)
     parser.add_argument(
         "--set",
@@ -371,26 +428,32 @@ def main(argv: list[str] | None = None) -> None:
         common = {"eval-every": 1, **parse_overrides(args.set)}
     except ConfigError as err:
         parser.error(f"--set: {err}")
-    default_partitions = None if args.grid else ",".join(PARTITION_CELLS)
+    if args.grid and args.cells:
+        parser.error("--grid and --cells exclude each other")
+    chosen = args.grid or args.cells
+    default_partitions = None if chosen else ",".join(PARTITION_CELLS)
     partitions = (args.partitions or default_partitions or "").split(",")
     partitions = [p for p in partitions if p]
     for name in partitions:
         if name not in PARTITION_CELLS:
             parser.error(f"unknown partition cell {name!r}; allowed: {', '.join(PARTITION_CELLS)}")
-    if args.grid:
+    if chosen:
+        option = "--grid" if args.grid else "--cells"
         if args.strategies:
             parser.error(
-                "--grid and --strategies exclude each other; put strategy keys in the grid, "
-                'e.g. --grid "strategy=vanilla,prox uplink=fp32"'
+                f"{option} and --strategies exclude each other; put strategy keys in the "
+                f'cells, e.g. --grid "strategy=vanilla,prox uplink=fp32"'
             )
         try:
-            grid = parse_grid(args.grid)
-            cells = grid_cells(grid, partitions)
+            if args.grid:
+                cells = grid_cells(parse_grid(args.grid), partitions)
+            else:
+                cells = named_cells(parse_cells(args.cells), partitions)
         except ConfigError as err:
             parser.error(str(err))
-        base, baseline = "first_cell", f"the grid's first cell ({cells[0].name})"
+        base, baseline = "first_cell", f"the first cell ({cells[0].name})"
         if partitions:
-            baseline = "the grid's first cell on the same partitioning"
+            baseline = "the first cell on the same partitioning"
         columns = ["cell", *cells[0].describe] + [c.format(base=base) for c in RESULT_COLUMNS]
     else:
         strategies = (args.strategies or ",".join(STRATEGY_CELLS)).split(",")

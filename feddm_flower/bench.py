@@ -45,7 +45,7 @@ from feddm_flower.config import AGGREGATIONS, UPLINKS
 from feddm_flower.data import load_dataset
 from feddm_flower.diffusion import train_local
 from feddm_flower.models import build_scheduler, build_unet
-from feddm_flower.records import decode_uplink, encode_uplink, uplink_key
+from feddm_flower.records import decode_uplink, encode_uplink, received_model, uplink_key
 
 MODELS: tuple[tuple[str, int, int], ...] = (("tiny", 28, 1), ("paper", 28, 1), ("paper", 32, 3))
 BITS = (8, 4)
@@ -387,13 +387,13 @@ class ReplyingGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
-        weights_taken = False
+        first = True
         for msg in messages:
             meta = msg.metadata
-            if meta.message_type == MessageType.TRAIN and not weights_taken:
-                self.receive(msg.content["arrays"])
-                self._rounds += 1
-                weights_taken = True
+            if first:  # every message of a push brings a node to the same model
+                self.receive(msg.content)
+                self._rounds += meta.message_type == MessageType.TRAIN
+                first = False
             self._pushed += 1
             message_id = f"instruction-{self._pushed}"
             meta.__dict__["_message_id"] = message_id  # as Flower's grids do
@@ -415,14 +415,15 @@ class ReplyingGrid(Grid):
     ) -> Iterable[Message]:
         return self.pull_messages(list(self.push_messages(messages)))
 
-    def receive(self, arrays: ArrayRecord) -> None:
-        """Keep the weights the nodes answer from (one copy, widened to fp32 as a client's
-        U-Net loads them)."""
-        self._received = {}  # the previous copy goes first
-        self._received = {
-            k: (v.float() if v.is_floating_point() else v).clone()
-            for k, v in arrays.to_torch_state_dict().items()
-        }
+    def receive(self, content: RecordDict) -> None:
+        """Keep the weights the nodes answer from: one copy, rebuilt from a downlink message
+        as a client rebuilds its own (records.received_model)."""
+        self.hold(received_model(content, self._received))
+
+    def hold(self, weights: dict[str, torch.Tensor]) -> None:
+        """Answer from ``weights`` (the previous copy is dropped first)."""
+        self._received = {}
+        self._received = weights
 
     def train_content(self, node: int, seed: int) -> RecordDict:
         """What ``client_app.train`` of ``node`` would send back."""
@@ -545,11 +546,11 @@ def measure_server_round(model: str, uplink: str, aggregation: str, replies: int
     strategy = build_strategy(cfg)
     grid = ReplyingGrid(replies, uplink, block_size=cfg.quant_block_size)
     # Warm-up: one reply built and decoded, so codec layouts and allocator pools exist.
-    grid.receive(initial)
+    grid.hold(state)
     warm = grid.train_content(grid.node_ids[0], seed=12345)
     decode_uplink(warm[uplink_key(uplink)], uplink, state)
     del warm, state
-    grid.receive(ArrayRecord())
+    grid.hold({})
     gc.collect()
 
     rss_before = _proc_status_kib("VmRSS") * 1024

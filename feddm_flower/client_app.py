@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
@@ -15,12 +15,21 @@ from . import configure_logging
 from .config import RunConfig
 from .data import IMAGE_SHAPES, ImageSet, load_client_data
 from .diffusion import denoising_loss, train_local
+from .downlink import OutOfSync
 from .latents import DEFAULT_LATENT_CACHE, cached_encode, model_space
 from .models import build_scheduler, build_unet, resolve_device
-from .records import CODEC_BITS, clipped_update, encode_uplink, uplink_key
+from .records import (
+    CODEC_BITS,
+    OUT_OF_SYNC,
+    clipped_update,
+    encode_uplink,
+    received_model,
+    uplink_key,
+)
 
 app = ClientApp()
 RESIDUAL_KEY = "quant-residual"  # error-feedback residual in the node's context.state
+MODEL_KEY = "global-model"  # the node's copy of the global model, in context.state
 
 
 @app.train()
@@ -34,7 +43,10 @@ def train(msg: Message, context: Context) -> Message:
     uplink = str(config.get("uplink", "fp32"))
     clip_norm = float(config.get(KEY_CLIPPING_NORM, 0.0))
     seed = _round_seed(cfg.seed, server_round, pid)
-    unet = _unet(cfg, msg)
+    try:
+        unet = _unet(cfg, msg, context)
+    except OutOfSync as exc:
+        return _out_of_sync(msg, exc)
     # The received weights: the proximal term's anchor lives in train_local; a coded uplink
     # sends the difference from them, and DP clips that difference.
     keep = uplink in CODEC_BITS or clip_norm > 0
@@ -77,6 +89,7 @@ def train(msg: Message, context: Context) -> Message:
         stochastic=bool(config.get("quant-stochastic", False)),
         seed=seed,
         clip_norm=clip_norm,
+        lossless=bool(config.get("lossless", False)),
     )
     if feedback:  # what the server did not get of this (clipped) update goes into the next
         update = clipped_update(local, received, clip_norm)
@@ -89,7 +102,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out denoising loss of the received global U-Net on this node's eval split."""
     cfg, _, _, eval_inputs = _setup(context)
-    unet = _place(_unet(cfg, msg), cfg)
+    try:
+        unet = _place(_unet(cfg, msg, context), cfg)
+    except OutOfSync as exc:
+        return _out_of_sync(msg, exc)
     loss = denoising_loss(unet, build_scheduler(), eval_inputs, seed=cfg.seed)
     metrics = MetricRecord({"num-examples": len(eval_inputs), "eval-loss": loss})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
@@ -145,12 +161,27 @@ def _client_data(
     )
 
 
-def _unet(cfg: RunConfig, msg: Message) -> UNet2DModel:
-    """The configured U-Net (on CPU) holding the received weights (fp16 downlink is widened)."""
+def _unet(cfg: RunConfig, msg: Message, context: Context) -> UNet2DModel:
+    """The configured U-Net (on CPU) holding the model the message describes, rebuilt from
+    this node's copy (none yet: the seeded initial weights) and what the message carries;
+    the copy is updated. :class:`OutOfSync` (and the copy dropped) if that is impossible."""
     vae, channels, size = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
     unet = build_unet(cfg.model_preset, size, channels, seed=cfg.seed, latent=vae is not None)
-    unet.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    copy = context.state.get(MODEL_KEY)
+    held = copy.to_torch_state_dict() if isinstance(copy, ArrayRecord) else unet.state_dict()
+    try:
+        weights = received_model(msg.content, held)
+    except OutOfSync:
+        context.state.pop(MODEL_KEY, None)
+        raise
+    context.state[MODEL_KEY] = ArrayRecord(weights)
+    unet.load_state_dict(weights)
     return unet
+
+
+def _out_of_sync(msg: Message, exc: OutOfSync) -> Message:
+    """The error reply that makes the server resend the full model."""
+    return Message(Error(code=OUT_OF_SYNC, reason=f"model out of sync: {exc}"), reply_to=msg)
 
 
 def _place(unet: UNet2DModel, cfg: RunConfig) -> UNet2DModel:

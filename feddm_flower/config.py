@@ -115,7 +115,10 @@ class RunConfig:
         0.0, _at_least(0.0), "DP: Gaussian noise std over the clip, on the sum; 0 = off"
     )
     dp_delta: float = _key(1e-5, _fraction, "DP: the delta at which epsilon is reported")
-    downlink_dtype: str = _key("fp32", _one_of("fp32", "fp16"), "dtype of weights sent down")
+    downlink: str = _key(
+        "fp32", _one_of(*UPLINKS), "full model (fp32/fp16) or int8/int4 changes to nodes behind"
+    )
+    lossless: bool = _key(False, help="int8/int4 payloads: zstd stage, kept where it is smaller")
     dataset: str = _key("fashion-mnist", _one_of(*DATASETS), "training data")
     data_root: str = _key("", help="dataset directory; '' = ~/.cache/feddm-flower/data")
     partitioning: str = _key("iid", _one_of(*PARTITIONINGS), "how images are split over clients")
@@ -185,6 +188,8 @@ class RunConfig:
         parts = [
             f"prox{self.proximal_mu:g}" if self.proximal_mu else "",
             self.uplink if self.uplink != "fp32" else "",
+            f"down{self.downlink}" if self.downlink != "fp32" else "",
+            "zstd" if self.lossless else "",
             self.server_optimizer if self.server_optimizer != "none" else "",
             self.aggregation if self.aggregation != "mean" else "",
             "dp" if self.dp_clip_norm else "",

@@ -1,5 +1,12 @@
 """Conversions between Flower records and plain tensors/bytes, shared by both apps.
 
+The downlink (downlink.py) is a ConfigRecord ``config`` naming the digest of the weights the
+node must hold afterwards (``model-digest``) and, for a change, the digest it applies to
+(``model-base``). With it comes the full model as an ArrayRecord ``arrays``, or the chain of
+encoded changes as an ArrayRecord ``model-change``, or no model at all when the node is
+current. A node that cannot rebuild the weights answers with an error of code
+:data:`OUT_OF_SYNC`.
+
 The uplink is what a client sends back after training: its weights as an ArrayRecord
 ``arrays`` (``fp32`` or ``fp16``), or under a codec (``int8``, ``int4``) its quantized update
 (local - received weights) as one payload in an ArrayRecord ``update``. Under differential
@@ -9,14 +16,19 @@ privacy the update is clipped before either (:func:`clipped_update`).
 from __future__ import annotations
 
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from .aggregation import InvalidReply, State, check_like, clip_update
 from .codecs import CodecError, decode_update, encode_update
+from .downlink import Delivery, OutOfSync, apply_changes, digest
 
 # The stype of an Array that carries a codec payload (see codecs.py) instead of a tensor.
 PAYLOAD_STYPE = "feddm.codec"
 CODEC_BITS = {"int8": 8, "int4": 4}
+CHANGE_KEY = "model-change"
+# The error code of a node's reply when it cannot rebuild the model a message describes
+# (Flower's own codes are 0-8); the server then resends the full model.
+OUT_OF_SYNC = 409
 _FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -53,6 +65,56 @@ def payload_from(record: object) -> bytes:
     return bytes(array.data)
 
 
+def payloads_record(payloads: tuple[bytes, ...]) -> ArrayRecord:
+    """A chain of codec payloads as one ArrayRecord, Arrays named "0", "1", ... in order."""
+    return ArrayRecord({str(i): payload_record(p)["payload"] for i, p in enumerate(payloads)})
+
+
+def payloads_from(record: object) -> list[bytes]:
+    """The payloads of :func:`payloads_record`; ``ValueError`` if ``record`` is not one."""
+    if not isinstance(record, ArrayRecord):
+        raise ValueError("expected an ArrayRecord of codec payloads")
+    if list(record.keys()) != [str(i) for i in range(len(record))]:
+        raise ValueError(f"payload names {list(record.keys())[:5]}, expected '0', '1', ...")
+    return [payload_from(ArrayRecord({"payload": record[k]})) for k in record]
+
+
+def downlink_content(
+    delivery: Delivery, target: str, config: ConfigRecord, full: ArrayRecord
+) -> RecordDict:
+    """The message content that brings a node to the weights with digest ``target``."""
+    config = ConfigRecord({**config, "model-digest": target})
+    if delivery.kind == "full":
+        return RecordDict({"arrays": full, "config": config})
+    config["model-base"] = delivery.base  # (not for a full model: Flower counts no '' values)
+    if delivery.kind == "change":
+        return RecordDict({CHANGE_KEY: payloads_record(delivery.payloads), "config": config})
+    return RecordDict({"config": config})
+
+
+def received_model(content: RecordDict, held: State) -> State:
+    """The fp32 weights a downlink message describes, from the full model it carries or from
+    ``held`` (the node's copy) and the changes; :class:`OutOfSync` if they cannot be rebuilt
+    exactly (``held`` is not the base, a change does not decode, the digest differs)."""
+    config = content["config"]
+    target = str(config.get("model-digest", ""))
+    if "arrays" in content:
+        weights = {k: v.float() if v.is_floating_point() else v
+                   for k, v in content["arrays"].to_torch_state_dict().items()}  # fmt: skip
+    else:
+        base, have = str(config.get("model-base", "")), digest(held)
+        if have != base:
+            raise OutOfSync(f"the node holds model {have}, the message changes model {base}")
+        try:
+            payloads = payloads_from(content[CHANGE_KEY]) if CHANGE_KEY in content else []
+        except ValueError as exc:
+            raise OutOfSync(f"model change: {exc}") from exc
+        weights = apply_changes(held, payloads)
+    if (have := digest(weights)) != target:
+        raise OutOfSync(f"rebuilt model {have}, the server holds {target}")
+    return weights
+
+
 def uplink_key(uplink: str) -> str:
     """Name of the ArrayRecord that carries the model contribution under ``uplink``."""
     return "update" if uplink in CODEC_BITS else "arrays"
@@ -76,6 +138,7 @@ def encode_uplink(
     stochastic: bool = False,
     seed: int | None = None,
     clip_norm: float = 0.0,
+    lossless: bool = False,
 ) -> tuple[ArrayRecord, State]:
     """The reply record for ``uplink`` and the update as the server will decode it (for a
     codec: what the client keeps its error-feedback residual against; else empty).
@@ -83,7 +146,8 @@ def encode_uplink(
     With ``clip_norm`` > 0 (differential privacy) the update is clipped first, as Flower's
     ``fixedclipping_mod`` does: a codec quantizes the clipped update (rounding then adds at
     most half a step per value, a full one with stochastic rounding; the server clips the
-    decoded update again), fp32/fp16 send ``received`` + the clipped update.
+    decoded update again), fp32/fp16 send ``received`` + the clipped update. ``lossless``:
+    the codec's zstd stage, kept only where it makes the payload smaller.
     """
     if uplink not in CODEC_BITS:
         if clip_norm > 0:
@@ -93,26 +157,32 @@ def encode_uplink(
         return to_record(local, uplink), {}
     update = clipped_update(local, received, clip_norm)
     payload = encode_update(
-        update, bits=CODEC_BITS[uplink], block_size=block_size, stochastic=stochastic, seed=seed
+        update,
+        bits=CODEC_BITS[uplink],
+        block_size=block_size,
+        stochastic=stochastic,
+        seed=seed,
+        lossless=lossless,
     )
     return payload_record(payload), decode_update(payload)
 
 
-def decode_uplink(record: object, uplink: str, global_state: State) -> State:
-    """The fp32 update (contribution - global) a reply's record carries under ``uplink``.
+def decode_uplink(record: object, uplink: str, base: State) -> State:
+    """The fp32 update (contribution - ``base``, the weights the node trained from) a reply's
+    record carries under ``uplink``.
 
     Checks names, shapes, dtypes (those the uplink sends) and finiteness, before and after
     the subtraction; raises :class:`InvalidReply` with the reason.
     """
     if uplink in CODEC_BITS:
         try:
-            expected = {k: (tuple(v.shape), v.dtype) for k, v in global_state.items()}
+            expected = {k: (tuple(v.shape), v.dtype) for k, v in base.items()}
             update = decode_update(payload_from(record), expected)
         except (ValueError, CodecError) as exc:
             raise InvalidReply(f"update: {exc}") from exc
         # Floats decode as float32 within the scales' range: finite. Non-float tensors
         # are not aggregated (the global model keeps its own).
-        return {k: v for k, v in update.items() if global_state[k].is_floating_point()}
+        return {k: v for k, v in update.items() if base[k].is_floating_point()}
     if not isinstance(record, ArrayRecord):
         raise InvalidReply("no ArrayRecord 'arrays'")
     try:
@@ -120,10 +190,10 @@ def decode_uplink(record: object, uplink: str, global_state: State) -> State:
     except Exception as exc:  # any undecodable Array is the client's fault
         raise InvalidReply(f"arrays do not decode: {exc}") from exc
     cast = _FLOAT_DTYPES[uplink]
-    dtypes = {k: cast if v.is_floating_point() else v.dtype for k, v in global_state.items()}
-    check_like(weights, global_state, dtypes)
+    dtypes = {k: cast if v.is_floating_point() else v.dtype for k, v in base.items()}
+    check_like(weights, base, dtypes)
     update = {}
-    for name, g in global_state.items():
+    for name, g in base.items():
         if g.is_floating_point():
             update[name] = weights[name].float().sub_(g)
             if not torch.isfinite(update[name]).all():

@@ -67,7 +67,7 @@ def main(grid: Grid, context: Context) -> None:
             vae.config._name_or_path,
             count_parameters(vae),
         )
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(cfg, seeded_start=state is None)
     if state is not None:
         strategy.restore(state, run.load_optimizer_state())
         log.info("Resuming after round %d of %d", state["round"], cfg.num_server_rounds)
@@ -135,10 +135,11 @@ def _resumed_config(given: RunConfig, run: RunDirectory) -> RunConfig:
 ADAPTIVE_DEFAULT_LR = 0.01
 
 
-def build_strategy(cfg: RunConfig) -> FedDMStrategy:
+def build_strategy(cfg: RunConfig, seeded_start: bool = False) -> FedDMStrategy:
     """The FedDM strategy for the run config: Flower's server optimizer and aggregation rule,
     wrapped with this combination's uplink, downlink, proximal term, bounds and (dp-* keys)
-    Flower's differential-privacy wrapper."""
+    Flower's differential-privacy wrapper. ``seeded_start``: the run starts from the seeded
+    initial weights, which nodes rebuild themselves."""
     codec = {
         "quant-block-size": cfg.quant_block_size,
         "quant-stochastic": cfg.quant_stochastic,
@@ -149,8 +150,10 @@ def build_strategy(cfg: RunConfig) -> FedDMStrategy:
         aggregator=build_aggregator(cfg),
         proximal_mu=cfg.proximal_mu,
         uplink=cfg.uplink,
-        downlink_dtype=cfg.downlink_dtype,
-        codec=codec if cfg.uplink in ("int8", "int4") else {},
+        downlink=cfg.downlink,
+        codec=codec,
+        lossless=cfg.lossless,
+        seeded_start=seeded_start,
         bound=InfluenceBound(norm_bound=cfg.norm_bound, weight_bound=cfg.weight_bound),
         dp_clip_norm=cfg.dp_clip_norm,
         dp_noise_multiplier=cfg.dp_noise_multiplier,

@@ -11,9 +11,11 @@ RDP accountant.
 
 One training round::
 
-    configure_train   seeded sample; downlink weights + config (proximal-mu, uplink,
-                      DP: the wrapper's clipping_norm)
-    _replies          push, then pull one reply at a time as it arrives (no round-sized list)
+    configure_train   seeded sample; per node what it lacks of the current model (nothing,
+                      the changes since its copy, or the full model; downlink.py) + config
+                      (proximal-mu, uplink, DP: the wrapper's clipping_norm)
+    _replies          push, then pull one reply at a time as it arrives (no round-sized list);
+                      a node out of sync is resent the full model
     aggregate_train   guard each reply -> fp32 update -> bounded influence (DP: the clip) ->
                       mean: folded into a running sum and dropped | robust rule: held
                       -> aggregation rule (DP: Flower's wrapper noises the sum, / n)
@@ -68,7 +70,16 @@ from .aggregation import (
     clip_update,
     update_norm,
 )
-from .records import array_bytes, decode_uplink, message_bytes, to_record, uplink_key
+from .downlink import Delivery, ModelChain
+from .records import (
+    OUT_OF_SYNC,
+    array_bytes,
+    decode_uplink,
+    downlink_content,
+    message_bytes,
+    to_record,
+    uplink_key,
+)
 
 TRAIN_METRICS = ("train-loss", "train-steps", "train-seconds")
 EVAL_METRICS = ("eval-loss",)
@@ -104,10 +115,21 @@ class FedDMStrategy(Strategy):
         Sent to clients, who add (mu/2)·‖w − w_global‖² to their loss; 0 turns it off.
     uplink : str
         "fp32"/"fp16" weights, or "int8"/"int4" block-quantized updates.
-    downlink_dtype : str
-        "fp32" or "fp16" weights sent to clients.
+    downlink : str
+        What a node that is behind receives: the full model in "fp32" or "fp16", or under
+        "int8"/"int4" the block-quantized changes since the model it holds (error feedback on
+        the server; :class:`~feddm_flower.downlink.ModelChain`). Nodes keep their copy, and a
+        node that holds the current model is sent none (the train message after an evaluate
+        message). Nodes train from that copy, the *reference*; their updates are taken against
+        it and applied to the exact global model.
     codec : dict, optional
-        ``quant-block-size``, ``quant-stochastic``, ``error-feedback`` for int uplinks.
+        ``quant-block-size`` (both directions), ``quant-stochastic``, ``error-feedback`` for
+        int uplinks.
+    lossless : bool
+        zstd after quantization, in both directions, kept only where it makes a payload smaller.
+    seeded_start : bool
+        Nodes rebuild the initial weights themselves (a fresh run's seeded initialisation), so
+        they are sent only its digest; a node whose rebuild differs is resent the full model.
     bound : InfluenceBound
         Caps on each reply's weight and update norm, relative to the round's reference.
         Under differential privacy the fixed clip replaces it (and every weight is 1).
@@ -134,8 +156,10 @@ class FedDMStrategy(Strategy):
         aggregator: Strategy | None = None,
         proximal_mu: float = 0.0,
         uplink: str = "fp32",
-        downlink_dtype: str = "fp32",
+        downlink: str = "fp32",
         codec: dict[str, int | bool] | None = None,
+        lossless: bool = False,
+        seeded_start: bool = False,
         bound: InfluenceBound | None = None,
         dp_clip_norm: float = 0.0,
         dp_noise_multiplier: float = 0.0,
@@ -151,8 +175,12 @@ class FedDMStrategy(Strategy):
         # This strategy samples the nodes (seeded); the optimizer only keeps its own state.
         self.optimizer.fraction_train = self.optimizer.fraction_evaluate = 0.0
         self.aggregator = aggregator
-        self.proximal_mu, self.uplink, self.downlink_dtype = proximal_mu, uplink, downlink_dtype
+        self.proximal_mu, self.uplink, self.downlink = proximal_mu, uplink, downlink
         self.codec = dict(codec or {})
+        self.lossless, self.seeded_start = lossless, seeded_start
+        block_size = int(self.codec.get("quant-block-size", 256))
+        self.chain = ModelChain(downlink, block_size=block_size, lossless=lossless)
+        self.held: dict[int, str] = {}  # node -> digest of the model it holds, as last confirmed
         self.bound = bound or InfluenceBound()
         if aggregator is not None:  # the rule holds every reply anyway: reference = all
             self.bound = InfluenceBound(self.bound.norm_bound, self.bound.weight_bound, 0)
@@ -165,6 +193,7 @@ class FedDMStrategy(Strategy):
         self.first_round = 1
         self.sampled: dict[int, list[int]] = {}  # round -> nodes sent training work
         self.sent: list[Metadata] = []  # this phase's messages (ids, destinations), no weights
+        self.phase: tuple[int, ConfigRecord, str] = (0, ConfigRecord(), MessageType.TRAIN)
         self.ledger = CommLedger()
         self.history: dict[int, dict[str, object]] = defaultdict(dict)
         self.global_state: State = {}
@@ -204,7 +233,7 @@ class FedDMStrategy(Strategy):
     def summary(self) -> None:
         """Log the combination this strategy runs."""
         log(INFO, "\t├──> FedDM: uplink %s, downlink %s, proximal-mu %g",
-            self.uplink, self.downlink_dtype, self.proximal_mu)  # fmt: skip
+            self.uplink, self.downlink, self.proximal_mu)  # fmt: skip
         rule = type(self.aggregator).__name__ if self.aggregator else "weighted mean (streamed)"
         if self.privacy is not None:
             rule = "unweighted mean (streamed) + Gaussian noise"
@@ -267,8 +296,8 @@ class FedDMStrategy(Strategy):
             self.privacy.configure_train(server_round, arrays, config, grid)
         config["proximal-mu"] = self.proximal_mu
         config["uplink"] = self.uplink
-        for key, value in self.codec.items():
-            config[key] = value
+        if self.uplink in ("int8", "int4"):
+            config.update({**self.codec, "lossless": self.lossless})
         nodes = self._sample(grid, server_round, "train", self.fraction_train)
         self.sampled[server_round] = nodes
         self.history[server_round]["sampled-train"] = [str(n) for n in nodes]
@@ -368,7 +397,8 @@ class FedDMStrategy(Strategy):
         key = uplink_key(self.uplink)
         self._check_records(msg, {key, "metrics"})
         weight, metrics = self._metrics(msg.content, TRAIN_METRICS)
-        update = decode_uplink(msg.content[key], self.uplink, self.global_state)
+        # Nodes trained from the reference (before any message: the global model itself).
+        update = decode_uplink(msg.content[key], self.uplink, self.chain.ref or self.global_state)
         if self.privacy is not None:
             clip_update(update, self.privacy.clipping_norm)
             weight = 1.0
@@ -513,20 +543,53 @@ class FedDMStrategy(Strategy):
     def _messages(
         self, server_round: int, nodes: list[int], config: ConfigRecord, kind: str
     ) -> list[Message]:
+        """One message per node with what it lacks of the current model (one content per
+        distinct delivery: nodes that hold the same model share it)."""
         config["server-round"] = server_round
-        content = RecordDict(
-            {"arrays": to_record(self.global_state, self.downlink_dtype), "config": config}
-        )
-        messages = [Message(content, dst_node_id=n, message_type=kind) for n in nodes]
+        if not self.chain.ref:
+            self.chain.start(self.global_state, nodes_have_it=self.seeded_start)
+        elif self.chain.update(self.global_state):
+            log(INFO, "Round %d: model version %d (%s downlink)", server_round,
+                self.chain.version, self.downlink)  # fmt: skip
+        self.phase = (server_round, config, kind)
+        contents: dict[str, RecordDict] = {}
+        messages, kinds = [], defaultdict(list)
+        for node in nodes:
+            delivery = self.chain.plan(self.held.get(node))
+            kinds[delivery.kind].append(node)
+            key = f"{delivery.kind}/{delivery.base}"
+            if key not in contents:
+                contents[key] = downlink_content(delivery, self.chain.digest, config, self._full())
+            messages.append(Message(contents[key], dst_node_id=node, message_type=kind))
+        self._note_deliveries(server_round, kind, kinds)
         self._count_down(server_round, messages)
         self.sent = [m.metadata for m in messages]
         return messages
 
+    def _full(self) -> ArrayRecord:
+        """The reference as a full-model record (fp16 under an fp16 downlink, else fp32)."""
+        return to_record(self.chain.ref, "fp16" if self.downlink == "fp16" else "fp32")
+
+    def _note_deliveries(self, server_round: int, kind: str, kinds: dict[str, list[int]]) -> None:
+        phase = "train" if kind == MessageType.TRAIN else "evaluate"
+        log(INFO, "Round %d %s: model current on %d nodes, changes to %d, full model to %s",
+            server_round, phase, len(kinds["current"]), len(kinds["change"]),
+            kinds["full"] or "none")  # fmt: skip
+        if kinds["full"]:
+            self.history[server_round].setdefault("downlink-full", []).extend(
+                {"node": str(n), "phase": phase} for n in kinds["full"]
+            )
+
     def _replies(self, grid: Grid, messages: list[Message], timeout: float) -> Iterator[Message]:
         """Push ``messages``, then yield each reply as soon as it is pulled, one at a time,
-        until all have answered or ``timeout`` seconds have passed."""
+        until all have answered or ``timeout`` seconds have passed.
+
+        A node's confirmation (any reply that is not an error) records the model it now holds.
+        A node that answers :data:`OUT_OF_SYNC` is resent the full model, once per phase.
+        """
         pending = {i for i in grid.push_messages(messages) if i}
         del messages
+        resent: set[int] = set()
         end = time.monotonic() + timeout
         while pending and time.monotonic() < end:
             pulled = False
@@ -534,9 +597,37 @@ class FedDMStrategy(Strategy):
                 for reply in grid.pull_messages([message_id]):
                     pending.discard(reply.metadata.reply_to_message_id)
                     pulled = True
+                    node = self._node(reply)
+                    if not reply.has_error():
+                        self.held[node] = self.chain.digest
+                        yield reply
+                        continue
+                    self.held.pop(node, None)
+                    if reply.error.code == OUT_OF_SYNC and node not in resent:
+                        resent.add(node)
+                        pending.update(self._resend(grid, node, reply.error.reason))
+                        continue
                     yield reply
             if pending and not pulled:
                 time.sleep(self.poll_interval)
+        for metadata in self.sent:  # unanswered: what the node holds is unknown
+            if metadata.message_id in pending:
+                self.held.pop(metadata.dst_node_id, None)
+
+    def _resend(self, grid: Grid, node: int, reason: str | None) -> set[str]:
+        """Push the full model to ``node`` again, in the phase's message; its message ids."""
+        server_round, config, kind = self.phase
+        log(WARNING, "Round %d: node %d is out of sync (%s); resending the full model",
+            server_round, node, reason)  # fmt: skip
+        self.history[server_round].setdefault("out-of-sync", []).append(
+            {"node": str(node), "reason": str(reason)}
+        )
+        content = downlink_content(Delivery("full"), self.chain.digest, config, self._full())
+        msg = Message(content, dst_node_id=node, message_type=kind)
+        self._note_deliveries(server_round, kind, {"current": [], "change": [], "full": [node]})
+        self._count_down(server_round, [msg])
+        self.sent.append(msg.metadata)
+        return {i for i in grid.push_messages([msg]) if i}
 
     def _node(self, msg: Message) -> int:
         """The node a reply answers for: its sender, or for an error that the SuperLink sent

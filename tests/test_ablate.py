@@ -91,13 +91,16 @@ class FakeRuns:
         self.ran.append(cell_dir.name)
         if cell_dir.name in self.fail:
             raise RuntimeError(f"cell {cell_dir.name} did not finish")
-        down = 2000 if config.get("downlink-dtype") == "fp16" else 4000
+        down = 2000 if config.get("downlink") == "fp16" else 4000
         line = {
             "round": 1,
             "fid": 100.0 + 10 * config.get("proximal-mu", 0.0),
             "eval-loss": 0.1,
             "bytes-down-cumulative": down,
             "bytes-up-cumulative": BYTES_UP[config.get("uplink", "fp32")],
+            # FedAvg would have sent 8000 down (the fp32 model in train and evaluate messages)
+            "compression-down": 8000 / down,
+            "compression-up": 4000 / BYTES_UP[config.get("uplink", "fp32")],
             "wall-seconds": 1.0,
         }
         cell_dir.mkdir(parents=True)
@@ -152,13 +155,13 @@ def test_grid_parsing_refuses_unknown_keys_and_bad_values(text: str, message: st
 
 
 def test_grid_is_the_product_named_by_the_keys_that_vary() -> None:
-    grid = ablate.parse_grid("uplink=fp32,int8,int4 seed=7 downlink-dtype=fp32,fp16")
+    grid = ablate.parse_grid("uplink=fp32,int8,int4 seed=7 downlink=fp32,fp16")
     cells = ablate.grid_cells(grid, [])
     assert [c.name for c in cells] == [
-        f"uplink={u},downlink-dtype={d}" for u in ("fp32", "int8", "int4") for d in ("fp32", "fp16")
+        f"uplink={u},downlink={d}" for u in ("fp32", "int8", "int4") for d in ("fp32", "fp16")
     ]
-    assert cells[3].config == {"uplink": "int8", "downlink-dtype": "fp16", "seed": 7}
-    assert {c.baseline for c in cells} == {"uplink=fp32,downlink-dtype=fp32"}
+    assert cells[3].config == {"uplink": "int8", "downlink": "fp16", "seed": 7}
+    assert {c.baseline for c in cells} == {"uplink=fp32,downlink=fp32"}
     assert [c.name for c in ablate.grid_cells(ablate.parse_grid("proximal-mu=0.01"), [])] == [
         "proximal-mu=0.01"
     ]
@@ -177,27 +180,47 @@ def test_grid_is_the_product_named_by_the_keys_that_vary() -> None:
 
 def test_grid_runs_every_cell_with_total_traffic_columns(fake_runs: FakeRuns, tmp_path: Path):
     out = tmp_path / "grid"
-    grid = "uplink=fp32,int8,int4 downlink-dtype=fp32,fp16 proximal-mu=0,0.01"
+    grid = "uplink=fp32,int8,int4 downlink=fp32,fp16 proximal-mu=0,0.01"
     ablate.main(["--out", str(out), "--grid", grid, "--set", "seed=5"])
     assert len(fake_runs.ran) == 12
     rows = _rows(out)
-    base = rows["uplink=fp32,downlink-dtype=fp32,proximal-mu=0.0"]
-    cell = rows["uplink=int8,downlink-dtype=fp16,proximal-mu=0.01"]
-    assert (cell["uplink"], cell["downlink-dtype"], cell["proximal-mu"]) == ("int8", "fp16", "0.01")
+    base = rows["uplink=fp32,downlink=fp32,proximal-mu=0.0"]
+    cell = rows["uplink=int8,downlink=fp16,proximal-mu=0.01"]
+    assert (cell["uplink"], cell["downlink"], cell["proximal-mu"]) == ("int8", "fp16", "0.01")
     assert int(base["bytes_total"]) == 8000 and int(cell["bytes_total"]) == 3000
     assert float(base["traffic_compression_vs_first_cell"]) == 1.0
     assert float(cell["traffic_compression_vs_first_cell"]) == round(8000 / 3000, 3)
     assert float(cell["uplink_compression_vs_first_cell"]) == 4.0
     assert float(cell["fid_ratio_vs_first_cell"]) == round(100.1 / 100.0, 3)
     md = (out / "results.md").read_text()
-    assert "| cell | uplink | downlink-dtype | proximal-mu | rounds |" in md
+    assert "| cell | uplink | downlink | proximal-mu | rounds |" in md
     assert "bytes_total" in md and "traffic_compression_vs_first_cell" in md
-    assert "the grid's first cell (uplink=fp32,downlink-dtype=fp32,proximal-mu=0.0)" in md
+    assert "the first cell (uplink=fp32,downlink=fp32,proximal-mu=0.0)" in md
     for plot in ("fid_vs_round.png", "fid_vs_bytes.png"):
         assert (out / plot).stat().st_size > 0
 
     ablate.main(["--out", str(out), "--grid", grid, "--set", "seed=5"])  # rerun: all done
     assert len(fake_runs.ran) == 12
+
+
+def test_named_cells_run_in_order_against_the_first(fake_runs: FakeRuns, tmp_path: Path):
+    out = tmp_path / "cells"
+    cells = "base: ; small: uplink=int4 downlink=fp16; half: uplink=fp16"
+    ablate.main(["--out", str(out), "--cells", cells, "--partitions", "iid"])
+    assert fake_runs.ran == ["base-iid", "small-iid", "half-iid"]
+    rows = _rows(out)
+    assert rows["small-iid"]["keys"] == "uplink=int4 downlink=fp16"
+    assert float(rows["small-iid"]["traffic_compression_vs_first_cell"]) == round(8000 / 2500, 3)
+    assert float(rows["small-iid"]["traffic_compression_vs_fedavg"]) == round(12000 / 2500, 3)
+    assert float(rows["base-iid"]["traffic_compression_vs_fedavg"]) == 1.5
+    for text, message in [
+        ("a: uplink=int8; a: uplink=int4", "two cells are named 'a'"),
+        ("a uplink=int8", "is not name: key=value"),
+        ("a: uplink=int8,int4", "is not key=value (one value)"),
+        ("a: uplnk=int8", "did you mean 'uplink'"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            ablate.named_cells(ablate.parse_cells(text), [])
 
 
 def test_strategy_cells_get_total_traffic_columns_too(fake_runs: FakeRuns, tmp_path: Path):

@@ -11,6 +11,7 @@ from feddm_flower import records
 from feddm_flower.aggregation import update_norm
 from feddm_flower.client_app import RESIDUAL_KEY, train
 from feddm_flower.codecs import decode_update
+from feddm_flower.downlink import digest
 from feddm_flower.models import build_unet
 from feddm_flower.records import encode_uplink, payload_from
 
@@ -58,7 +59,9 @@ def _train_message(
     )
     if clip:  # what Flower's DP wrapper puts in the train config
         config[KEY_CLIPPING_NORM] = clip
-    arrays = ArrayRecord(build_unet("tiny", 28, 1, seed=0).state_dict())
+    weights = build_unet("tiny", 28, 1, seed=0).state_dict()
+    config["model-digest"] = digest(weights)
+    arrays = ArrayRecord(weights)
     meta = Metadata(
         run_id=1,
         message_id=f"m{server_round}",

@@ -42,7 +42,7 @@ def test_overrides_are_typed_and_ints_widen_to_floats() -> None:
         ("server-momentum", 1.0, "[0, 1)"),
         ("norm-bound", -1.0, ">= 0.0"),
         ("quant-block-size", 0, ">= 1"),
-        ("downlink-dtype", "bf16", "'fp32', 'fp16'"),
+        ("downlink", "bf16", "'fp32', 'fp16', 'int8', 'int4'"),
         ("partitioning", "by-writer", "'dirichlet'"),
         ("model-preset", "huge", "'paper'"),
         ("eval-fraction", 1.0, "between 0 and 1"),
@@ -87,7 +87,7 @@ def test_unknown_key_lists_the_allowed_keys() -> None:
     ("given", "meant"),
     [
         ("uplnk", "uplink"),
-        ("downlink_dtype", "downlink-dtype"),
+        ("downlink-dtype", "downlink"),
         ("proximal-m", "proximal-mu"),
         ("server-optimiser", "server-optimizer"),
         ("num-server-round", "num-server-rounds"),

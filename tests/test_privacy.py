@@ -267,16 +267,20 @@ def test_dp_is_off_by_default_and_named_when_on() -> None:
 # ------------------------------------------------------------------------- a real run
 
 
-def test_a_real_run_with_dp_and_int8_spends_a_growing_epsilon(flwr_run, tmp_path: Path) -> None:
+def test_a_real_run_with_dp_and_int8_both_ways_spends_a_growing_epsilon(
+    flwr_run, tmp_path: Path
+) -> None:
     out = tmp_path / "dp"
-    dp = {"uplink": "int8", "dp-clip-norm": 1.0, "dp-noise-multiplier": 0.5}
+    dp = {"uplink": "int8", "downlink": "int8", "dp-clip-norm": 1.0, "dp-noise-multiplier": 0.5}
     proc = flwr_run({**TINY_RUN, **dp, "output-dir": str(out)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert 0 < rows[0]["dp-epsilon"] < rows[1]["dp-epsilon"]
     for r in rows:
-        assert r["strategy"] == "int8-dp" and r["dp-delta"] == 1e-5
+        assert r["strategy"] == "int8-downint8-dp" and r["dp-delta"] == 1e-5
         assert r["dp-noise-std"] == pytest.approx(0.5 * 1.0 / 2)
         assert "rejected" not in r and "aggregate-rejected" not in r
         assert math.isfinite(r["train-loss"]) and 3.8 < r["compression-up"] < 4.3
+        # Down: one int8 change per node and round, no full model (the start is seeded).
+        assert 7.5 < r["compression-down"] < 8.6 and "downlink-full" not in r

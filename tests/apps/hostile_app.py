@@ -26,7 +26,8 @@ def hostile(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
     config = msg.content["config"]
     uplink = str(config["uplink"])
     key = uplink_key(uplink)
-    received = {k: v.float() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+    # What the node trained from: its copy of the global model, as the real train() kept it.
+    received = context.state[client_app.MODEL_KEY].to_torch_state_dict()
     if uplink in CODEC_BITS:
         update = decode_update(payload_from(reply.content[key]))
     else:

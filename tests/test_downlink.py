@@ -1,0 +1,297 @@
+"""The downlink: every node's copy equals the server's reference bit for bit, whatever it
+missed, and a node that cannot rebuild it is resent the full model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam
+
+from feddm_flower.downlink import DOWNLINKS, Delivery, ModelChain, OutOfSync, digest
+from feddm_flower.records import (
+    CHANGE_KEY,
+    OUT_OF_SYNC,
+    downlink_content,
+    payloads_from,
+    payloads_record,
+    received_model,
+    to_record,
+)
+from feddm_flower.strategies import FedDMStrategy
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+
+def _state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": scale * torch.randn(64, 40, generator=g),
+        "b": scale * torch.randn(9, generator=g),
+        "steps": torch.tensor([seed]),
+    }
+
+
+START = _state(0)
+
+
+def _moved(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    step = _state(seed, scale=0.01)
+    return {k: v + step[k] if v.is_floating_point() else step[k] for k, v in state.items()}
+
+
+def _content(chain: ModelChain, held: str | None, full: bool = False) -> RecordDict:
+    """The message the strategy sends a node it believes holds ``held`` (``full``: resent)."""
+    record = to_record(chain.ref, "fp16" if chain.downlink == "fp16" else "fp32")
+    delivery = Delivery("full") if full else chain.plan(held)
+    return downlink_content(delivery, chain.digest, ConfigRecord({"x": 1}), record)
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("downlink", DOWNLINKS)
+def test_nodes_rebuild_the_reference_bit_for_bit_over_rounds_skips_and_a_restart(
+    downlink: str,
+) -> None:
+    """Eight rounds; node 3 takes part every third round only, node 2 restarts with an empty
+    state in round 5 (the server still believes it holds the model). After every message the
+    node's weights equal the server's reference bit for bit."""
+    chain = ModelChain(downlink, block_size=16)
+    chain.start(START, nodes_have_it=True)
+    copies: dict[int, dict[str, torch.Tensor] | None] = dict.fromkeys(range(4))
+    server_view: dict[int, str] = {}
+    kinds: dict[tuple[int, int], str] = {}
+    global_state = START
+    for rnd in range(1, 9):
+        global_state = _moved(global_state, rnd)
+        assert chain.update(global_state) and not chain.update(global_state)
+        if rnd == 5:
+            copies[2] = None
+        for node in [n for n in range(4) if n != 3 or rnd % 3 == 0]:
+            kinds[rnd, node] = chain.plan(server_view.get(node)).kind
+            held = copies[node] or START  # no copy: the node rebuilds the seeded start
+            try:
+                weights = received_model(_content(chain, server_view.get(node)), held)
+            except OutOfSync:
+                assert (rnd, node) == (5, 2)
+                weights = received_model(_content(chain, None, full=True), held)  # resent
+                kinds[rnd, node] = "full"
+            assert _equal(weights, chain.ref) and digest(weights) == chain.digest
+            copies[node], server_view[node] = weights, chain.digest
+    fp = downlink in ("fp32", "fp16")
+    assert kinds[1, 0] == ("full" if fp else "change")  # seeded start: a change of it
+    assert kinds[6, 3] == ("full" if fp else "change")  # three versions behind: a chain
+    assert kinds[5, 2] == "full"  # the restarted node (under a codec after its error)
+    assert chain.plan(server_view[0]).kind == "current"
+
+
+@pytest.mark.parametrize(("downlink", "qmax"), [("int8", 127), ("int4", 7)])
+def test_server_error_feedback_keeps_the_reference_within_one_step(
+    downlink: str, qmax: int
+) -> None:
+    """The same small move every round for 20 rounds: the reference stays within half a
+    quantization step of the global model (rounding each move alone would drift)."""
+    chain = ModelChain(downlink, block_size=16)
+    chain.start(START, nodes_have_it=False)
+    step = _state(99, scale=0.01)
+    global_state = dict(START)
+    for _ in range(20):
+        global_state = {k: v + step[k] if v.is_floating_point() else v
+                        for k, v in global_state.items()}  # fmt: skip
+        chain.update(global_state)
+    for k in ("w", "b"):
+        error = (global_state[k] - chain.ref[k]).abs().max()
+        assert error <= 0.5 * 1.02 * step[k].abs().max() / qmax + 1e-6
+
+
+def test_a_chain_longer_than_the_model_is_replaced_by_the_full_model() -> None:
+    chain = ModelChain("int8", block_size=16)
+    chain.start(START, nodes_have_it=False)
+    old, global_state = chain.digest, START
+    for rnd in range(1, 6):
+        global_state = _moved(global_state, rnd)
+        chain.update(global_state)
+        delivery = chain.plan(old)
+        # Each int8 change is about a quarter of the fp32 model: four make it dearer.
+        assert delivery.kind == ("change" if rnd < 4 else "full"), rnd
+    assert chain.plan(None).kind == "full"  # no seeded start: a node with no copy
+
+
+def test_a_node_out_of_sync_is_refused_not_silently_drifting() -> None:
+    chain = ModelChain("int8", block_size=16)
+    chain.start(START, nodes_have_it=True)
+    chain.update(_moved(START, 1))
+    content = _content(chain, None)
+    wrong = _moved(START, 7)
+    with pytest.raises(OutOfSync, match="holds model"):
+        received_model(content, wrong)
+    [payload] = payloads_from(content[CHANGE_KEY])
+    flipped = bytearray(payload)
+    flipped[-1] ^= 0x40  # one level of the change
+    content[CHANGE_KEY] = payloads_record((bytes(flipped),))
+    with pytest.raises(OutOfSync, match="rebuilt model"):
+        received_model(content, START)
+    content[CHANGE_KEY] = payloads_record((b"FDMQ",))
+    with pytest.raises(OutOfSync, match="does not decode"):
+        received_model(content, START)
+
+
+# --------------------------------------------------- the strategy's real loop, fake nodes
+
+
+class SyncGrid(Grid):
+    """Nodes that rebuild the model from each message exactly as client_app does
+    (records.received_model over their own copy, none: the seeded start) and answer with
+    received + a small seeded update, or an OUT_OF_SYNC error. ``corrupt`` flips a level in
+    the change a node is sent (once per entry); ``restart`` empties a node's copy."""
+
+    def __init__(self, nodes: Iterable[int]) -> None:
+        self.copies: dict[int, dict[str, torch.Tensor] | None] = dict.fromkeys(nodes)
+        self.corrupt: set[tuple[int, int, str]] = set()  # (round, node, message type)
+        self.pending: dict[str, Message] = {}
+        self.pushed = 0
+        self.errors: list[tuple[int, str]] = []
+        self.chains: list[int] = []  # changes per message that carried changes
+
+    def set_run(self, run_id: int) -> None:  # pragma: no cover - not called
+        pass
+
+    @property
+    def run(self) -> None:  # pragma: no cover - not called
+        return None
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, *args: object, **kwargs: object) -> list[Message]:  # no cover
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.copies)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            self.pushed += 1
+            msg.metadata.__dict__["_message_id"] = f"m{self.pushed}"  # as Flower's grids do
+            self.pending[f"m{self.pushed}"] = msg
+            ids.append(f"m{self.pushed}")
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._answer(self.pending.pop(i)) for i in message_ids if i in self.pending]
+
+    def _answer(self, msg: Message) -> Message:
+        node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+        content = msg.content
+        rnd = int(content["config"]["server-round"])
+        if (rnd, node, kind) in self.corrupt and CHANGE_KEY in content:
+            self.corrupt.discard((rnd, node, kind))
+            payloads = payloads_from(content[CHANGE_KEY])
+            payloads[-1] = payloads[-1][:-1] + bytes([payloads[-1][-1] ^ 0x40])
+            content = RecordDict({**content, CHANGE_KEY: payloads_record(tuple(payloads))})
+        if CHANGE_KEY in content:
+            self.chains.append(len(content[CHANGE_KEY]))
+        try:
+            weights = received_model(content, self.copies[node] or START)
+        except OutOfSync as exc:
+            self.copies[node] = None
+            self.errors.append((node, str(exc)))
+            return self._reply(msg, error=Error(OUT_OF_SYNC, str(exc)))
+        self.copies[node] = weights
+        metrics = {"num-examples": 10, "train-loss": 0.1, "train-steps": 1, "train-seconds": 1.0}
+        if kind != "train":
+            return self._reply(msg, RecordDict({"metrics": MetricRecord(
+                {"num-examples": 10, "eval-loss": 0.1})}))  # fmt: skip
+        local = _moved(weights, 1000 * rnd + node)
+        local["steps"] = weights["steps"]
+        return self._reply(msg, RecordDict({"arrays": ArrayRecord(local),
+                                            "metrics": MetricRecord(metrics)}))  # fmt: skip
+
+    @staticmethod
+    def _reply(msg: Message, content: RecordDict | None = None, error: Error | None = None):
+        meta = Metadata(
+            run_id=1,
+            message_id=f"r-{msg.metadata.message_id}",
+            src_node_id=msg.metadata.dst_node_id,
+            dst_node_id=SUPERLINK_NODE_ID,
+            reply_to_message_id=msg.metadata.message_id,
+            group_id="",
+            created_at=time.time(),
+            ttl=60.0,
+            message_type=msg.metadata.message_type,
+        )
+        if error is not None:
+            return Message(metadata=meta, error=error)
+        return Message(metadata=meta, content=content)
+
+
+def test_the_strategy_keeps_nodes_in_sync_and_resends_the_full_model_when_they_are_not() -> None:
+    """Six rounds of the real FedDMStrategy loop (int8 down, FedAdam, 3 of 5 nodes sampled
+    to train, 2 to evaluate) with fake nodes: a corrupted change in round 3 and a node
+    restarted after round 3 each get one OUT_OF_SYNC error and then the full model; nodes
+    that skipped rounds catch up by a chain of changes; every round aggregates every sampled
+    node; every node holds exactly what the server believes, bit for bit."""
+    grid = SyncGrid(range(10, 15))
+    strategy = FedDMStrategy(
+        optimizer=FedAdam(eta=0.01),
+        uplink="fp32",
+        downlink="int8",
+        codec={"quant-block-size": 16},
+        fraction_train=0.6,
+        fraction_evaluate=0.4,
+        min_nodes=2,
+        seeded_start=True,
+        poll_interval=0.0,
+    )
+    grid.corrupt.update((3, n, kind) for n in range(10, 15) for kind in ("train", "evaluate"))
+    rounds_seen: list[int] = []
+
+    def check(server_round: int, arrays: ArrayRecord) -> None:
+        if server_round == 3:
+            grid.copies[12] = None  # node 12 restarts with an empty state
+        for node, copy in grid.copies.items():
+            if copy is not None and strategy.held.get(node) == strategy.chain.digest:
+                assert _equal(copy, strategy.chain.ref), (server_round, node)
+        rounds_seen.append(server_round)
+
+    result = strategy.start(grid, ArrayRecord(START), num_rounds=6, evaluate_fn=check)
+    assert rounds_seen == [0, 1, 2, 3, 4, 5, 6] and len(result.arrays) == 3
+    history = strategy.history
+    out_of_sync = [(r, e["node"]) for r in history for e in history[r].get("out-of-sync", [])]
+    corrupted = [n for r, n in out_of_sync if r == 3]
+    assert corrupted and len(corrupted) == len(grid.errors) - 1  # + node 12 once, later
+    assert [n for r, n in out_of_sync if r > 3] == ["12"]
+    full = {(r, e["node"]) for r in history for e in history[r].get("downlink-full", [])}
+    assert set(out_of_sync) <= full  # each out-of-sync node got the full model
+    assert all("rejected" not in history[r] and "missing" not in history[r] for r in history)
+    assert max(grid.chains) >= 2  # a node that skipped rounds got a chain of changes
+    for node, copy in grid.copies.items():  # every node answered its last message
+        assert copy is not None and strategy.held[node] == digest(copy)
+    # The 2 nodes sampled to evaluate in round 6 hold its new model; the others an older one.
+    assert sum(_equal(c, strategy.chain.ref) for c in grid.copies.values()) == 2
+    # The global model is not the reference, only within a quantization step of it.
+    final = result.arrays.to_torch_state_dict()
+    assert not torch.equal(final["w"], strategy.chain.ref["w"])
+    assert (final["w"] - strategy.chain.ref["w"]).abs().max() < 0.01
+
+
+def test_an_evaluate_message_after_training_carries_only_the_change() -> None:
+    grid = SyncGrid([1, 2])
+    strategy = FedDMStrategy(downlink="int4", codec={"quant-block-size": 64},
+                             seeded_start=True, poll_interval=0.0)  # fmt: skip
+    strategy.start(grid, ArrayRecord(START), num_rounds=2)
+    fp32 = to_record(START).count_bytes()
+    ledger = strategy.ledger
+    for rnd in (1, 2):
+        per_node = ledger.per_node(rnd, "down")
+        # train: nothing but the config; evaluate: one int4 change (~1/8 of the model).
+        assert all(b < fp32 / 5 for b in per_node.values()), per_node
+    assert not grid.errors and grid.chains == [1, 1, 1, 1]  # evaluate messages only
