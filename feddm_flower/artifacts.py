@@ -21,6 +21,7 @@ from .latent_pipeline import LatentDDPMPipeline
 DEFAULT_RUNS_ROOT = Path.home() / "feddm-flower" / "runs"
 STATE_FILE = "feddm_state.json"
 OPTIMIZER_FILE = "server_optimizer.npz"  # the server optimizer's moments / momentum
+EMA_FILE = "ema.pt"  # the server's EMA of the global weights (server-ema)
 
 
 class RunDirectory:
@@ -29,7 +30,8 @@ class RunDirectory:
     run_config.json       the validated run configuration
     metrics.jsonl         one JSON object per finished round
     samples/round_NNN.png sample grid of the global model after round NNN (000 = init)
-    checkpoint/           latest global U-Net (diffusers ``save_pretrained``)
+    checkpoint/           latest global U-Net (diffusers ``save_pretrained``), strategy state,
+                          server optimizer arrays, EMA weights (``server-ema``)
     pipeline/             final ``DDPMPipeline``, or ``LatentDDPMPipeline`` with its VAE and
                           source file (``pipeline.py``) for latent diffusion
     """
@@ -76,13 +78,23 @@ class RunDirectory:
         unet: UNet2DModel,
         state: dict[str, object],
         optimizer: dict[str, np.ndarray] | None = None,
+        ema: dict[str, torch.Tensor] | None = None,
     ) -> Path:
-        """Replace ``checkpoint/`` with ``unet``, ``state`` and the server ``optimizer``'s
-        arrays, atomically (never half-written)."""
+        """Replace ``checkpoint/`` with ``unet``, ``state``, the server ``optimizer``'s arrays
+        and the ``ema`` weights (if kept), atomically (never half-written)."""
         buffer = io.BytesIO()
         np.savez(buffer, **(optimizer or {}))
         files = {STATE_FILE: json.dumps(state), OPTIMIZER_FILE: buffer.getvalue()}
+        if ema is not None:
+            buffer = io.BytesIO()
+            torch.save({k: v.detach().cpu() for k, v in ema.items()}, buffer)
+            files[EMA_FILE] = buffer.getvalue()
         return self._save_atomic(unet, "checkpoint", files)
+
+    def load_ema(self) -> dict[str, torch.Tensor] | None:
+        """The EMA weights of the last checkpoint; None if it kept none."""
+        path = self._checkpoint_dir() / EMA_FILE
+        return torch.load(path, weights_only=True) if path.exists() else None
 
     def load_optimizer_state(self) -> dict[str, np.ndarray]:
         """The server optimizer's arrays of the last checkpoint (empty if it kept none)."""

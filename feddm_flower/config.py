@@ -145,6 +145,12 @@ class RunConfig:
     learning_rate: float = _key(3e-3, _positive, "AdamW learning rate")
     weight_decay: float = _key(0.0, _at_least(0.0), "AdamW weight decay")
     eval_max_examples: int = _key(256, _at_least(1), "held-out images per client evaluation")
+    server_eval_examples: int = _key(
+        500, _at_least(0), "class-balanced test images for the server's global-loss; 0 = off"
+    )
+    server_ema: float = _key(
+        0.0, _in_unit, "server EMA of the global weights: decay per round; 0 = off"
+    )
     eval_every: int = _key(0, _at_least(0), "FID/KID every N rounds and at the end; 0 = never")
     fid_samples: int = _key(200, _at_least(2), "generated and real images per FID/KID")
     sample_steps: int = _key(50, _at_least(1), "DDIM steps for evaluation samples")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -28,9 +29,9 @@ from . import configure_logging
 from .aggregation import InfluenceBound
 from .artifacts import RunDirectory
 from .config import RunConfig
-from .data import IMAGE_SHAPES, load_dataset
+from .data import IMAGE_SHAPES
 from .diffusion import sample
-from .fid import fid_kid, real_stats_name
+from .evaluation import ema_decay, ema_update, fid_scores, global_loss, load_eval_inputs
 from .latents import model_space
 from .models import build_scheduler, build_unet, count_parameters, resolve_device
 from .strategies import FedDMStrategy
@@ -72,7 +73,8 @@ def main(grid: Grid, context: Context) -> None:
         strategy.restore(state, run.load_optimizer_state())
         log.info("Resuming after round %d of %d", state["round"], cfg.num_server_rounds)
     initial_arrays = ArrayRecord(unet.state_dict())  # before the reporter moves it to a GPU
-    reporter = RoundReporter(cfg, run, strategy, unet, vae)
+    ema = run.load_ema() if state is not None else None
+    reporter = RoundReporter(cfg, run, strategy, unet, vae, ema)
     result = strategy.start(
         grid=grid,
         initial_arrays=initial_arrays,
@@ -82,8 +84,12 @@ def main(grid: Grid, context: Context) -> None:
     )
     if len(result.arrays) > 0:
         unet.load_state_dict(result.arrays.to_torch_state_dict())
-    path = run.save_pipeline(unet, build_scheduler(), vae)
-    log.info("Saved the final pipeline to %s (loading it: README, 'Where results land')", path)
+    path = run.save_pipeline(reporter.model, build_scheduler(), vae)
+    log.info(
+        "Saved the final pipeline (%s) to %s (loading it: README, 'Where results land')",
+        "EMA weights" if reporter.ema is not None else "global weights",
+        path,
+    )
     summary = run.write_summary()
     log.info(
         "Traffic: %d B down (%.2fx less than fp32 FedAvg), %d B up (%.2fx less)",
@@ -192,7 +198,12 @@ def build_aggregator(cfg: RunConfig) -> Strategy | None:
 
 
 class RoundReporter:
-    """Flower ``evaluate_fn``: after each round, write samples, checkpoint and metrics line."""
+    """Flower ``evaluate_fn``: after each round, measure the global model (``global-loss``) and
+    its EMA, write samples, checkpoint and metrics line.
+
+    With ``server-ema`` the server keeps the EMA of the global weights (:func:`ema_update`),
+    which the samples, FID and the saved pipeline show.
+    """
 
     def __init__(
         self,
@@ -201,53 +212,90 @@ class RoundReporter:
         strategy: FedDMStrategy,
         unet: UNet2DModel,
         vae: AutoencoderKL | None = None,
+        ema: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.cfg, self.run, self.strategy = cfg, run, strategy
         device = resolve_device(cfg.device)
         self.unet = unet.to(device)
         self.vae = vae.to(device) if vae is not None else None
+        self.ema = copy.deepcopy(self.unet) if cfg.server_ema else None
+        if self.ema is not None and ema is not None:  # resumed
+            self.ema.load_state_dict(ema)
+        examples = cfg.server_eval_examples
+        self.eval_inputs = load_eval_inputs(cfg, self.vae, device) if examples else None
         self.scheduler = build_scheduler()
+        self.initial: dict[str, float] = {}
         self.start = self.round_start = time.perf_counter()
+
+    @property
+    def model(self) -> UNet2DModel:
+        """What the samples, FID and the final pipeline show: the EMA if kept, else the global
+        model."""
+        return self.ema if self.ema is not None else self.unet
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         self.unet.load_state_dict(arrays.to_torch_state_dict())
+        if self.ema is not None and server_round > 0:
+            decay = ema_decay(self.cfg.server_ema, server_round)
+            new = ema_update(self.ema.state_dict(), self.unet.state_dict(), decay)
+            self.ema.load_state_dict(new)
+        losses = self._global_losses(ema=server_round > 0)
         images = self._sample(self.cfg.grid_samples, seed=self.cfg.seed)
         grid_path = self.run.save_grid(images, server_round)
-        if server_round == 0:
+        if server_round == 0:  # the starting point, recorded in round 1's line
+            self.initial = {f"{k}-initial": v for k, v in losses.items()}
+            if losses:
+                log.info("Round 0: global-loss %.4f", losses["global-loss"])
             return None
-        quality = self._fid() if self._fid_due(server_round) else {}
+        quality = fid_scores(self.model, self.vae, self.cfg) if self._fid_due(server_round) else {}
         now = time.perf_counter()
         record = {
             "round": server_round,
             "strategy": self.cfg.label,
             **self.strategy.history.get(server_round, {}),
             **self.strategy.ledger.round_summary(server_round),
+            **self.initial,
+            **losses,
             "round-seconds": round(now - self.round_start, 3),
             "wall-seconds": round(now - self.start, 3),
             "sample-grid": str(grid_path.relative_to(self.run.path)),
             **quality,
         }
-        self.round_start = now
+        self.initial, self.round_start = {}, now
         # Metrics first, then the checkpoint: a crash in between is undone by truncate_metrics.
         self.run.append_metrics(record)
         self.run.save_checkpoint(
-            self.unet, self.strategy.state(server_round), self.strategy.optimizer_state()
+            self.unet,
+            self.strategy.state(server_round),
+            self.strategy.optimizer_state(),
+            self.ema.state_dict() if self.ema is not None else None,
         )
         log.info(
-            "Round %d: train-loss %s, eval-loss %s, %d B down, %d B up, %.1f s",
+            "Round %d: train-loss %s, eval-loss %s, global-loss %s, %d B down, %d B up, %.1f s",
             server_round,
             _fmt(record.get("train-loss")),
             _fmt(record.get("eval-loss")),
+            _fmt(record.get("global-loss")),
             record["bytes-down"],
             record["bytes-up"],
             record["round-seconds"],
         )
-        return None
+        return MetricRecord(losses) if losses else None
+
+    def _global_losses(self, ema: bool) -> dict[str, float]:
+        """``global-loss`` of the global model and, if kept and asked for, ``global-loss-ema``
+        of its EMA, on the fixed test subset (none with ``server-eval-examples=0``)."""
+        if self.eval_inputs is None:
+            return {}
+        losses = {"global-loss": global_loss(self.unet, self.eval_inputs, self.cfg.seed)}
+        if ema and self.ema is not None:
+            losses["global-loss-ema"] = global_loss(self.ema, self.eval_inputs, self.cfg.seed)
+        return losses
 
     def _sample(self, num: int, seed: int) -> torch.Tensor:
-        """``num`` DDIM samples of the global model as images in [0, 1] (latents decoded)."""
+        """``num`` DDIM samples of :attr:`model` as images in [0, 1] (latents decoded)."""
         return sample(
-            self.unet,
+            self.model,
             self.scheduler,
             num,
             steps=self.cfg.sample_steps,
@@ -261,28 +309,6 @@ class RoundReporter:
         return every > 0 and (
             server_round % every == 0 or server_round == self.cfg.num_server_rounds
         )
-
-    def _fid(self) -> dict[str, object]:
-        """FID/KID of ``fid-samples`` DDIM samples against as many real test images."""
-        n, start = self.cfg.fid_samples, time.perf_counter()
-        real = load_dataset(self.cfg.dataset, self.cfg.data_root, train=False, limit=n).images
-        fake = self._sample(n, seed=self.cfg.seed + 1)
-        name = real_stats_name(self.cfg.dataset, real.shape[-1], len(real))
-        scores = fid_kid(fake, real.float() / 255, real_cache_name=name)
-        log.info(
-            "FID %.2f, KID %.4f (N=%d), %.0f s",
-            scores["fid"],
-            scores["kid"],
-            n,
-            time.perf_counter() - start,
-        )
-        return {
-            "fid": scores["fid"],
-            "kid": scores["kid"],
-            "kid-std": scores["kid-std"],
-            "fid-num-fake": scores["num-fake"],
-            "fid-num-real": scores["num-real"],
-        }
 
 
 def _fmt(value: object) -> str:

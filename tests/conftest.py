@@ -24,6 +24,7 @@ TINY_RUN = {
     "local-steps": 2,
     "batch-size": 16,
     "eval-max-examples": 16,
+    "server-eval-examples": 50,
     "sample-steps": 3,
     "grid-samples": 4,
 }

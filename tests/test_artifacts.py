@@ -36,7 +36,7 @@ def test_checkpoint_round_trips_weights_and_state(tmp_path: Path) -> None:
     run.save_checkpoint(unet, {"round": 3})
     run.save_checkpoint(unet, {"round": 4})  # replaces the previous one
     loaded, state = run.load_checkpoint()
-    assert state == {"round": 4}
+    assert state == {"round": 4} and run.load_ema() is None  # kept with server-ema only
     for (k, a), b in zip(unet.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert not (tmp_path / ".checkpoint.tmp").exists()

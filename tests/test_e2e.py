@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_RUN
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, UNet2DModel
 from formats import write_celeba, write_cifar
 
+from feddm_flower.centralized import config_images, run_images
+from feddm_flower.config import RunConfig
 from feddm_flower.models import build_unet
 
 
@@ -27,6 +30,7 @@ def test_two_rounds_write_metrics_samples_and_a_loadable_pipeline(flwr_run, tmp_
     for r in rows:
         assert r["strategy"] == "vanilla"
         assert r["train-loss"] > 0 and r["eval-loss"] > 0 and r["wall-seconds"] > 0
+        assert math.isfinite(r["global-loss"]) and "global-loss-ema" not in r  # EMA off
         # Each model goes down once per node: the nodes rebuild the seeded start themselves,
         # the evaluate message brings the round's new model, the next train message only its
         # digest (FedAvg: 4 models down). 2 train replies carry the fp32 weights up.
@@ -35,6 +39,10 @@ def test_two_rounds_write_metrics_samples_and_a_loadable_pipeline(flwr_run, tmp_
         assert 2 * model_bytes <= r["bytes-up"] < 2 * model_bytes * 1.05
         assert len(r["bytes-up-per-node"]) == 2 and "downlink-full" in r
     assert rows[1]["bytes-down-cumulative"] == rows[0]["bytes-down"] + rows[1]["bytes-down"]
+    assert rows[0]["global-loss-initial"] > rows[1]["global-loss"] > 0  # round 0: random init
+    # The centralized baseline's equal compute: 2 rounds x 2 clients x 2 steps of 16 images.
+    cfg = RunConfig.from_mapping({**TINY_RUN, "output-dir": str(out)})
+    assert run_images(rows, 16) == config_images(cfg, num_supernodes=2) == 2 * 2 * 2 * 16
     for rnd in (0, 1, 2):
         assert (out / "samples" / f"round_{rnd:03d}.png").stat().st_size > 0
     assert json.loads((out / "run_config.json").read_text())["num-server-rounds"] == 2
@@ -85,9 +93,10 @@ def test_each_strategy_runs_through_the_same_server_app(flwr_run, tmp_path: Path
 
 
 def test_resume_continues_after_the_last_checkpointed_round(flwr_run, tmp_path: Path) -> None:
-    """A FedAdam run stopped after round 1 and resumed ends with the weights of a run that
-    never stopped: Flower's own round numbers, the optimizer's moments restored."""
-    fedadam = {**TINY_RUN, "server-optimizer": "fedadam"}
+    """A FedAdam run stopped after round 1 and resumed ends with the weights, and the server
+    EMA, of a run that never stopped: Flower's own round numbers, the optimizer's moments and
+    the EMA restored."""
+    fedadam = {**TINY_RUN, "server-optimizer": "fedadam", "server-ema": 0.9}
     straight = tmp_path / "straight"
     proc = flwr_run({**fedadam, "num-server-rounds": 3, "output-dir": str(straight)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -109,10 +118,15 @@ def test_resume_continues_after_the_last_checkpointed_round(flwr_run, tmp_path: 
     ups = [r["bytes-up"] for r in rows]
     assert rows[2]["bytes-up-cumulative"] == sum(ups)  # the ledger survived the restart
     assert (out / "samples" / "round_003.png").exists()
-    resumed = DDPMPipeline.from_pretrained(out / "pipeline").unet.state_dict()
-    uninterrupted = DDPMPipeline.from_pretrained(straight / "pipeline").unet.state_dict()
-    for name, value in uninterrupted.items():
-        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
+    assert all(r["global-loss-ema"] > 0 for r in rows)
+    # The global weights (checkpoint) and their EMA (the pipeline) both match.
+    for kept in ("checkpoint", "pipeline/unet"):
+        resumed = UNet2DModel.from_pretrained(out / kept).state_dict()
+        uninterrupted = UNet2DModel.from_pretrained(straight / kept).state_dict()
+        for name, value in uninterrupted.items():
+            torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
+    ema = UNet2DModel.from_pretrained(straight / "pipeline/unet").conv_in.weight
+    assert not torch.equal(ema, UNet2DModel.from_pretrained(straight / "checkpoint").conv_in.weight)
 
 
 @pytest.mark.parametrize(

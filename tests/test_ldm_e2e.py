@@ -52,13 +52,13 @@ def test_ldm_round_sends_only_the_unet_and_decodes_256_px(flwr_run, tmp_path: Pa
     # (the VAE's 99 kB would push either past the 5 % left for tensor names).
     assert 4 * unet_bytes <= row["bytes-down"] < 4 * unet_bytes * 1.05
     assert 2 * unet_bytes <= row["bytes-up"] < 2 * unet_bytes * 1.05
-    assert row["train-loss"] > 0 and row["eval-loss"] > 0
+    assert row["train-loss"] > 0 and row["eval-loss"] > 0 and row["global-loss"] > 0
 
     weights = load_file(out / "checkpoint" / "diffusion_pytorch_model.safetensors")
     assert weights.keys() == unet.state_dict().keys()
     assert not any(k.startswith(("encoder.", "decoder.", "quant_conv")) for k in weights)
     assert UNet2DModel.from_pretrained(out / "checkpoint").config.in_channels == 4
-    assert len(list(cache.glob("*.pt"))) == 4  # 2 clients x (train, held-out)
+    assert len(list(cache.glob("*.pt"))) == 5  # 2 clients x (train, held-out) + the server's
 
     # Each round's grid holds 4 decoded 256 px samples, 2 x 2 with 1 px padding.
     assert Image.open(out / "samples" / "round_001.png").size == (2 * 257 + 1, 2 * 257 + 1)
@@ -77,7 +77,7 @@ def test_ldm_round_sends_only_the_unet_and_decodes_256_px(flwr_run, tmp_path: Pa
     proc = flwr_run({**ldm, "strategy": "quant", "output-dir": str(out)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "latents from cache" in proc.stdout + proc.stderr
-    assert len(list(cache.glob("*.pt"))) == 4
+    assert len(list(cache.glob("*.pt"))) == 5
     [row] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert 3.8 < row["compression-up"] < 4.3 and "rejected" not in row
     assert LatentDDPMPipeline.from_pretrained(out / "pipeline").unet.config.sample_size == 32
