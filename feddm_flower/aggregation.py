@@ -180,3 +180,27 @@ class RunningMean:
 
     def mean(self) -> State:
         return {k: v / self.total for k, v in self.sums.items()}
+
+
+class Spread:
+    """Count, mean, standard deviation, min and max of numbers added one at a time (Welford's
+    update: constant memory however many clients reply)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self._m2 = 0, 0.0, 0.0
+        self.low, self.high = math.inf, -math.inf
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        delta = value - self.mean
+        self.mean += delta / self.count
+        self._m2 += delta * (value - self.mean)
+        self.low, self.high = min(self.low, value), max(self.high, value)
+
+    def summary(self, name: str) -> dict[str, float]:
+        """``{name}-mean``, ``-std`` (population), ``-min``, ``-max``; empty if nothing added."""
+        if not self.count:
+            return {}
+        std = math.sqrt(self._m2 / self.count)
+        return {f"{name}-mean": self.mean, f"{name}-std": std,
+                f"{name}-min": self.low, f"{name}-max": self.high}  # fmt: skip

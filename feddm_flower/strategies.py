@@ -65,6 +65,7 @@ from .aggregation import (
     InfluenceBound,
     InvalidReply,
     RunningMean,
+    Spread,
     State,
     check_examples,
     clip_update,
@@ -331,6 +332,7 @@ class FedDMStrategy(Strategy):
                     held.append(c)
 
         replied: set[int] = set()
+        drift = Spread()
         for msg in replies:
             node = self._node(msg)
             if self._stand_in(server_round, "training", msg):
@@ -338,10 +340,16 @@ class FedDMStrategy(Strategy):
             replied.add(node)
             self._count_up(server_round, msg)
             try:
-                fold(stream.push(self.contribution(msg)))
+                contribution = self.contribution(msg)
             except InvalidReply as exc:
                 self._reject(server_round, "train", node, str(exc))
+                continue
+            drift.add(contribution.norm)
+            fold(stream.push(contribution))
         fold(stream.flush())
+        # Client drift: ‖w_local − w_received‖ of the accepted replies, as decoded (before
+        # the bounds; under DP clipped), across clients.
+        self.history[server_round].update(drift.summary("drift"))
         self._note_missing(server_round, replied)
         log(INFO, "Round %d: %d training replies accepted", server_round, len(records))
         if len(records) < self.min_replies:

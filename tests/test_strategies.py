@@ -97,6 +97,24 @@ def test_vanilla_aggregates_the_weighted_mean_of_replies() -> None:
     assert metrics["train-loss"] == pytest.approx(0.5)
 
 
+def test_client_drift_is_the_spread_of_update_norms_across_clients() -> None:
+    """drift-* in the round's history: mean, population std, min and max over the accepted
+    replies of ‖w_local − w_received‖, whatever the bounds then do with them."""
+    states = [_random_state(s, scale=s) for s in (1, 2, 3)]
+    replies = [_weights_reply(i, s) for i, s in enumerate(states)] + [
+        _reply(9, RecordDict({"metrics": _metrics(10)}))  # rejected: not counted
+    ]
+    strategy = _strategy(bound=InfluenceBound())
+    strategy.aggregate_train(1, replies)
+    norms = [
+        math.sqrt(sum(float((s[k] - GLOBAL[k]).pow(2).sum()) for k in ("w", "b"))) for s in states
+    ]
+    history = strategy.history[1]
+    assert history["drift-mean"] == pytest.approx(np.mean(norms))
+    assert history["drift-std"] == pytest.approx(np.std(norms))
+    assert (history["drift-min"], history["drift-max"]) == pytest.approx((min(norms), max(norms)))
+
+
 def _bad_replies() -> dict[str, Message]:
     good = _random_state(9)
     missing = {k: v for k, v in good.items() if k != "b"}
