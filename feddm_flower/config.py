@@ -44,6 +44,14 @@ def _unit_interval(v: float) -> str | None:
     return None if 0 < v <= 1 else "in (0, 1]"
 
 
+def _positive_or(sentinel: float) -> Check:
+    return lambda v: None if v > 0 or v == sentinel else f"> 0, or {sentinel} = preset's"
+
+
+def _at_least_or(low: float, sentinel: float) -> Check:
+    return lambda v: None if v >= low or v == sentinel else f">= {low}, or {sentinel} = preset's"
+
+
 def _any(_: Any) -> None:
     return None
 
@@ -71,6 +79,28 @@ SHORTCUTS: dict[str, dict[str, tuple[Value, tuple[Value, ...]]]] = {
 PARTITIONINGS = ("iid", "dirichlet", "shards", "quantity")
 DATASETS = ("fashion-mnist", "cifar10", "celeba", "lsun-church")
 PRESETS = ("tiny", "paper")
+CLIENT_OPTIMIZERS = ("adamw", "sgd")
+# Each U-Net preset's training defaults, per client optimizer (models.py holds the U-Nets;
+# these stay here, so that checking a run-config needs no torch). A key left at its run-config
+# default (learning-rate 0, warmup-steps -1, grad-clip -1: no usable value) takes the value
+# here; any other value of the key wins. Every round starts a fresh optimiser, so the warm-up
+# repeats per round. docs/models.md#training-defaults has the measurements behind the choices.
+TRAINING_DEFAULTS: dict[str, dict[str, dict[str, Value]]] = {
+    # tiny (0.27 M): AdamW as every documented tiny run trained; SGD 0.1 from {0.03, 0.1, 0.3}.
+    "tiny": {
+        "adamw": {"learning-rate": 3e-3, "warmup-steps": 0, "grad-clip": 0.0},
+        "sgd": {"learning-rate": 0.1, "warmup-steps": 0, "grad-clip": 1.0},
+    },
+    # paper (26-256 M): the DDPM paper's Adam lr 2e-4 and clip at norm 1.0 (Ho et al. 2020,
+    # App. B). Its 5000 warm-up steps come once in 800k; here each round's fresh AdamW first
+    # moves every weight by about lr whatever its gradient, which raised the held-out loss at
+    # the start of round 2 without a warm-up, so a short one: 20 local steps, a tenth of the
+    # default local-steps. SGD: 0.01 from {0.01, 0.03, 0.1} (0.1 diverged).
+    "paper": {
+        "adamw": {"learning-rate": 2e-4, "warmup-steps": 20, "grad-clip": 1.0},
+        "sgd": {"learning-rate": 0.01, "warmup-steps": 20, "grad-clip": 1.0},
+    },
+}
 # The 40 binary attributes of CelebA's list_attr_celeba.txt, in file order.
 CELEBA_ATTRIBUTES = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
@@ -142,8 +172,20 @@ class RunConfig:
     local_epochs: int = _key(1, _at_least(1), "local epochs per round (if local-steps = 0)")
     local_steps: int = _key(200, _at_least(0), "local optimiser steps per round; 0 = use epochs")
     batch_size: int = _key(64, _at_least(1), "local minibatch size")
-    learning_rate: float = _key(3e-3, _positive, "AdamW learning rate")
-    weight_decay: float = _key(0.0, _at_least(0.0), "AdamW weight decay")
+    client_optimizer: str = _key(
+        "adamw", _one_of(*CLIENT_OPTIMIZERS), "local optimiser: 'adamw' or 'sgd' (with momentum)"
+    )
+    client_momentum: float = _key(0.9, _in_unit, "client-optimizer='sgd': momentum")
+    learning_rate: float = _key(
+        0.0, _positive_or(0.0), "local learning rate; 0 = the model preset's default"
+    )
+    warmup_steps: int = _key(
+        -1, _at_least_or(0, -1), "linear LR warm-up, local steps per round; -1 = preset's"
+    )
+    grad_clip: float = _key(
+        -1.0, _at_least_or(0.0, -1.0), "clip of the gradient norm, 0 = off; -1 = preset's"
+    )
+    weight_decay: float = _key(0.0, _at_least(0.0), "decoupled (AdamW) or L2 (SGD) weight decay")
     eval_max_examples: int = _key(256, _at_least(1), "held-out images per client evaluation")
     server_eval_examples: int = _key(
         500, _at_least(0), "class-balanced test images for the server's global-loss; 0 = off"
@@ -176,7 +218,7 @@ class RunConfig:
             if allowed is not None:
                 raise ConfigError(f"run-config {key}={value!r} is invalid: allowed is {allowed}")
             values[f.name] = value
-        return _check_privacy(_apply_shortcut(cls(**values)))
+        return _check_privacy(_apply_training_defaults(_apply_shortcut(cls(**values))))
 
     @classmethod
     def key_type(cls, key: str) -> type:
@@ -230,6 +272,19 @@ def _apply_shortcut(cfg: RunConfig) -> RunConfig:
                 f"{cfg.strategy} allows {key} in {list(allowed)}; use strategy='custom' to "
                 "combine freely"
             )
+    return dataclasses.replace(cfg, **changes)
+
+
+def _apply_training_defaults(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with each training key left at its default set to its preset's value
+    (TRAINING_DEFAULTS for ``model-preset`` and ``client-optimizer``)."""
+    defaults = RunConfig.__dataclass_fields__
+    preset = TRAINING_DEFAULTS[cfg.model_preset][cfg.client_optimizer]
+    changes = {}
+    for key, value in preset.items():
+        name = key.replace("-", "_")
+        if getattr(cfg, name) == defaults[name].default:
+            changes[name] = value
     return dataclasses.replace(cfg, **changes)
 
 

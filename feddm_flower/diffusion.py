@@ -23,6 +23,7 @@ from .models import sampling_scheduler
 
 log = logging.getLogger(__name__)
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
@@ -86,26 +87,41 @@ def train_local(
     epochs: int = 1,
     steps: int = 0,
     weight_decay: float = 0.0,
+    optimizer: str = "adamw",
+    momentum: float = 0.9,
+    warmup_steps: int = 0,
+    grad_clip: float = 0.0,
     proximal_mu: float = 0.0,
     mixed_precision: str = "no",
     seed: int = 0,
     label: str = "train",
     log_every: int = 50,
 ) -> TrainResult:
-    """Train ``unet`` in place with AdamW for ``steps`` steps, or ``epochs`` epochs if steps=0.
+    """Train ``unet`` in place for ``steps`` steps, or ``epochs`` epochs if steps=0.
 
-    With ``proximal_mu`` > 0 the loss adds :func:`proximal_term` against the weights as they
-    were on entry. ``mixed_precision`` 'fp16' or 'bf16' runs the forward pass under autocast
+    ``optimizer`` is 'adamw' or 'sgd' (with ``momentum``), fresh on every call: in federated
+    training, once per round. The learning rate ramps linearly from ``lr / warmup_steps`` to
+    ``lr`` over the first ``warmup_steps`` steps (:func:`warmup_lr`); ``grad_clip`` > 0 clips
+    the global gradient norm (of the unscaled fp16 gradients under a GradScaler). With
+    ``proximal_mu`` > 0 the loss adds :func:`proximal_term` against the weights as they were
+    on entry. ``mixed_precision`` 'fp16' or 'bf16' runs the forward pass under autocast
     (weights and optimiser stay fp32). Logs progress every ``log_every`` steps and at the end.
     """
     if len(images) == 0:
         raise ValueError(f"{label}: no training images")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r}: allowed are {', '.join(OPTIMIZERS)}")
     device = next(unet.parameters()).device
     total = steps or epochs * math.ceil(len(images) / batch_size)
     batches = itertools.islice(_epochs(len(images), batch_size, seed), total)
     noise = torch.Generator(device=device).manual_seed(seed + 1)
     anchor = [p.detach().clone() for p in unet.parameters()] if proximal_mu > 0 else []
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(
+            unet.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+    else:
+        opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
     unet.train()
@@ -116,8 +132,13 @@ def train_local(
         with autocast(device, mixed_precision):
             loss = diffusion_loss(unet, scheduler, x0, noise)
         objective = loss + proximal_term(unet, anchor, proximal_mu) if anchor else loss
+        for group in opt.param_groups:
+            group["lr"] = warmup_lr(step, lr, warmup_steps)
         opt.zero_grad(set_to_none=True)
         scaler.scale(objective).backward()
+        if grad_clip > 0:
+            scaler.unscale_(opt)  # clip the true gradients, not the loss-scaled ones
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip)
         scaler.step(opt)
         scaler.update()
         losses.append(loss.item())
@@ -135,6 +156,11 @@ def train_local(
                 rate,
             )
     return TrainResult(float(np.mean(losses)), total, examples, time.perf_counter() - start)
+
+
+def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """Learning rate of (1-based) ``step``: linear warm-up to ``lr`` over ``warmup_steps``."""
+    return lr * min(1.0, step / warmup_steps) if warmup_steps > 0 else lr
 
 
 def _epochs(n: int, batch_size: int, seed: int) -> Iterator[tuple[int, torch.Tensor]]:

@@ -51,6 +51,8 @@ _PAPER_LATENT = {
         "attention_head_dim": 24,
     },
 }
+# Each preset's training defaults (learning rate, warm-up, gradient clip) are run-config data:
+# config.TRAINING_DEFAULTS, beside the keys they fill (checking a run-config needs no torch).
 PRESETS = ("tiny", "paper")
 NUM_TRAIN_TIMESTEPS = 1000
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from feddm_flower import records
 from feddm_flower.aggregation import update_norm
@@ -127,3 +128,28 @@ def test_under_dp_int8_quantizes_the_clipped_update_and_feeds_back_the_rest(
     residual = fashion_context.state[RESIDUAL_KEY].to_torch_state_dict()
     for name, value in update.items():
         torch.testing.assert_close(sent[name] + residual[name], value, rtol=0, atol=1e-9)
+
+
+def test_the_training_keys_reach_the_optimiser(fashion_context) -> None:
+    """client-optimizer, client-momentum, warmup-steps and grad-clip from the run-config, and
+    the preset's learning rate (tiny, sgd: 0.1), are what train_local's optimiser steps with."""
+    fashion_context.run_config.update(
+        {"client-optimizer": "sgd", "client-momentum": 0.5, "warmup-steps": 2, "grad-clip": 1e-3}
+    )
+    fashion_context.run_config["local-steps"] = 3
+    seen = []
+
+    def record(opt: torch.optim.Optimizer, *_: object) -> None:
+        group = opt.param_groups[0]
+        grads = [p.grad for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads).item()
+        seen.append((type(opt).__name__, group["momentum"], group["lr"], norm))
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        train(_train_message(False, 1, "fp32"), fashion_context)
+    finally:
+        handle.remove()
+    assert [s[:2] for s in seen] == [("SGD", 0.5)] * 3
+    assert [s[2] for s in seen] == pytest.approx([0.05, 0.1, 0.1])
+    assert [s[3] for s in seen] == pytest.approx([1e-3] * 3, rel=1e-3)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from feddm_flower.config import ConfigError, RunConfig
+from feddm_flower import overrides
+from feddm_flower.config import TRAINING_DEFAULTS, ConfigError, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -15,7 +16,7 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 def test_pyproject_defaults_are_the_config_defaults() -> None:
     app_config = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
     assert app_config == RunConfig().to_dict()
-    assert RunConfig.from_mapping(app_config) == RunConfig()
+    assert RunConfig.from_mapping(app_config) == RunConfig.from_mapping({})
 
 
 def test_overrides_are_typed_and_ints_widen_to_floats() -> None:
@@ -47,7 +48,11 @@ def test_overrides_are_typed_and_ints_widen_to_floats() -> None:
         ("model-preset", "huge", "'paper'"),
         ("eval-fraction", 1.0, "between 0 and 1"),
         ("fraction-train", 0.0, "(0, 1]"),
-        ("learning-rate", -0.1, "> 0"),
+        ("learning-rate", -0.1, "> 0, or 0.0 = preset's"),
+        ("warmup-steps", -2, ">= 0, or -1 = preset's"),
+        ("grad-clip", -0.5, ">= 0.0, or -1.0 = preset's"),
+        ("client-optimizer", "adam", "'adamw', 'sgd'"),
+        ("client-momentum", 1.0, "[0, 1)"),
         ("local-steps", -1, ">= 0"),
         ("seed", -3, ">= 0"),
         ("celeba-attribute", "Smile", "'Smiling'"),
@@ -157,3 +162,49 @@ def test_custom_combinations_are_named_by_their_keys() -> None:
     )
     assert cfg.label == "prox0.01-int4-fedadam"
     assert RunConfig.from_mapping({}).label == "vanilla"
+
+
+@pytest.mark.parametrize(
+    ("preset", "optimizer", "lr", "warmup", "clip"),
+    [
+        ("tiny", "adamw", 3e-3, 0, 0.0),  # what every documented tiny run used
+        ("paper", "adamw", 2e-4, 20, 1.0),  # the DDPM paper's lr and clip, a per-round warm-up
+        ("tiny", "sgd", 0.1, 0, 1.0),
+        ("paper", "sgd", 0.01, 20, 1.0),
+    ],
+)
+def test_presets_carry_their_training_defaults(
+    preset: str, optimizer: str, lr: float, warmup: int, clip: float
+) -> None:
+    cfg = RunConfig.from_mapping({"model-preset": preset, "client-optimizer": optimizer})
+    assert (cfg.learning_rate, cfg.warmup_steps, cfg.grad_clip) == (lr, warmup, clip)
+    assert TRAINING_DEFAULTS[preset][optimizer] == {
+        "learning-rate": lr,
+        "warmup-steps": warmup,
+        "grad-clip": clip,
+    }
+    # run_config.json records the effective values, and reading it back changes nothing.
+    assert cfg.to_dict()["learning-rate"] == lr
+    assert RunConfig.from_mapping(cfg.to_dict()) == cfg
+    # scripts/run.sh's pre-flight merges the --run-config over the (unresolved) defaults.
+    assert overrides.check([f"model-preset='{preset}' client-optimizer='{optimizer}'"]) == cfg
+
+
+def test_an_explicit_training_value_overrides_the_preset() -> None:
+    cfg = RunConfig.from_mapping(
+        {"model-preset": "paper", "learning-rate": 1e-3, "warmup-steps": 0, "grad-clip": 0.0}
+    )
+    assert (cfg.learning_rate, cfg.warmup_steps, cfg.grad_clip) == (1e-3, 0, 0.0)
+    cfg = RunConfig.from_mapping({"model-preset": "tiny", "grad-clip": 2.5})
+    assert (cfg.learning_rate, cfg.warmup_steps, cfg.grad_clip) == (3e-3, 0, 2.5)
+
+
+def test_every_preset_has_training_defaults_for_every_client_optimizer() -> None:
+    from feddm_flower.config import CLIENT_OPTIMIZERS, PRESETS
+    from feddm_flower.models import PRESETS as MODEL_PRESETS
+
+    assert PRESETS == MODEL_PRESETS == tuple(TRAINING_DEFAULTS)
+    for preset in PRESETS:
+        assert tuple(TRAINING_DEFAULTS[preset]) == CLIENT_OPTIMIZERS
+        for values in TRAINING_DEFAULTS[preset].values():
+            assert RunConfig.from_mapping(values).to_dict().items() >= values.items()

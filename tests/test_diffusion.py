@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from feddm_flower.config import RunConfig
 from feddm_flower.data import load_dataset
 from feddm_flower.diffusion import denoising_loss, proximal_term, sample, train_local
 from feddm_flower.models import build_scheduler, build_unet
@@ -96,3 +100,96 @@ def test_larger_mu_keeps_the_local_model_closer_to_the_global_one(batch: torch.T
         )
         drift[mu] = (_flat(unet) - start).norm().item()
     assert drift[5.0] < 0.8 * drift[0.0]
+
+
+@pytest.fixture
+def steps_seen() -> Iterator[list[dict]]:
+    """What each optimiser step of a train_local call saw: optimiser, learning rate, grad norm."""
+    seen: list[dict] = []
+
+    def record(opt: torch.optim.Optimizer, *_: object) -> None:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        seen.append(
+            {
+                "optimizer": type(opt).__name__,
+                "lr": opt.param_groups[0]["lr"],
+                "momentum": opt.param_groups[0].get("momentum"),
+                "grad_norm": torch.nn.utils.get_total_norm(grads).item(),
+            }
+        )
+
+    handle = register_optimizer_step_pre_hook(record)
+    yield seen
+    handle.remove()
+
+
+def test_sgd_with_momentum_trains(batch: torch.Tensor, steps_seen: list[dict]) -> None:
+    unet, scheduler = build_unet("tiny", 28, 1), build_scheduler()
+    start = _flat(unet)
+    before = denoising_loss(unet, scheduler, batch)
+    train_local(
+        unet, scheduler, batch, batch_size=32, lr=0.1, steps=30, optimizer="sgd", grad_clip=1.0
+    )
+    assert [(s["optimizer"], s["momentum"]) for s in steps_seen] == [("SGD", 0.9)] * 30
+    assert not torch.equal(_flat(unet), start)
+    assert denoising_loss(unet, scheduler, batch) < 0.8 * before
+
+
+def test_unknown_optimizer_is_an_error(batch: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="optimizer 'adam': allowed are adamw, sgd"):
+        train_local(
+            build_unet("tiny", 28, 1),
+            build_scheduler(),
+            batch,
+            batch_size=8,
+            lr=1e-3,
+            steps=1,
+            optimizer="adam",
+        )
+
+
+def test_warmup_ramps_the_learning_rate_linearly(
+    batch: torch.Tensor, steps_seen: list[dict]
+) -> None:
+    kwargs = {"batch_size": 8, "lr": 1e-3, "steps": 6}
+    train_local(build_unet("tiny", 28, 1), build_scheduler(), batch, warmup_steps=4, **kwargs)
+    assert [s["lr"] for s in steps_seen] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    steps_seen.clear()
+    train_local(build_unet("tiny", 28, 1), build_scheduler(), batch, warmup_steps=0, **kwargs)
+    assert [s["lr"] for s in steps_seen] == [1e-3] * 6
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "fp16"])
+def test_grad_clip_bounds_the_gradient_norm_the_optimiser_sees(
+    batch: torch.Tensor, steps_seen: list[dict], mixed_precision: str
+) -> None:
+    kwargs = {"batch_size": 8, "lr": 1e-3, "steps": 4, "mixed_precision": mixed_precision}
+    train_local(build_unet("tiny", 28, 1), build_scheduler(), batch, **kwargs)
+    assert min(s["grad_norm"] for s in steps_seen) > 0.05  # unclipped: well above the clip
+    steps_seen.clear()
+    train_local(build_unet("tiny", 28, 1), build_scheduler(), batch, grad_clip=0.01, **kwargs)
+    # Exactly the clip: neither unclipped nor clipped while still loss-scaled (fp16), which
+    # would leave the optimiser a gradient of clip / scale.
+    assert steps_seen and all(s["grad_norm"] == pytest.approx(0.01, rel=1e-3) for s in steps_seen)
+
+
+def test_the_paper_preset_learns_with_its_defaults() -> None:
+    """Issue 12: tiny's lr 3e-3 barely moved the 28 px paper U-Net; its own defaults do."""
+    cfg = RunConfig.from_mapping({"model-preset": "paper"})
+    images = load_dataset("fashion-mnist", "").images
+    train, held_out = images[:512], images[-32:]
+    unet, scheduler = build_unet("paper", 28, 1), build_scheduler()
+    before = denoising_loss(unet, scheduler, held_out)
+    train_local(
+        unet,
+        scheduler,
+        train,
+        batch_size=8,
+        steps=12,
+        lr=cfg.learning_rate,
+        optimizer=cfg.client_optimizer,
+        warmup_steps=cfg.warmup_steps,
+        grad_clip=cfg.grad_clip,
+    )
+    assert denoising_loss(unet, scheduler, held_out) < 0.5 * before
