@@ -1,18 +1,24 @@
-"""Ablations from one command: a grid of run-configs, one `flwr run` per cell.
+"""Ablations from one command: a grid of run-configs, one `flwr run` per cell and seed.
 
     python -m feddm_flower.ablate --out outputs/ablation
     python -m feddm_flower.ablate --grid "uplink=fp32,int8,int4 proximal-mu=0,0.01"
     python -m feddm_flower.ablate --cells "fp32: ; int8: uplink=int8 downlink=int8"
+    python -m feddm_flower.ablate --seeds 0,1,2 --partitions iid
+    python -m feddm_flower.ablate --protocol cpu90 --out outputs/cpu90
 
 The paper's comparison (default) is strategies x partitionings (--strategies, --partitions);
 --grid takes the product of the values listed for any run-config keys instead, and --cells a
 list of named cells (either optionally times --partitions). Every cell runs the same app,
 seed, model, rounds and local work through `flwr run . --stream` (simulation engine); only
-its own keys differ. Every cell's run-config
-is validated before the first one runs. Finished cells (those with a summary.json) are
+its own keys differ. With --seeds every cell runs once per seed (run-config `seed`), all cells
+of one seed before the next seed, and the table gives each cell's mean and sample standard
+deviation over its seeds and says which differences from the baseline exceed that spread.
+--protocol runs a named, fixed comparison (PROTOCOLS). Every run's run-config
+is validated before the first one runs. Finished runs (those with a summary.json) are
 skipped and half-finished ones resumed, so rerunning the command after an interruption
-completes the grid; a cell that does not finish makes the command exit 1 after the others
-ran. Writes results.csv, results.md, fid_vs_round.png and fid_vs_bytes.png into --out.
+completes the grid; a run that does not finish makes the command exit 1 after the others
+ran. Writes results.csv (one row per run), results.md, fid_vs_round.png and fid_vs_bytes.png
+(with --seeds also results_by_cell.csv) into --out.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import itertools
 import json
 import logging
 import os
+import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +70,7 @@ RESULT_COLUMNS = [
     "kid_std",
     "fid_n",
     "eval_loss",
+    "global_loss",
     "bytes_down",
     "bytes_up",
     "bytes_total",
@@ -72,6 +81,42 @@ RESULT_COLUMNS = [
     "wall_seconds",
 ]
 COLUMNS = ["cell", "strategy", "partition"] + [c.format(base="vanilla") for c in RESULT_COLUMNS]
+# With --seeds: the per-run metrics that results_by_cell.csv and results.md give as mean and
+# sample standard deviation over seeds, with the verdict against the baseline (lower is better).
+SEED_METRICS = ["fid", "kid", "global_loss", "eval_loss"]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A named ablation whose cells, seeds, nodes and run-config are fixed, so its results
+    compare across machines and commits; --set may only add keys it leaves open (data-root)."""
+
+    strategies: str
+    partitions: str
+    seeds: str
+    num_supernodes: int
+    settings: str  # --set
+
+    def args(self) -> list[str]:
+        """The options it stands for."""
+        return ["--strategies", self.strategies, "--partitions", self.partitions,
+                "--seeds", self.seeds, "--num-supernodes", str(self.num_supernodes),
+                "--set", self.settings]  # fmt: skip
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    # vanilla, prox, int8 and int4 uplink, IID and Dirichlet 0.1, 3 seeds: 24 runs in about
+    # 90 minutes on a 2-core CPU machine (the estimate: docs/results.md, "Protocol cpu90").
+    "cpu90": Protocol(
+        strategies="vanilla,prox,quant8,quant4",
+        partitions="iid,dir0.1",
+        seeds="0,1,2",
+        num_supernodes=2,
+        settings=(
+            "num-server-rounds=3 local-steps=60 eval-every=3 fid-samples=1000 sample-steps=25"
+        ),
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -242,6 +287,23 @@ def parse_overrides(text: str) -> dict[str, object]:
     return dict(parse_run_config([text])) if text else {}
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` into [0, 1, 2]: the seeds themselves, distinct, each >= 0."""
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r} is not a list of seeds like 0,1,2") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"--seeds {text!r}: seeds are distinct integers >= 0, like 0,1,2")
+    return seeds
+
+
+def run_dir(out: Path, cell: Cell, seed: int | None) -> Path:
+    """Where one run of ``cell`` lands: <out>/cells/<cell>, or <out>/cells/<cell>/seed<k>."""
+    path = out / "cells" / cell.name
+    return path if seed is None else path / f"seed{seed}"
+
+
 def run_cell(app: Path, cell_dir: Path, config: dict[str, object], supernodes: int) -> None:
     """One `flwr run` for one cell; resumes it if it has a checkpoint but no summary.
 
@@ -261,49 +323,112 @@ def run_cell(app: Path, cell_dir: Path, config: dict[str, object], supernodes: i
         proc = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT, cwd=app)
     if proc.returncode != 0 or not (cell_dir / "summary.json").exists():
         raise RuntimeError(
-            f"cell {cell_dir.name} did not finish (flwr run exit code {proc.returncode}, "
+            f"the run in {cell_dir} did not finish (flwr run exit code {proc.returncode}, "
             f"summary.json {'present' if (cell_dir / 'summary.json').exists() else 'missing'}); "
             f"see {cell_dir / 'flwr.log'}"
         )
 
 
-def collect(out: Path, cells: list[Cell], base: str = "vanilla") -> list[dict[str, object]]:
-    """One results row per finished cell, with ratios against its baseline cell."""
-    summaries = {}
-    for cell in cells:
-        path = out / "cells" / cell.name / "summary.json"
-        if path.exists():
-            summaries[cell.name] = json.loads(path.read_text())
+def collect(
+    out: Path, cells: list[Cell], base: str = "vanilla", seeds: list[int] | None = None
+) -> list[dict[str, object]]:
+    """One results row per finished run (cell, seed), with ratios against its baseline cell's
+    run of the same seed."""
     rows = []
     for cell in cells:
-        if cell.name not in summaries:
-            continue
-        s, b = summaries[cell.name], summaries.get(cell.baseline, {})
-        total = s["bytes-down-cumulative"] + s["bytes-up-cumulative"]
-        base_total = _total(b)
-        rows.append(
-            {
-                "cell": cell.name,
-                **cell.describe,
-                "rounds": s["round"],
-                "fid": s.get("fid"),
-                "kid": s.get("kid"),
-                "kid_std": s.get("kid-std"),
-                "fid_n": s.get("fid-num-fake"),
-                "eval_loss": s.get("eval-loss"),
-                "bytes_down": s["bytes-down-cumulative"],
-                "bytes_up": s["bytes-up-cumulative"],
-                "bytes_total": total,
-                f"uplink_compression_vs_{base}": _ratio(
-                    b.get("bytes-up-cumulative"), s["bytes-up-cumulative"]
-                ),
-                f"traffic_compression_vs_{base}": _ratio(base_total, total),
-                "traffic_compression_vs_fedavg": _ratio(_fedavg_total(s), total),
-                f"fid_ratio_vs_{base}": _ratio(s.get("fid"), b.get("fid")),
-                "wall_seconds": s["wall-seconds"],
-            }
-        )
+        for seed in seeds or [None]:
+            path = run_dir(out, cell, seed) / "summary.json"
+            if not path.exists():
+                continue
+            s = json.loads(path.read_text())
+            base_path = run_dir(out, _cell(cells, cell.baseline), seed) / "summary.json"
+            b = json.loads(base_path.read_text()) if base_path.exists() else {}
+            total = s["bytes-down-cumulative"] + s["bytes-up-cumulative"]
+            rows.append(
+                {
+                    "cell": cell.name,
+                    **cell.describe,
+                    **({} if seed is None else {"seed": seed}),
+                    "rounds": s["round"],
+                    "fid": s.get("fid"),
+                    "kid": s.get("kid"),
+                    "kid_std": s.get("kid-std"),
+                    "fid_n": s.get("fid-num-fake"),
+                    "eval_loss": s.get("eval-loss"),
+                    "global_loss": s.get("global-loss"),
+                    "bytes_down": s["bytes-down-cumulative"],
+                    "bytes_up": s["bytes-up-cumulative"],
+                    "bytes_total": total,
+                    f"uplink_compression_vs_{base}": _ratio(
+                        b.get("bytes-up-cumulative"), s["bytes-up-cumulative"]
+                    ),
+                    f"traffic_compression_vs_{base}": _ratio(_total(b), total),
+                    "traffic_compression_vs_fedavg": _ratio(_fedavg_total(s), total),
+                    f"fid_ratio_vs_{base}": _ratio(s.get("fid"), b.get("fid")),
+                    "wall_seconds": s["wall-seconds"],
+                }
+            )
     return rows
+
+
+def _cell(cells: list[Cell], name: str) -> Cell:
+    return next(c for c in cells if c.name == name)
+
+
+_VERDICT = {True: "exceeds", False: "within", None: None}
+
+
+def by_cell(
+    rows: list[dict[str, object]], cells: list[Cell], base: str = "vanilla"
+) -> list[dict[str, object]]:
+    """One row per cell with a finished run: each of ``SEED_METRICS`` as mean and sample
+    standard deviation over the cell's seeds (``_seed_sd``; None below 2 seeds), and against
+    its baseline cell the difference of means (cell − baseline, ``_diff_vs_``) and whether it
+    exceeds the spread (:func:`exceeds_spread`)."""
+    runs = {c.name: [r for r in rows if r["cell"] == c.name] for c in cells}
+    out = []
+    for cell in cells:
+        mine, theirs = runs[cell.name], runs[cell.baseline]
+        if not mine:
+            continue
+        total = round(statistics.mean(r["bytes_total"] for r in mine))
+        base_total = round(statistics.mean(r["bytes_total"] for r in theirs)) if theirs else None
+        row = {"cell": cell.name, **cell.describe, "seeds": len(mine),
+               "rounds": mine[0]["rounds"], "fid_n": _fid_n(mine)}  # fmt: skip
+        for metric in SEED_METRICS:
+            a = [r[metric] for r in mine if r[metric] is not None]
+            b = [r[metric] for r in theirs if r[metric] is not None]
+            row[f"{metric}_mean"] = statistics.mean(a) if a else None
+            row[f"{metric}_seed_sd"] = statistics.stdev(a) if len(a) > 1 else None
+            diff = statistics.mean(a) - statistics.mean(b) if a and b else None
+            row[f"{metric}_diff_vs_{base}"] = diff
+            verdict = "baseline" if cell.name == cell.baseline else _VERDICT[exceeds_spread(a, b)]
+            row[f"{metric}_vs_{base}"] = verdict
+        row["bytes_total"] = total
+        row[f"traffic_compression_vs_{base}"] = _ratio(base_total, total)
+        out.append(row)
+    return out
+
+
+def exceeds_spread(a: list[float], b: list[float]) -> bool | None:
+    """Whether the means of ``a`` and ``b`` differ by more than the sum of their sample
+    standard deviations; None when either has fewer than 2 values.
+
+    A screening rule, not a test: with 3 seeds each and equal spreads it is Welch's t > 2.45,
+    two-sided p ~= 0.07 at 4 degrees of freedom.
+    """
+    if len(a) < 2 or len(b) < 2:
+        return None
+    spread = statistics.stdev(a) + statistics.stdev(b)
+    return abs(statistics.mean(a) - statistics.mean(b)) > spread
+
+
+def _fid_n(rows: list[dict[str, object]]) -> object:
+    """The FID sample count of the cell's runs; "min–max" if they differ."""
+    counts = sorted({r["fid_n"] for r in rows if r["fid_n"] is not None})
+    if len(counts) > 1:
+        return f"{counts[0]}–{counts[-1]}"
+    return counts[0] if counts else None
 
 
 def _total(summary: dict[str, object]) -> int | None:
@@ -331,18 +456,49 @@ def write_tables(
     command: str,
     columns: list[str] = COLUMNS,
     baseline: str = "vanilla on the same partitioning",
+    cell_rows: list[dict[str, object]] | None = None,
+    base: str = "vanilla",
+    protocol: list[str] | None = None,
 ) -> None:
-    """results.csv and results.md (with the command that produced them)."""
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [
-        "# FedDM ablation",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Ratios compare each cell with its baseline, {baseline}: `uplink_compression` and "
+    """results.csv and results.md (with the command that produced them, and the options of
+    its ``protocol``); with ``cell_rows`` (--seeds, from :func:`by_cell`) also
+    results_by_cell.csv and their table in results.md."""
+    _write_csv(out / "results.csv", rows, columns)
+    expanded = f" (the protocol's options: `{shlex.join(protocol)}`)" if protocol else ""
+    lines = ["# FedDM ablation", "", f"Command: `{command}`{expanded}", ""]
+    if cell_rows is not None:
+        names = columns[: columns.index("seed")]
+        cell_columns = by_cell_columns(names, base)
+        _write_csv(out / "results_by_cell.csv", cell_rows, cell_columns)
+        shown = names + ["seeds", "rounds", "fid", "fid_n", "kid", "global_loss", "eval_loss",
+                         "bytes_total", f"traffic_compression_vs_{base}"]  # fmt: skip
+        deltas = [f"Δ{m}_vs_{base}" for m in SEED_METRICS]
+        lines += [
+            "## Per cell: mean ± sd over seeds",
+            "",
+            "Each cell ran once per seed (`seed` draws the partition, the initial weights and "
+            "all noise). `mean ± sd`: mean and sample standard deviation (n − 1) over the "
+            "cell's finished runs (`seeds`); `fid_n`: the FID sample count. `Δ`: the cell's mean "
+            f"− that of its baseline, {baseline} (lower is better for all four), followed by "
+            "`exceeds` if |Δ| > sd(cell) + sd(baseline), the difference exceeds the spread "
+            "between seeds, else `within`; `n/a` with fewer than 2 seeds. A screening rule, not "
+            "a test: with 3 seeds each and equal spreads it is Welch's t > 2.45 (two-sided "
+            "p ≈ 0.07).",
+            "",
+            "| " + " | ".join(shown + deltas) + " |",
+            "|" + "---|" * len(shown + deltas),
+        ]
+        for row in cell_rows:
+            text = {c: _cell_text(row.get(c)) for c in shown}
+            for m in SEED_METRICS:
+                text[m] = _mean_sd_text(row[f"{m}_mean"], row[f"{m}_seed_sd"])
+            text |= {f"Δ{m}_vs_{base}": _delta_text(row, m, base) for m in SEED_METRICS}
+            lines.append("| " + " | ".join(text[c] for c in shown + deltas) + " |")
+        lines += ["", "## Per run", ""]
+    lines += [
+        f"Ratios compare each cell with its baseline, {baseline}"
+        + (" (its run of the same seed)" if cell_rows is not None else "")
+        + ": `uplink_compression` and "
         "`traffic_compression` are the baseline's bytes ÷ the cell's (uplink; `bytes_total` = "
         "down + up), above 1 = less traffic; `traffic_compression_vs_fedavg` compares with "
         "what Flower's FedAvg sends (the fp32 model in every train and evaluate message and "
@@ -356,36 +512,82 @@ def write_tables(
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
+def by_cell_columns(names: list[str], base: str) -> list[str]:
+    """results_by_cell.csv's columns: ``names`` (cell and what describes it), then those of
+    :func:`by_cell`."""
+    stats = [f"{m}_{x}" for m in SEED_METRICS
+             for x in ("mean", "seed_sd", f"diff_vs_{base}", f"vs_{base}")]  # fmt: skip
+    return names + ["seeds", "rounds", "fid_n", *stats, "bytes_total",
+                    f"traffic_compression_vs_{base}"]  # fmt: skip
+
+
+def _write_csv(path: Path, rows: list[dict[str, object]], columns: list[str]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _cell_text(value: object) -> str:
     if value is None:
         return "–"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def plot(out: Path, cells: list[Cell]) -> None:
-    """FID vs round and FID vs cumulative bytes (down + up), one panel per partitioning."""
+def _mean_sd_text(mean: float | None, sd: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.4g} ± " + ("n/a" if sd is None else f"{sd:.2g}")
+
+
+def _delta_text(row: dict[str, object], metric: str, base: str) -> str:
+    diff, verdict = row[f"{metric}_diff_vs_{base}"], row[f"{metric}_vs_{base}"]
+    if verdict == "baseline":
+        return verdict
+    if diff is None:
+        return "–"
+    return f"{diff:+.3g} {verdict or 'n/a'}"
+
+
+def plot(out: Path, cells: list[Cell], seeds: list[int] | None = None) -> None:
+    """FID vs round and FID vs cumulative bytes (down + up), one panel per partitioning; with
+    ``seeds`` each point is the mean over the seeds that reached it, with ± sd error bars."""
     panels = list(dict.fromkeys(c.panel for c in cells))
     for name, xlabel in (("fid_vs_round", "round"), ("fid_vs_bytes", "cumulative bytes (MB)")):
         fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
         for ax, panel in zip(list(getattr(axes, "flat", [axes])), panels, strict=True):
             for cell in cells:
-                metrics = out / "cells" / cell.name / "metrics.jsonl"
-                if cell.panel != panel or not metrics.exists():
+                points = _fid_points(out, cell, seeds) if cell.panel == panel else {}
+                if not points:
                     continue
-                rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-                rows = [r for r in rows if "fid" in r]
-                if name == "fid_vs_round":
-                    xs = [r["round"] for r in rows]
-                else:
-                    xs = [
-                        (r["bytes-down-cumulative"] + r["bytes-up-cumulative"]) / 1e6 for r in rows
-                    ]
-                ax.plot(xs, [r["fid"] for r in rows], marker="o", label=cell.line)
+                mb = [statistics.mean(b for _, b in p) / 1e6 for p in points.values()]
+                xs = list(points) if name == "fid_vs_round" else mb
+                fids = [[f for f, _ in p] for p in points.values()]
+                sds = [statistics.stdev(f) if len(f) > 1 else 0.0 for f in fids]
+                ys = [statistics.mean(f) for f in fids]
+                ax.errorbar(xs, ys, yerr=sds if any(sds) else None, marker="o", capsize=3,
+                            label=cell.line)  # fmt: skip
             ax.set(title=panel, xlabel=xlabel, ylabel="FID")
             ax.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(out / f"{name}.png", dpi=120)
         plt.close(fig)
+
+
+def _fid_points(
+    out: Path, cell: Cell, seeds: list[int] | None
+) -> dict[int, list[tuple[float, int]]]:
+    """{round: [(FID, cumulative bytes down + up) of each run that measured FID then]}."""
+    points: dict[int, list[tuple[float, int]]] = {}
+    for seed in seeds or [None]:
+        metrics = run_dir(out, cell, seed) / "metrics.jsonl"
+        if not metrics.exists():
+            continue
+        for r in map(json.loads, metrics.read_text().splitlines()):
+            if "fid" in r:
+                total = r["bytes-down-cumulative"] + r["bytes-up-cumulative"]
+                points.setdefault(r["round"], []).append((r["fid"], total))
+    return dict(sorted(points.items()))
 
 
 def stop_local_superlink(flwr_home: Path) -> None:
@@ -397,6 +599,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/ablation"))
     parser.add_argument("--app", type=Path, default=Path("."))
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        help="a named comparison that fixes the cells, partitions, seeds, nodes and --set keys "
+        "(README, Ablations); --set may add keys it leaves open",
+    )
     parser.add_argument(
         "--strategies", help=f"strategy cells (default all: {','.join(STRATEGY_CELLS)})"
     )
@@ -414,7 +622,12 @@ def main(argv: list[str] | None = None) -> None:
         help="instead of --strategies: named cells, e.g. "
         '"fp32: ; int8: uplink=int8 downlink=int8" (the first cell is the baseline)',
     )
-    parser.add_argument("--num-supernodes", type=int, default=4)
+    parser.add_argument(
+        "--seeds",
+        help="run every cell once per seed listed, e.g. 0,1,2 (three seeds), into "
+        "<out>/cells/<cell>/seed<k>; the table gives mean ± sd over seeds",
+    )
+    parser.add_argument("--num-supernodes", type=int, help="SuperNodes per run (default 4)")
     parser.add_argument(
         "--set",
         default="",
@@ -425,9 +638,36 @@ def main(argv: list[str] | None = None) -> None:
 
     out, app = args.out.resolve(), args.app.resolve()
     try:
-        common = {"eval-every": 1, **parse_overrides(args.set)}
+        given_set = parse_overrides(args.set)
     except ConfigError as err:
         parser.error(f"--set: {err}")
+    common = {"eval-every": 1, **given_set}
+    if args.protocol:
+        fixed = [o for o in ("strategies", "partitions", "grid", "cells", "seeds",
+                             "num_supernodes") if getattr(args, o) is not None]  # fmt: skip
+        if fixed:
+            parser.error(
+                f"--protocol {args.protocol} fixes --{fixed[0].replace('_', '-')}; leave it "
+                "out, or leave out --protocol and give every option yourself"
+            )
+        preset = PROTOCOLS[args.protocol]
+        settings = parse_overrides(preset.settings)
+        taken = sorted((set(settings) | {"seed"}) & set(given_set))
+        if taken:
+            parser.error(
+                f"--set {taken[0]}: --protocol {args.protocol} fixes it "
+                f"({preset.settings}, seeds {preset.seeds}); --set may only add other keys"
+            )
+        common = {"eval-every": 1, **settings, **given_set}
+        args.strategies, args.partitions = preset.strategies, preset.partitions
+        args.seeds, args.num_supernodes = preset.seeds, preset.num_supernodes
+    supernodes = args.num_supernodes or 4
+    try:
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    except ConfigError as err:
+        parser.error(str(err))
+    if seeds is not None and "seed" in common:
+        parser.error("--seeds and --set seed=... exclude each other; list the seeds in --seeds")
     if args.grid and args.cells:
         parser.error("--grid and --cells exclude each other")
     chosen = args.grid or args.cells
@@ -454,7 +694,6 @@ def main(argv: list[str] | None = None) -> None:
         base, baseline = "first_cell", f"the first cell ({cells[0].name})"
         if partitions:
             baseline = "the first cell on the same partitioning"
-        columns = ["cell", *cells[0].describe] + [c.format(base=base) for c in RESULT_COLUMNS]
     else:
         strategies = (args.strategies or ",".join(STRATEGY_CELLS)).split(",")
         for name in strategies:
@@ -463,42 +702,59 @@ def main(argv: list[str] | None = None) -> None:
                     f"unknown strategy cell {name!r}; allowed: {', '.join(STRATEGY_CELLS)}"
                 )
         cells = strategy_cells(strategies, partitions)
-        base, baseline, columns = "vanilla", "vanilla on the same partitioning", COLUMNS
-    problems = validate(cells, common, out)
+        base, baseline = "vanilla", "vanilla on the same partitioning"
+    seeded = next((c for c in cells if "seed" in c.config), None)
+    if seeds is not None and seeded is not None:
+        parser.error(
+            f"--seeds and cell {seeded.name} exclude each other: the cell sets "
+            f"seed={seeded.config['seed']} itself; take seed out of the cells or leave out --seeds"
+        )
+    names = ["cell", *cells[0].describe]
+    columns = names + (["seed"] if seeds else []) + [c.format(base=base) for c in RESULT_COLUMNS]
+    problems = validate(cells, common | ({"seed": seeds[0]} if seeds else {}), out)
     if problems:
         parser.error("invalid run-config, nothing ran:\n  " + "\n  ".join(problems))
 
     out.mkdir(parents=True, exist_ok=True)
     flwr_home = Path(os.environ.setdefault("FLWR_HOME", str(app / ".flwr")))
     os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # All cells of one seed before the next: an interrupted command leaves whole comparisons.
+    runs = [(cell, seed) for seed in seeds or [None] for cell in cells]
     failed = []
     try:
-        for cell in (bar := tqdm(cells, desc="ablation", unit="cell")):
-            cell_dir = out / "cells" / cell.name
-            bar.set_postfix_str(cell.name)
-            if (cell_dir / "summary.json").exists():
-                log.info("%s: done before, skipped", cell.name)
+        for cell, seed in (bar := tqdm(runs, desc="ablation", unit="run")):
+            label = cell.name if seed is None else f"{cell.name}/seed{seed}"
+            path = run_dir(out, cell, seed)
+            bar.set_postfix_str(label)
+            if (path / "summary.json").exists():
+                log.info("%s: done before, skipped", label)
                 continue
+            config = {**common, **cell.config, **({} if seed is None else {"seed": seed})}
             start = time.perf_counter()
             try:
-                run_cell(app, cell_dir, {**common, **cell.config}, args.num_supernodes)
+                run_cell(app, path, config, supernodes)
             except RuntimeError as err:
                 log.error("%s", err)
-                failed.append(cell.name)
+                failed.append(label)
                 continue
-            log.info("%s: finished in %.0f s", cell.name, time.perf_counter() - start)
+            log.info("%s: finished in %.0f s", label, time.perf_counter() - start)
     finally:
         stop_local_superlink(flwr_home)
-    rows = collect(out, cells, base)
+    rows = collect(out, cells, base, seeds)
     given = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python -m feddm_flower.ablate", *given])
-    write_tables(out, rows, command, columns, baseline)
-    plot(out, cells)
-    log.info("Wrote %s", ", ".join(str(out / f) for f in ("results.csv", "results.md")))
+    command = shlex.join(["python", "-m", "feddm_flower.ablate", *given])
+    protocol = PROTOCOLS[args.protocol].args() if args.protocol else None
+    cell_rows = by_cell(rows, cells, base) if seeds else None
+    write_tables(out, rows, command, columns, baseline, cell_rows, base, protocol)
+    plot(out, cells, seeds)
+    written = ["results.csv", "results.md"] + (["results_by_cell.csv"] if seeds else [])
+    log.info("Wrote %s", ", ".join(str(out / f) for f in written))
     if failed:
+        what = "cells" if seeds is None else "runs"
         raise SystemExit(
-            f"ablation: {len(failed)} of {len(cells)} cells did not finish: {', '.join(failed)} "
-            f"(see {out / 'cells'}/<cell>/flwr.log); rerun the command to retry them"
+            f"ablation: {len(failed)} of {len(runs)} {what} did not finish: {', '.join(failed)} "
+            f"(see {out / 'cells'}/<cell>{'/seed<k>' if seeds else ''}/flwr.log); rerun the "
+            "command to retry them"
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -56,6 +57,7 @@ def test_micro_grid_writes_a_consistent_table_and_resumes(
     vanilla, quant = rows["vanilla-iid"], rows["quant8-iid"]
     assert float(vanilla["fid_ratio_vs_vanilla"]) == 1.0
     assert float(quant["fid"]) > 0 and quant["fid_n"] == "8"
+    assert float(quant["global_loss"]) > 0  # the server's global-loss, from summary.json
     assert 3.5 < float(quant["uplink_compression_vs_vanilla"]) < 4.5
     assert int(quant["bytes_up"]) < int(vanilla["bytes_up"])
     assert "python -m feddm_flower.ablate" in (out / "results.md").read_text()
@@ -78,24 +80,36 @@ def test_unknown_cell_is_refused(tmp_path: Path) -> None:
 # --- Grids over any key, validation before anything runs, failed cells (no real runs) -------
 
 BYTES_UP = {"fp32": 4000, "fp16": 2000, "int8": 1000, "int4": 500}
+SEED_NOISE = {0: -1.0, 1: 0.0, 2: 2.0}  # x FakeRuns.spread: FID and global-loss by seed (or 0)
 
 
 class FakeRuns:
-    """Stands in for `run_cell`: records the cells run, "finishes" them with a summary whose
-    bytes follow the uplink, or fails those named in ``fail``."""
+    """Stands in for `run_cell`: records the runs ("cell" or "cell/seedK"), "finishes" them
+    with a summary whose bytes follow the uplink and whose FID is 100 + 10 * proximal-mu +
+    ``spread`` * SEED_NOISE[seed], or fails those named in ``fail``."""
 
     def __init__(self, fail: tuple[str, ...] = ()) -> None:
-        self.fail, self.ran = fail, []
+        self.fail, self.spread, self.ran, self.configs = fail, 0.0, [], {}
+        self.global_loss = True  # False: a summary from before the server wrote global-loss
 
     def __call__(self, app: Path, cell_dir: Path, config: dict, supernodes: int) -> None:
-        self.ran.append(cell_dir.name)
-        if cell_dir.name in self.fail:
-            raise RuntimeError(f"cell {cell_dir.name} did not finish")
+        seeded = cell_dir.name.startswith("seed")
+        name = f"{cell_dir.parent.name}/{cell_dir.name}" if seeded else cell_dir.name
+        self.ran.append(name)
+        self.configs[name] = {**config, "supernodes": supernodes}
+        if name in self.fail:
+            raise RuntimeError(f"cell {name} did not finish")
         down = 2000 if config.get("downlink") == "fp16" else 4000
+        mu, noise = config.get("proximal-mu", 0.0), SEED_NOISE.get(config.get("seed", 0), 0.0)
+        fid = 100.0 + 10 * mu + self.spread * noise
+        global_loss = 0.05 + 0.01 * mu + 0.001 * self.spread * noise
         line = {
             "round": 1,
-            "fid": 100.0 + 10 * config.get("proximal-mu", 0.0),
+            "fid": fid,
+            "kid": fid / 1000,
+            "fid-num-fake": 1000,
             "eval-loss": 0.1,
+            **({"global-loss": global_loss} if self.global_loss else {}),
             "bytes-down-cumulative": down,
             "bytes-up-cumulative": BYTES_UP[config.get("uplink", "fp32")],
             # FedAvg would have sent 8000 down (the fp32 model in train and evaluate messages)
@@ -313,3 +327,182 @@ def test_cells_that_run_the_same_configuration_are_refused(
 
 def test_set_is_read_as_flower_reads_it() -> None:
     assert ablate.parse_overrides("data-root='/a b' seed=2") == {"data-root": "/a b", "seed": 2}
+
+
+# --- Seeds: one run per cell and seed, mean ± sd per cell, the verdict, the protocol ----------
+
+TWO_CELLS = "base: ; prox: proximal-mu=0.3"  # FakeRuns: FID 100 and 103 at spread 0
+
+
+def _by_cell(out: Path) -> dict[str, dict[str, str]]:
+    with (out / "results_by_cell.csv").open() as f:
+        return {r["cell"]: r for r in csv.DictReader(f)}
+
+
+def _seeded(out: Path, *extra: str) -> None:
+    args = ["--out", str(out), "--cells", TWO_CELLS, "--partitions", "iid", "--seeds", "0,1,2"]
+    ablate.main([*args, *extra])
+
+
+def test_seeds_run_every_cell_once_per_seed_and_a_rerun_skips_them(
+    fake_runs: FakeRuns, tmp_path: Path
+) -> None:
+    out = tmp_path / "seeds"
+    _seeded(out)
+    runs = [f"{c}-iid/seed{k}" for k in (0, 1, 2) for c in ("base", "prox")]
+    assert fake_runs.ran == runs  # all cells of a seed before the next seed
+    assert [fake_runs.configs[r]["seed"] for r in runs] == [0, 0, 1, 1, 2, 2]
+    assert (out / "cells" / "prox-iid" / "seed2" / "summary.json").exists()
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["cell"], r["seed"]) for r in rows] == [
+        (c, str(k)) for c in ("base-iid", "prox-iid") for k in (0, 1, 2)
+    ]
+    assert set(_by_cell(out)) == {"base-iid", "prox-iid"}
+    for plot in ("fid_vs_round.png", "fid_vs_bytes.png"):
+        assert (out / plot).stat().st_size > 0
+
+    _seeded(out)  # rerun: every run is done
+    assert len(fake_runs.ran) == 6
+    shutil.rmtree(out / "cells" / "base-iid" / "seed1")
+    _seeded(out)  # only the removed run again
+    assert fake_runs.ran[6:] == ["base-iid/seed1"]
+
+
+def test_the_cell_table_is_the_mean_and_sd_over_seeds(fake_runs: FakeRuns, tmp_path: Path):
+    fake_runs.spread = 1.5
+    out = tmp_path / "stats"
+    _seeded(out)
+    base, prox = _by_cell(out)["base-iid"], _by_cell(out)["prox-iid"]
+    # FIDs by seed: base 98.5, 100, 103; prox 101.5, 103, 106 (mu=0.3 adds 3)
+    assert float(base["fid_mean"]) == pytest.approx(100.5)
+    assert float(base["fid_seed_sd"]) == pytest.approx(math.sqrt((2**2 + 0.5**2 + 2.5**2) / 2))
+    assert float(prox["fid_mean"]) == pytest.approx(103.5)
+    assert float(prox["fid_diff_vs_first_cell"]) == pytest.approx(3.0)
+    assert float(prox["kid_mean"]) == pytest.approx(0.1035)
+    # global-loss by seed: base 0.0485, 0.05, 0.053; prox 0.003 higher
+    assert float(base["global_loss_mean"]) == pytest.approx(0.0505)
+    assert float(base["global_loss_seed_sd"]) == pytest.approx(0.001 * math.sqrt(5.25))
+    assert float(prox["global_loss_diff_vs_first_cell"]) == pytest.approx(0.003)
+    assert float(base["eval_loss_seed_sd"]) == 0.0
+    assert (base["seeds"], base["fid_n"], base["fid_vs_first_cell"]) == ("3", "1000", "baseline")
+    assert int(prox["bytes_total"]) == 8000
+    md = (out / "results.md").read_text()
+    assert "| prox-iid | proximal-mu=0.3 | iid | 3 | 1 | 103.5 ± 2.3 | 1000 |" in md
+    assert "## Per run" in md and "| cell | keys | partition | seed | rounds |" in md
+
+
+@pytest.mark.parametrize(("spread", "verdict"), [(0.5, "exceeds"), (2.0, "within")])
+def test_the_verdict_says_whether_a_difference_exceeds_the_spread_between_seeds(
+    fake_runs: FakeRuns, tmp_path: Path, spread: float, verdict: str
+) -> None:
+    # Δ = 3 for FID, sd = spread * 1.53 in each cell: exceeds iff 3 > 2 * 1.53 * spread
+    fake_runs.spread = spread
+    _seeded(tmp_path)
+    prox = _by_cell(tmp_path)["prox-iid"]
+    assert prox["fid_vs_first_cell"] == prox["global_loss_vs_first_cell"] == verdict
+    assert prox["eval_loss_vs_first_cell"] == "within"  # equal means, no spread
+    assert f"| +3 {verdict} |" in (tmp_path / "results.md").read_text()
+
+
+def test_the_spread_is_the_sum_of_the_sample_sds() -> None:
+    assert ablate.exceeds_spread([1.0, 3.0], [3.0, 5.0]) is False  # |2 - 4| < 1.41 + 1.41
+    assert ablate.exceeds_spread([1.0, 3.0], [4.0, 6.0]) is True  # |2 - 5| > 2.83
+    assert ablate.exceeds_spread([1.0], [5.0, 6.0]) is None
+
+
+def test_one_seed_and_older_runs_leave_spread_and_global_loss_empty(
+    fake_runs: FakeRuns, tmp_path: Path
+) -> None:
+    fake_runs.global_loss = False
+    ablate.main(["--out", str(tmp_path), "--cells", TWO_CELLS, "--seeds", "0"])
+    prox = _by_cell(tmp_path)["prox"]
+    assert prox["fid_seed_sd"] == "" and prox["fid_vs_first_cell"] == ""
+    assert prox["global_loss_mean"] == "" and _rows(tmp_path)["prox"]["global_loss"] == ""
+    assert "| 103 ± n/a | 1000 |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--grid", "seed=1,2"], "--seeds and cell seed=1 exclude each other"),
+        (["--cells", "a: ; b: seed=3"], "the cell sets seed=3 itself"),
+        (["--set", "seed=4"], "--seeds and --set seed=... exclude each other"),
+    ],
+)
+def test_seeds_refuse_a_seed_set_elsewhere(
+    fake_runs: FakeRuns,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    args: list[str],
+    message: str,
+) -> None:
+    with pytest.raises(SystemExit) as err:
+        ablate.main(["--out", str(tmp_path), "--seeds", "0,1,2", *args])
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+    assert fake_runs.ran == []
+
+
+def test_seeds_are_listed_not_counted() -> None:
+    assert ablate.parse_seeds("0,1,2") == [0, 1, 2]
+    assert ablate.parse_seeds("3") == [3]  # seed 3, not three seeds
+
+
+@pytest.mark.parametrize("text", ["0,1,1", "-1,0", "0,,1", "a", ""])
+def test_seeds_are_distinct_non_negative_integers(text: str) -> None:
+    with pytest.raises(ConfigError, match="--seeds"):
+        ablate.parse_seeds(text)
+
+
+def test_protocol_cpu90_expands_to_the_documented_cells(fake_runs: FakeRuns, tmp_path: Path):
+    out = tmp_path / "cpu90"
+    ablate.main(["--out", str(out), "--protocol", "cpu90", "--set", "data-root='/d'"])
+    cells = [f"{s}-{p}" for p in ("iid", "dir0.1") for s in ("vanilla", "prox", "quant8", "quant4")]
+    assert fake_runs.ran == [f"{c}/seed{k}" for k in (0, 1, 2) for c in cells]
+    config = fake_runs.configs["quant4-dir0.1/seed2"]
+    assert config == {
+        "eval-every": 3,
+        "num-server-rounds": 3,
+        "local-steps": 60,
+        "fid-samples": 1000,
+        "sample-steps": 25,
+        "data-root": "/d",
+        "strategy": "quant",
+        "uplink": "int4",
+        "partitioning": "dirichlet",
+        "dirichlet-alpha": 0.1,
+        "seed": 2,
+        "supernodes": 2,
+    }
+    assert len(_by_cell(out)) == 8
+    options = " ".join(ablate.PROTOCOLS["cpu90"].args()[:-1])  # all but --set's value
+    assert options in (out / "results.md").read_text()
+    assert "--protocol cpu90" in (REPO / "README.md").read_text()
+    documented = (REPO / "docs" / "results.md").read_text()
+    assert "--protocol cpu90" in documented
+    protocol = ablate.PROTOCOLS["cpu90"]
+    for value in (protocol.strategies, protocol.partitions, protocol.seeds, protocol.settings):
+        assert value in documented
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--strategies", "vanilla"], "--protocol cpu90 fixes --strategies"),
+        (["--num-supernodes", "4"], "--protocol cpu90 fixes --num-supernodes"),
+        (["--set", "fid-samples=100"], "--set fid-samples: --protocol cpu90 fixes it"),
+        (["--set", "seed=1"], "--set seed: --protocol cpu90 fixes it"),
+    ],
+)
+def test_protocol_options_are_fixed(
+    fake_runs: FakeRuns,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    args: list[str],
+    message: str,
+) -> None:
+    with pytest.raises(SystemExit):
+        ablate.main(["--out", str(tmp_path), "--protocol", "cpu90", *args])
+    assert message in capsys.readouterr().err
+    assert fake_runs.ran == []
