@@ -2,7 +2,9 @@
 
 ``python -m feddm_flower.bench codecs`` measures the quantized-update codec on the real U-Net
 presets; ``python -m feddm_flower.bench server-memory`` measures the ServerApp's peak memory in
-one training round against the number of replies. Each prints JSON on stdout (``--markdown``:
+one training round against the number of replies; ``python -m feddm_flower.bench train-speed``
+measures training img/s of the clients' loop (the 32 px ``paper`` preset in bf16 by default,
+for a GPU). Each prints JSON on stdout (``--markdown``:
 a table); progress goes to stderr. Add a benchmark by writing a ``run_<name>(args) -> dict``
 function and registering a subcommand in ``build_parser``.
 """
@@ -44,7 +46,7 @@ from feddm_flower.codecs import (
 from feddm_flower.config import AGGREGATIONS, UPLINKS
 from feddm_flower.data import load_dataset
 from feddm_flower.diffusion import train_local
-from feddm_flower.models import build_scheduler, build_unet
+from feddm_flower.models import build_scheduler, build_unet, count_parameters, resolve_device
 from feddm_flower.records import decode_uplink, encode_uplink, received_model, uplink_key
 
 MODELS: tuple[tuple[str, int, int], ...] = (("tiny", 28, 1), ("paper", 28, 1), ("paper", 32, 3))
@@ -790,6 +792,84 @@ def server_memory_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --- training speed --------------------------------------------------------------------------
+
+# Goal (issue 12): the 32 px `paper` preset (35.7 M parameters) trains at >= 3000 img/s in bf16
+# on one H100/H200.
+TRAIN_SPEED_TARGET = 3000.0
+
+
+def run_train_speed(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``train-speed`` subcommand: training img/s of ``train_local`` (the clients' loop:
+    AdamW, the loss read back every step) on random images, after ``--warmup`` steps."""
+    device = resolve_device(args.device)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    unet = build_unet(args.preset, args.image_size, args.channels, seed=0)
+    unet = unet.to(device, memory_format=layout)
+    model = torch.compile(unet) if args.compile else unet
+    shape = (args.batch_size * 8, args.channels, args.image_size, args.image_size)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device)
+    settings = {"batch_size": args.batch_size, "lr": args.lr, "label": "train-speed"}
+    settings["mixed_precision"] = args.mixed_precision
+    cuda = device.type == "cuda"
+    if args.warmup:  # compilation, cuDNN's algorithm choice, the allocator's first blocks
+        train_local(model, build_scheduler(), images, steps=args.warmup, seed=0, **settings)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    log_every = max(args.steps // 5, 1)
+    result = train_local(
+        model, build_scheduler(), images, steps=args.steps, seed=1, log_every=log_every, **settings
+    )
+    rate = result.examples / result.seconds
+    judged = cuda and args.preset == "paper" and args.image_size == 32
+    return {
+        "benchmark": "train-speed",
+        "torch": torch.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "preset": args.preset,
+        "image_size": args.image_size,
+        "channels": args.channels,
+        "parameters": count_parameters(unet),
+        "batch_size": args.batch_size,
+        "warmup": args.warmup,
+        "steps": result.steps,
+        "mixed_precision": args.mixed_precision,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "seconds": round(result.seconds, 3),
+        "img_per_s": round(rate, 2),
+        "step_ms": round(1000 * result.seconds / result.steps, 2),
+        "mean_loss": result.mean_loss,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "target_img_per_s": TRAIN_SPEED_TARGET,
+        "pass": rate >= TRAIN_SPEED_TARGET if judged else None,
+    }
+
+
+def train_speed_markdown(report: dict[str, Any]) -> str:
+    """The ``train-speed`` report as a one-row Markdown table."""
+    r = report
+    options = ", ".join(
+        [r["mixed_precision"]]
+        + (["channels-last"] if r["channels_last"] else [])
+        + (["torch.compile"] if r["compile"] else [])
+    )
+    verdict = {True: "**pass**", False: "**fail**", None: "–"}[r["pass"]]
+    return "\n".join(
+        [
+            "| model (parameters) | device | batch | options | steps | img/s | ms/step "
+            f"| target ≥ {r['target_img_per_s']:.0f} img/s |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {r['preset']} {r['image_size']}px ({r['parameters'] / 1e6:.1f} M) "
+            f"| {r['device_name']} | {r['batch_size']} | {options} | {r['steps']} "
+            f"| {r['img_per_s']:,.0f} | {r['step_ms']} | {verdict} |",
+        ]
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m feddm_flower.bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -882,6 +962,24 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--markdown", action="store_true", help="a table instead of JSON")
     server.add_argument("--cell", help=argparse.SUPPRESS)  # model:uplink:aggregation:N
     server.set_defaults(run=run_server_memory, markdown_fn=server_memory_markdown)
+
+    speed = commands.add_parser(
+        "train-speed",
+        help="training img/s of the clients' loop on random images (GPU: bf16 and friends)",
+    )
+    speed.add_argument("--preset", choices=("tiny", "paper"), default="paper")
+    speed.add_argument("--image-size", type=int, default=32)
+    speed.add_argument("--channels", type=int, default=3)
+    speed.add_argument("--batch-size", type=int, default=256)
+    speed.add_argument("--steps", type=int, default=300, help="timed steps")
+    speed.add_argument("--warmup", type=int, default=30, help="untimed steps first")
+    speed.add_argument("--lr", type=float, default=2e-4)
+    speed.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16")
+    speed.add_argument("--channels-last", action="store_true")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    speed.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    speed.add_argument("--markdown", action="store_true", help="a table instead of JSON")
+    speed.set_defaults(run=run_train_speed, markdown_fn=train_speed_markdown)
     return parser
 
 

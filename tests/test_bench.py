@@ -99,3 +99,16 @@ def test_server_memory_growth_and_markdown_table() -> None:
         "| tiny (1 MiB) | fp32 | median | 4 MiB | 16 MiB (15–20) | 2.000 | 2→8: 2.000 | — "
         "| holds every reply (no streaming target) |"
     )
+
+
+def test_train_speed_times_the_clients_loop(capsys: pytest.CaptureFixture) -> None:
+    argv = ["train-speed", "--preset", "tiny", "--image-size", "28", "--channels", "1"]
+    bench.main([*argv, "--batch-size", "4", "--steps", "2", "--warmup", "1", "--device", "cpu"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["benchmark"] == "train-speed" and report["device_name"] == "cpu"
+    assert report["parameters"] == 267313 and report["steps"] == 2 and report["batch_size"] == 4
+    assert report["img_per_s"] == pytest.approx(8 / report["seconds"], rel=0.01, abs=0.01)
+    assert math.isfinite(report["mean_loss"]) and report["peak_memory_bytes"] is None
+    assert report["pass"] is None  # judged only for the 32 px paper preset on a GPU
+    table = bench.train_speed_markdown(report).splitlines()
+    assert table[0].endswith("| target ≥ 3000 img/s |") and table[2].startswith("| tiny 28px")
