@@ -93,11 +93,8 @@ def train_and_measure(cfg: RunConfig, images: int, out: RunDirectory) -> dict[st
         unet,
         build_scheduler(),
         inputs,
-        batch_size=cfg.batch_size,
-        lr=cfg.learning_rate,
+        **cfg.optimizer_options,  # the clients' optimiser, warm-up and clip (once, not per round)
         steps=steps,
-        weight_decay=cfg.weight_decay,
-        mixed_precision=cfg.mixed_precision,
         seed=cfg.seed,
         label="centralized",
     )

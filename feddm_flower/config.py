@@ -229,6 +229,21 @@ class RunConfig:
         return type(fields[key].default)
 
     @property
+    def optimizer_options(self) -> dict[str, Value]:
+        """The local optimiser's arguments of ``diffusion.train_local``, the same for the
+        clients and the centralized baseline."""
+        return {
+            "batch_size": self.batch_size,
+            "lr": self.learning_rate,
+            "weight_decay": self.weight_decay,
+            "optimizer": self.client_optimizer,
+            "momentum": self.client_momentum,
+            "warmup_steps": self.warmup_steps,
+            "grad_clip": self.grad_clip,
+            "mixed_precision": self.mixed_precision,
+        }
+
+    @property
     def label(self) -> str:
         """Short name of the combination, for logs, metrics and run directories."""
         if self.strategy != "custom":

@@ -78,3 +78,25 @@ def test_centralized_command_matches_a_finished_run(tmp_path: Path) -> None:
 def test_centralized_command_refuses_a_bad_run_config(tmp_path: Path, capsys) -> None:
     assert main(["--run-config", "uplnk='int8'", "--out", str(tmp_path)]) == 2
     assert "did you mean 'uplink'" in capsys.readouterr().err
+
+
+def test_centralized_trains_with_the_clients_optimiser_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Equal compute means the same training function with the same options as the clients
+    (client-optimizer, momentum, preset warm-up and clip), not AdamW whatever was asked."""
+    from feddm_flower import centralized
+    from feddm_flower.diffusion import TrainResult
+
+    seen: dict[str, object] = {}
+
+    def record(unet, scheduler, images, **kwargs) -> TrainResult:
+        seen.update(kwargs)
+        return TrainResult(0.1, kwargs["steps"], kwargs["steps"] * kwargs["batch_size"], 0.0)
+
+    monkeypatch.setattr(centralized, "train_local", record)
+    config = ("client-optimizer='sgd' client-momentum=0.5 num-server-rounds=1 local-steps=1 "
+              "batch-size=2 server-eval-examples=4 sample-steps=1 grid-samples=1")  # fmt: skip
+    assert main(["--run-config", config, "--out", str(tmp_path / "c")]) == 0
+    cfg = RunConfig.from_mapping({"client-optimizer": "sgd", "client-momentum": 0.5})
+    assert {k: seen[k] for k in cfg.optimizer_options} == {**cfg.optimizer_options, "batch_size": 2}
