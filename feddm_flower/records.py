@@ -80,11 +80,14 @@ def payloads_from(record: object) -> list[bytes]:
 
 
 def downlink_content(
-    delivery: Delivery, target: str, config: ConfigRecord, full: ArrayRecord
+    delivery: Delivery, target: str, config: ConfigRecord, full: ArrayRecord | None = None
 ) -> RecordDict:
-    """The message content that brings a node to the weights with digest ``target``."""
+    """The message content that brings a node to the weights with digest ``target``
+    (``full``: the whole model, needed for a "full" delivery only)."""
     config = ConfigRecord({**config, "model-digest": target})
     if delivery.kind == "full":
+        if full is None:
+            raise ValueError("a full delivery needs the full model record")
         return RecordDict({"arrays": full, "config": config})
     config["model-base"] = delivery.base  # (not for a full model: Flower counts no '' values)
     if delivery.kind == "change":

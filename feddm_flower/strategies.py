@@ -567,7 +567,8 @@ class FedDMStrategy(Strategy):
             kinds[delivery.kind].append(node)
             key = f"{delivery.kind}/{delivery.base}"
             if key not in contents:
-                contents[key] = downlink_content(delivery, self.chain.digest, config, self._full())
+                full = self._full() if delivery.kind == "full" else None
+                contents[key] = downlink_content(delivery, self.chain.digest, config, full)
             messages.append(Message(contents[key], dst_node_id=node, message_type=kind))
         self._note_deliveries(server_round, kind, kinds)
         self._count_down(server_round, messages)

@@ -284,7 +284,7 @@ def test_the_strategy_keeps_nodes_in_sync_and_resends_the_full_model_when_they_a
 
 
 def test_an_evaluate_message_after_training_carries_only_the_change() -> None:
-    grid = SyncGrid([1, 2])
+    grid = SyncGrid([11, 12])
     strategy = FedDMStrategy(downlink="int4", codec={"quant-block-size": 64},
                              seeded_start=True, poll_interval=0.0)  # fmt: skip
     strategy.start(grid, ArrayRecord(START), num_rounds=2)
@@ -295,3 +295,33 @@ def test_an_evaluate_message_after_training_carries_only_the_change() -> None:
         # train: nothing but the config; evaluate: one int4 change (~1/8 of the model).
         assert all(b < fp32 / 5 for b in per_node.values()), per_node
     assert not grid.errors and grid.chains == [1, 1, 1, 1]  # evaluate messages only
+
+
+class AlwaysOutOfSync(SyncGrid):
+    """Node 11 answers every message with OUT_OF_SYNC, full model or not (a hostile node)."""
+
+    def _answer(self, msg: Message) -> Message:
+        if msg.metadata.dst_node_id == 11:
+            self.errors.append((11, "always"))
+            return self._reply(msg, error=Error(OUT_OF_SYNC, "model out of sync: always"))
+        return super()._answer(msg)
+
+
+def test_a_node_that_always_claims_out_of_sync_gets_one_resend_per_phase() -> None:
+    """It cannot make the server resend without end: one full model per phase, then its
+    error is an ordinary rejected reply and the round goes on with the others."""
+    grid = AlwaysOutOfSync([11, 12, 13])
+    strategy = FedDMStrategy(downlink="int8", codec={"quant-block-size": 16},
+                             seeded_start=True, poll_interval=0.0)  # fmt: skip
+    result = strategy.start(grid, ArrayRecord(START), num_rounds=2)
+    assert len(result.arrays) == 3 and len(grid.errors) == 2 * 2 * 2  # 2 rounds x 2 phases x 2
+    for rnd in (1, 2):
+        history = strategy.history[rnd]
+        assert [e["node"] for e in history["out-of-sync"]] == ["11", "11"]
+        assert [(r["node"], r["phase"]) for r in history["rejected"]] == [
+            ("11", "train"),
+            ("11", "evaluate"),
+        ]
+    assert len(result.train_metrics_clientapp) == 2  # nodes 12 and 13 carried both rounds
+    assert 11 not in strategy.held
+    assert strategy.held[12] == strategy.held[13] == strategy.chain.digest
