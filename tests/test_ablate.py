@@ -437,8 +437,13 @@ def test_seeds_refuse_a_seed_set_elsewhere(
     args: list[str],
     message: str,
 ) -> None:
+    _refused(["--out", str(tmp_path), "--seeds", "0,1,2", *args], message, capsys, fake_runs)
+
+
+def _refused(argv: list[str], message: str, capsys, fake_runs: FakeRuns) -> None:
+    """``ablate.main(argv)`` exits 2 with ``message`` on stderr before running anything."""
     with pytest.raises(SystemExit) as err:
-        ablate.main(["--out", str(tmp_path), "--seeds", "0,1,2", *args])
+        ablate.main(argv)
     assert err.value.code == 2
     assert message in capsys.readouterr().err
     assert fake_runs.ran == []
@@ -502,7 +507,4 @@ def test_protocol_options_are_fixed(
     args: list[str],
     message: str,
 ) -> None:
-    with pytest.raises(SystemExit):
-        ablate.main(["--out", str(tmp_path), "--protocol", "cpu90", *args])
-    assert message in capsys.readouterr().err
-    assert fake_runs.ran == []
+    _refused(["--out", str(tmp_path), "--protocol", "cpu90", *args], message, capsys, fake_runs)
