@@ -86,6 +86,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 FORMAT_VERSION: int = 2
 MAGIC = b"FDMQ"
 ALLOWED_BITS = (8, 4)
+# The run-config names of the codec, both directions (uplink / downlink keys).
+CODEC_BITS = {"int8": 8, "int4": 4}
 FLAG_ZSTD = 1  # header flag: the scales and levels are one zstd frame
 # zstd level 1: zstd's default (3) makes trained paper-model payloads another 1-3 % smaller
 # for 1.4-2.5 times the compression time (docs/benchmarks.md).

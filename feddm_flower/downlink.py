@@ -30,10 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from .aggregation import State
-from .codecs import decode_update, encode_update
+from .codecs import CODEC_BITS, decode_update, encode_update
 
 DOWNLINKS = ("fp32", "fp16", "int8", "int4")
-_BITS = {"int8": 8, "int4": 4}
 
 
 class OutOfSync(Exception):
@@ -137,10 +136,10 @@ class ModelChain:
         if all(torch.equal(global_state[k], v) for k, v in self._global.items()):
             return False
         self._global = {k: v.clone() for k, v in global_state.items()}
-        if self.downlink in _BITS:
+        if self.downlink in CODEC_BITS:
             change = {k: (g - self.ref[k] if g.is_floating_point() else g)
                       for k, g in global_state.items()}  # fmt: skip
-            payload = encode_update(change, bits=_BITS[self.downlink],
+            payload = encode_update(change, bits=CODEC_BITS[self.downlink],
                                     block_size=self.block_size, lossless=self.lossless)  # fmt: skip
             self._changes.append((self.digest, payload))
             self.ref = apply_changes(self.ref, [payload])

@@ -19,12 +19,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from .aggregation import InvalidReply, State, check_like, clip_update
-from .codecs import CodecError, decode_update, encode_update
+from .codecs import CODEC_BITS, CodecError, decode_update, encode_update
 from .downlink import Delivery, OutOfSync, apply_changes, digest
 
 # The stype of an Array that carries a codec payload (see codecs.py) instead of a tensor.
 PAYLOAD_STYPE = "feddm.codec"
-CODEC_BITS = {"int8": 8, "int4": 4}
 CHANGE_KEY = "model-change"
 # The error code of a node's reply when it cannot rebuild the model a message describes
 # (Flower's own codes are 0-8); the server then resends the full model.
