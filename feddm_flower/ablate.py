@@ -17,7 +17,8 @@ deviation over its seeds and says which differences from the baseline exceed tha
 is validated before the first one runs. Finished runs (those with a summary.json) are
 skipped and half-finished ones resumed, so rerunning the command after an interruption
 completes the grid; a run that does not finish makes the command exit 1 after the others
-ran. Writes results.csv (one row per run), results.md, fid_vs_round.png and fid_vs_bytes.png
+ran. Writes results.csv (one row per run), results.md, fid_vs_round.png, fid_vs_bytes.png,
+global_loss_vs_round.png and drift_vs_round.png
 (with --seeds also results_by_cell.csv) into --out.
 """
 
@@ -71,6 +72,7 @@ RESULT_COLUMNS = [
     "fid_n",
     "eval_loss",
     "global_loss",
+    "global_loss_ema",
     "bytes_down",
     "bytes_up",
     "bytes_total",
@@ -83,7 +85,10 @@ RESULT_COLUMNS = [
 COLUMNS = ["cell", "strategy", "partition"] + [c.format(base="vanilla") for c in RESULT_COLUMNS]
 # With --seeds: the per-run metrics that results_by_cell.csv and results.md give as mean and
 # sample standard deviation over seeds, with the verdict against the baseline (lower is better).
-SEED_METRICS = ["fid", "kid", "global_loss", "eval_loss"]
+SEED_METRICS = ["fid", "kid", "global_loss", "global_loss_ema", "eval_loss"]
+# The per-run metrics a run may not have logged (no FID without eval-every, no EMA without
+# server-ema, no global-loss from older runs).
+RUN_METRICS = ["fid", "kid", "kid_std", "fid_n", "fid_ratio_vs_{base}", *SEED_METRICS]
 
 
 @dataclass(frozen=True)
@@ -356,6 +361,7 @@ def collect(
                     "fid_n": s.get("fid-num-fake"),
                     "eval_loss": s.get("eval-loss"),
                     "global_loss": s.get("global-loss"),
+                    "global_loss_ema": s.get("global-loss-ema"),
                     "bytes_down": s["bytes-down-cumulative"],
                     "bytes_up": s["bytes-up-cumulative"],
                     "bytes_total": total,
@@ -464,15 +470,20 @@ def write_tables(
     its ``protocol``); with ``cell_rows`` (--seeds, from :func:`by_cell`) also
     results_by_cell.csv and their table in results.md."""
     _write_csv(out / "results.csv", rows, columns)
+    # results.md leaves out the metrics no run logged (e.g. global_loss_ema without server-ema)
+    optional = {c.format(base=base) for c in RUN_METRICS}
+    columns = [c for c in columns if c not in optional or any(r.get(c) is not None for r in rows)]
+    metrics = [m for m in SEED_METRICS if m in columns]
     expanded = f" (the protocol's options: `{shlex.join(protocol)}`)" if protocol else ""
     lines = ["# FedDM ablation", "", f"Command: `{command}`{expanded}", ""]
     if cell_rows is not None:
         names = columns[: columns.index("seed")]
         cell_columns = by_cell_columns(names, base)
         _write_csv(out / "results_by_cell.csv", cell_rows, cell_columns)
-        shown = names + ["seeds", "rounds", "fid", "fid_n", "kid", "global_loss", "eval_loss",
-                         "bytes_total", f"traffic_compression_vs_{base}"]  # fmt: skip
-        deltas = [f"Δ{m}_vs_{base}" for m in SEED_METRICS]
+        scores = ["fid", "fid_n", "kid", "global_loss", "global_loss_ema", "eval_loss"]
+        shown = names + ["seeds", "rounds", *(c for c in scores if c in columns), "bytes_total",
+                         f"traffic_compression_vs_{base}"]  # fmt: skip
+        deltas = [f"Δ{m}_vs_{base}" for m in metrics]
         lines += [
             "## Per cell: mean ± sd over seeds",
             "",
@@ -490,9 +501,9 @@ def write_tables(
         ]
         for row in cell_rows:
             text = {c: _cell_text(row.get(c)) for c in shown}
-            for m in SEED_METRICS:
+            for m in metrics:
                 text[m] = _mean_sd_text(row[f"{m}_mean"], row[f"{m}_seed_sd"])
-            text |= {f"Δ{m}_vs_{base}": _delta_text(row, m, base) for m in SEED_METRICS}
+            text |= {f"Δ{m}_vs_{base}": _delta_text(row, m, base) for m in metrics}
             lines.append("| " + " | ".join(text[c] for c in shown + deltas) + " |")
         lines += ["", "## Per run", ""]
     lines += [
@@ -549,44 +560,59 @@ def _delta_text(row: dict[str, object], metric: str, base: str) -> str:
     return f"{diff:+.3g} {verdict or 'n/a'}"
 
 
+# Per-round curves plot() draws besides FID: {file: (y label, {metrics.jsonl key: line style})}.
+ROUND_PLOTS = {
+    "global_loss_vs_round": ("global loss", {"global-loss": "-", "global-loss-ema": "--"}),
+    "drift_vs_round": ("client drift ‖w_local − w_global‖ (mean)", {"drift-mean": "-"}),
+}
+
+
 def plot(out: Path, cells: list[Cell], seeds: list[int] | None = None) -> None:
-    """FID vs round and FID vs cumulative bytes (down + up), one panel per partitioning; with
+    """FID vs round and FID vs cumulative bytes (down + up), one panel per partitioning, and
+    the ``ROUND_PLOTS`` of the metrics the runs logged (``global-loss-ema`` dashed); with
     ``seeds`` each point is the mean over the seeds that reached it, with ± sd error bars."""
     panels = list(dict.fromkeys(c.panel for c in cells))
-    for name, xlabel in (("fid_vs_round", "round"), ("fid_vs_bytes", "cumulative bytes (MB)")):
+    figures = {"fid_vs_round": ("round", "FID", {"fid": "-"}),
+               "fid_vs_bytes": ("cumulative bytes (MB)", "FID", {"fid": "-"})}  # fmt: skip
+    figures |= {name: ("round", ylabel, keys) for name, (ylabel, keys) in ROUND_PLOTS.items()}
+    for name, (xlabel, ylabel, keys) in figures.items():
+        curves = {(c.name, key): _round_points(out, c, seeds, key) for c in cells for key in keys}
+        if name in ROUND_PLOTS and not any(curves.values()):
+            continue  # runs from before the server logged it
         fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
         for ax, panel in zip(list(getattr(axes, "flat", [axes])), panels, strict=True):
-            for cell in cells:
-                points = _fid_points(out, cell, seeds) if cell.panel == panel else {}
+            for cell, key in itertools.product(cells, keys):
+                points = curves[cell.name, key] if cell.panel == panel else {}
                 if not points:
                     continue
                 mb = [statistics.mean(b for _, b in p) / 1e6 for p in points.values()]
-                xs = list(points) if name == "fid_vs_round" else mb
-                fids = [[f for f, _ in p] for p in points.values()]
-                sds = [statistics.stdev(f) if len(f) > 1 else 0.0 for f in fids]
-                ys = [statistics.mean(f) for f in fids]
+                xs = mb if name == "fid_vs_bytes" else list(points)
+                values = [[v for v, _ in p] for p in points.values()]
+                sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+                ys = [statistics.mean(v) for v in values]
+                label = cell.line + (" (EMA)" if key.endswith("-ema") else "")
                 ax.errorbar(xs, ys, yerr=sds if any(sds) else None, marker="o", capsize=3,
-                            label=cell.line)  # fmt: skip
-            ax.set(title=panel, xlabel=xlabel, ylabel="FID")
+                            linestyle=keys[key], label=label)  # fmt: skip
+            ax.set(title=panel, xlabel=xlabel, ylabel=ylabel)
             ax.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(out / f"{name}.png", dpi=120)
         plt.close(fig)
 
 
-def _fid_points(
-    out: Path, cell: Cell, seeds: list[int] | None
+def _round_points(
+    out: Path, cell: Cell, seeds: list[int] | None, key: str
 ) -> dict[int, list[tuple[float, int]]]:
-    """{round: [(FID, cumulative bytes down + up) of each run that measured FID then]}."""
+    """{round: [(``key``'s value, cumulative bytes down + up) of each run that logged it]}."""
     points: dict[int, list[tuple[float, int]]] = {}
     for seed in seeds or [None]:
         metrics = run_dir(out, cell, seed) / "metrics.jsonl"
         if not metrics.exists():
             continue
         for r in map(json.loads, metrics.read_text().splitlines()):
-            if "fid" in r:
+            if key in r:
                 total = r["bytes-down-cumulative"] + r["bytes-up-cumulative"]
-                points.setdefault(r["round"], []).append((r["fid"], total))
+                points.setdefault(r["round"], []).append((r[key], total))
     return dict(sorted(points.items()))
 
 

@@ -110,6 +110,9 @@ class FakeRuns:
             "fid-num-fake": 1000,
             "eval-loss": 0.1,
             **({"global-loss": global_loss} if self.global_loss else {}),
+            # the server's EMA scores 0.002 lower; drift grows with mu (as far as the plot cares)
+            **({"global-loss-ema": global_loss - 0.002} if config.get("server-ema") else {}),
+            "drift-mean": 1.0 + mu,
             "bytes-down-cumulative": down,
             "bytes-up-cumulative": BYTES_UP[config.get("uplink", "fp32")],
             # FedAvg would have sent 8000 down (the fp32 model in train and evaluate messages)
@@ -390,6 +393,24 @@ def test_the_cell_table_is_the_mean_and_sd_over_seeds(fake_runs: FakeRuns, tmp_p
     md = (out / "results.md").read_text()
     assert "| prox-iid | proximal-mu=0.3 | iid | 3 | 1 | 103.5 ± 2.3 | 1000 |" in md
     assert "## Per run" in md and "| cell | keys | partition | seed | rounds |" in md
+
+
+def test_ema_runs_add_their_global_loss_and_every_run_plots_loss_and_drift(
+    fake_runs: FakeRuns, tmp_path: Path
+) -> None:
+    ablate.main(["--out", str(tmp_path / "plain"), "--cells", TWO_CELLS, "--seeds", "0,1"])
+    assert "global_loss_ema" not in (tmp_path / "plain" / "results.md").read_text()
+    out = tmp_path / "ema"
+    ablate.main(["--out", str(out), "--cells", "raw: ; ema: server-ema=0.9", "--seeds", "0,1"])
+    raw, ema = _by_cell(out)["raw"], _by_cell(out)["ema"]
+    assert raw["global_loss_ema_mean"] == ""
+    assert float(ema["global_loss_ema_mean"]) == pytest.approx(0.048)
+    assert float(ema["global_loss_mean"]) == pytest.approx(0.05)
+    md = (out / "results.md").read_text()
+    assert "| global_loss | global_loss_ema | eval_loss |" in md
+    assert "| 0.048 ± 0 |" in md
+    for plot in ("global_loss_vs_round.png", "drift_vs_round.png"):
+        assert (out / plot).stat().st_size > 0
 
 
 @pytest.mark.parametrize(("spread", "verdict"), [(0.5, "exceeds"), (2.0, "within")])
