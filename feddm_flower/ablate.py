@@ -73,6 +73,7 @@ RESULT_COLUMNS = [
     "eval_loss",
     "global_loss",
     "global_loss_ema",
+    "drift",
     "bytes_down",
     "bytes_up",
     "bytes_total",
@@ -84,8 +85,9 @@ RESULT_COLUMNS = [
 ]
 COLUMNS = ["cell", "strategy", "partition"] + [c.format(base="vanilla") for c in RESULT_COLUMNS]
 # With --seeds: the per-run metrics that results_by_cell.csv and results.md give as mean and
-# sample standard deviation over seeds, with the verdict against the baseline (lower is better).
-SEED_METRICS = ["fid", "kid", "global_loss", "global_loss_ema", "eval_loss"]
+# sample standard deviation over seeds, with the verdict against the baseline (lower is better,
+# but for drift: the final round's mean client drift ‖w_local − w_global‖).
+SEED_METRICS = ["fid", "kid", "global_loss", "global_loss_ema", "eval_loss", "drift"]
 # The per-run metrics a run may not have logged (no FID without eval-every, no EMA without
 # server-ema, no global-loss from older runs).
 RUN_METRICS = ["fid", "kid", "kid_std", "fid_n", "fid_ratio_vs_{base}", *SEED_METRICS]
@@ -362,6 +364,7 @@ def collect(
                     "eval_loss": s.get("eval-loss"),
                     "global_loss": s.get("global-loss"),
                     "global_loss_ema": s.get("global-loss-ema"),
+                    "drift": s.get("drift-mean"),
                     "bytes_down": s["bytes-down-cumulative"],
                     "bytes_up": s["bytes-up-cumulative"],
                     "bytes_total": total,
@@ -480,7 +483,7 @@ def write_tables(
         names = columns[: columns.index("seed")]
         cell_columns = by_cell_columns(names, base)
         _write_csv(out / "results_by_cell.csv", cell_rows, cell_columns)
-        scores = ["fid", "fid_n", "kid", "global_loss", "global_loss_ema", "eval_loss"]
+        scores = ["fid", "fid_n", "kid", "global_loss", "global_loss_ema", "eval_loss", "drift"]
         shown = names + ["seeds", "rounds", *(c for c in scores if c in columns), "bytes_total",
                          f"traffic_compression_vs_{base}"]  # fmt: skip
         deltas = [f"Δ{m}_vs_{base}" for m in metrics]
@@ -490,7 +493,8 @@ def write_tables(
             "Each cell ran once per seed (`seed` draws the partition, the initial weights and "
             "all noise). `mean ± sd`: mean and sample standard deviation (n − 1) over the "
             "cell's finished runs (`seeds`); `fid_n`: the FID sample count. `Δ`: the cell's mean "
-            f"− that of its baseline, {baseline} (lower is better for all four), followed by "
+            f"− that of its baseline, {baseline} (lower is better, but for `drift`, the final "
+            "round's mean norm of the clients' updates), followed by "
             "`exceeds` if |Δ| > sd(cell) + sd(baseline), the difference exceeds the spread "
             "between seeds, else `within`; `n/a` with fewer than 2 seeds. A screening rule, not "
             "a test: with 3 seeds each and equal spreads it is Welch's t > 2.45 (two-sided "

@@ -395,11 +395,14 @@ def test_the_cell_table_is_the_mean_and_sd_over_seeds(fake_runs: FakeRuns, tmp_p
     assert "## Per run" in md and "| cell | keys | partition | seed | rounds |" in md
 
 
-def test_ema_runs_add_their_global_loss_and_every_run_plots_loss_and_drift(
+def test_drift_and_ema_loss_are_columns_and_every_run_plots_loss_and_drift(
     fake_runs: FakeRuns, tmp_path: Path
 ) -> None:
     ablate.main(["--out", str(tmp_path / "plain"), "--cells", TWO_CELLS, "--seeds", "0,1"])
     assert "global_loss_ema" not in (tmp_path / "plain" / "results.md").read_text()
+    prox = _by_cell(tmp_path / "plain")["prox"]  # drift: the last round's drift-mean, 1 + mu
+    assert float(prox["drift_mean"]) == pytest.approx(1.3)
+    assert float(prox["drift_diff_vs_first_cell"]) == pytest.approx(0.3)
     out = tmp_path / "ema"
     ablate.main(["--out", str(out), "--cells", "raw: ; ema: server-ema=0.9", "--seeds", "0,1"])
     raw, ema = _by_cell(out)["raw"], _by_cell(out)["ema"]
