@@ -43,6 +43,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from . import configure_logging  # noqa: E402
@@ -564,29 +565,32 @@ def _delta_text(row: dict[str, object], metric: str, base: str) -> str:
     return f"{diff:+.3g} {verdict or 'n/a'}"
 
 
-# Per-round curves plot() draws besides FID: {file: (y label, {metrics.jsonl key: line style})}.
+# Per-round curves plot() draws besides FID: {file: (y label, {metrics.jsonl key: line style},
+# log scale)}.
 ROUND_PLOTS = {
-    "global_loss_vs_round": ("global loss", {"global-loss": "-", "global-loss-ema": "--"}),
-    "drift_vs_round": ("client drift ‖w_local − w_global‖ (mean)", {"drift-mean": "-"}),
+    "global_loss_vs_round": ("global loss", {"global-loss": "-", "global-loss-ema": "--"}, False),
+    "drift_vs_round": ("client drift ‖w_local − w_global‖ (mean)", {"drift-mean": "-"}, True),
 }
 
 
 def plot(out: Path, cells: list[Cell], seeds: list[int] | None = None) -> None:
     """FID vs round and FID vs cumulative bytes (down + up), one panel per partitioning, and
-    the ``ROUND_PLOTS`` of the metrics the runs logged (``global-loss-ema`` dashed); with
-    ``seeds`` each point is the mean over the seeds that reached it, with ± sd error bars."""
+    the ``ROUND_PLOTS``, each if the runs logged its metric (``global-loss-ema`` dashed, in its
+    cell's colour); with ``seeds`` each point is the mean over the seeds that reached it, with
+    ± sd error bars."""
     panels = list(dict.fromkeys(c.panel for c in cells))
-    figures = {"fid_vs_round": ("round", "FID", {"fid": "-"}),
-               "fid_vs_bytes": ("cumulative bytes (MB)", "FID", {"fid": "-"})}  # fmt: skip
-    figures |= {name: ("round", ylabel, keys) for name, (ylabel, keys) in ROUND_PLOTS.items()}
-    for name, (xlabel, ylabel, keys) in figures.items():
+    figures = {"fid_vs_round": ("round", "FID", {"fid": "-"}, False),
+               "fid_vs_bytes": ("cumulative bytes (MB)", "FID", {"fid": "-"}, False)}  # fmt: skip
+    figures |= {name: ("round", *spec) for name, spec in ROUND_PLOTS.items()}
+    for name, (xlabel, ylabel, keys, log_scale) in figures.items():
         curves = {(c.name, key): _round_points(out, c, seeds, key) for c in cells for key in keys}
-        if name in ROUND_PLOTS and not any(curves.values()):
-            continue  # runs from before the server logged it
+        if not any(curves.values()):
+            continue  # e.g. no FID without eval-every, no drift in runs from before it
         fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
         for ax, panel in zip(list(getattr(axes, "flat", [axes])), panels, strict=True):
-            for cell, key in itertools.product(cells, keys):
-                points = curves[cell.name, key] if cell.panel == panel else {}
+            mine = [c for c in cells if c.panel == panel]
+            for (i, cell), key in itertools.product(enumerate(mine), keys):
+                points = curves[cell.name, key]
                 if not points:
                     continue
                 mb = [statistics.mean(b for _, b in p) / 1e6 for p in points.values()]
@@ -596,9 +600,14 @@ def plot(out: Path, cells: list[Cell], seeds: list[int] | None = None) -> None:
                 ys = [statistics.mean(v) for v in values]
                 label = cell.line + (" (EMA)" if key.endswith("-ema") else "")
                 ax.errorbar(xs, ys, yerr=sds if any(sds) else None, marker="o", capsize=3,
-                            linestyle=keys[key], label=label)  # fmt: skip
-            ax.set(title=panel, xlabel=xlabel, ylabel=ylabel)
-            ax.legend(fontsize="small")
+                            linestyle=keys[key], color=f"C{i % 10}", label=label)  # fmt: skip
+            ax.set(
+                title=panel, xlabel=xlabel, ylabel=ylabel, yscale="log" if log_scale else "linear"
+            )
+            if xlabel == "round":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(out / f"{name}.png", dpi=120)
         plt.close(fig)

@@ -91,6 +91,7 @@ class FakeRuns:
     def __init__(self, fail: tuple[str, ...] = ()) -> None:
         self.fail, self.spread, self.ran, self.configs = fail, 0.0, [], {}
         self.global_loss = True  # False: a summary from before the server wrote global-loss
+        self.fid = True  # False: runs with eval-every=0
 
     def __call__(self, app: Path, cell_dir: Path, config: dict, supernodes: int) -> None:
         seeded = cell_dir.name.startswith("seed")
@@ -105,9 +106,7 @@ class FakeRuns:
         global_loss = 0.05 + 0.01 * mu + 0.001 * self.spread * noise
         line = {
             "round": 1,
-            "fid": fid,
-            "kid": fid / 1000,
-            "fid-num-fake": 1000,
+            **({"fid": fid, "kid": fid / 1000, "fid-num-fake": 1000} if self.fid else {}),
             "eval-loss": 0.1,
             **({"global-loss": global_loss} if self.global_loss else {}),
             # the server's EMA scores 0.002 lower; drift grows with mu (as far as the plot cares)
@@ -414,6 +413,15 @@ def test_drift_and_ema_loss_are_columns_and_every_run_plots_loss_and_drift(
     assert "| 0.048 ± 0 |" in md
     for plot in ("global_loss_vs_round.png", "drift_vs_round.png"):
         assert (out / plot).stat().st_size > 0
+
+
+def test_runs_without_fid_get_no_fid_plots_or_columns(fake_runs: FakeRuns, tmp_path: Path):
+    fake_runs.fid = False
+    ablate.main(["--out", str(tmp_path), "--cells", TWO_CELLS, "--seeds", "0,1"])
+    assert not list(tmp_path.glob("fid_*.png"))
+    assert (tmp_path / "drift_vs_round.png").stat().st_size > 0
+    header = next(line for line in (tmp_path / "results.md").open() if line.startswith("| cell"))
+    assert "fid" not in header and "| global_loss |" in header
 
 
 @pytest.mark.parametrize(("spread", "verdict"), [(0.5, "exceeds"), (2.0, "within")])
