@@ -484,7 +484,7 @@ def write_tables(
         names = columns[: columns.index("seed")]
         cell_columns = by_cell_columns(names, base)
         _write_csv(out / "results_by_cell.csv", cell_rows, cell_columns)
-        scores = ["fid", "fid_n", "kid", "global_loss", "global_loss_ema", "eval_loss", "drift"]
+        scores = ["fid", "fid_n", *SEED_METRICS[1:]]  # the sample count beside FID
         shown = names + ["seeds", "rounds", *(c for c in scores if c in columns), "bytes_total",
                          f"traffic_compression_vs_{base}"]  # fmt: skip
         deltas = [f"Δ{m}_vs_{base}" for m in metrics]
