@@ -91,7 +91,7 @@ COLUMNS = ["cell", "strategy", "partition"] + [c.format(base="vanilla") for c in
 SEED_METRICS = ["fid", "kid", "global_loss", "global_loss_ema", "eval_loss", "drift"]
 # The per-run metrics a run may not have logged (no FID without eval-every, no EMA without
 # server-ema, no global-loss from older runs).
-RUN_METRICS = ["fid", "kid", "kid_std", "fid_n", "fid_ratio_vs_{base}", *SEED_METRICS]
+RUN_METRICS = ["kid_std", "fid_n", "fid_ratio_vs_{base}", *SEED_METRICS]
 
 
 @dataclass(frozen=True)
