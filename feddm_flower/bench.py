@@ -3,10 +3,11 @@
 ``python -m feddm_flower.bench codecs`` measures the quantized-update codec on the real U-Net
 presets; ``python -m feddm_flower.bench server-memory`` measures the ServerApp's peak memory in
 one training round against the number of replies; ``python -m feddm_flower.bench train-speed``
-measures training img/s of the clients' loop (the 32 px ``paper`` preset in bf16 by default,
-for a GPU). Each prints JSON on stdout (``--markdown``:
-a table); progress goes to stderr. Add a benchmark by writing a ``run_<name>(args) -> dict``
-function and registering a subcommand in ``build_parser``.
+measures training img/s of the clients' loop beside a plain diffusers loop in the same process
+(the 32 px ``paper`` preset in bf16 by default, for a GPU). Each prints JSON on stdout
+(``--markdown``: a table); progress goes to stderr. Add a benchmark by writing a
+``run_<name>(args) -> dict`` function and registering a subcommand in ``build_parser``.
+``round-overhead`` runs real federations (:mod:`feddm_flower.round_overhead`).
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DDPMScheduler, UNet2DModel
 from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+from torch.utils.flop_counter import FlopCounterMode
 
+from feddm_flower import round_overhead
 from feddm_flower.codecs import (
     DEFAULT_ZSTD_LEVEL,
     FLAG_ZSTD,
@@ -45,8 +49,16 @@ from feddm_flower.codecs import (
 )
 from feddm_flower.config import AGGREGATIONS, UPLINKS
 from feddm_flower.data import load_dataset
-from feddm_flower.diffusion import train_local
-from feddm_flower.models import build_scheduler, build_unet, count_parameters, resolve_device
+from feddm_flower.diffusion import AMP_DTYPES, train_local
+from feddm_flower.models import (
+    NUM_TRAIN_TIMESTEPS,
+    build_scheduler,
+    build_unet,
+    compile_unet,
+    count_parameters,
+    resolve_device,
+    unet_config,
+)
 from feddm_flower.records import decode_uplink, encode_uplink, received_model, uplink_key
 
 MODELS: tuple[tuple[str, int, int], ...] = (("tiny", 28, 1), ("paper", 28, 1), ("paper", 32, 3))
@@ -794,37 +806,180 @@ def server_memory_markdown(report: dict[str, Any]) -> str:
 
 # --- training speed --------------------------------------------------------------------------
 
-# Goal (issue 12): the 32 px `paper` preset (35.7 M parameters) trains at >= 3000 img/s in bf16
-# on one H100/H200.
+# Goal (issue 18): the 32 px `paper` preset (35.7 M parameters) trains at >= 3000 img/s in bf16
+# on one H100/H200, and no slower than a plain diffusers loop timed in the same process.
 TRAIN_SPEED_TARGET = 3000.0
+VS_PLAIN_TARGET = 1.0
+PEAK_MATMUL_SIZE = 8192
+SPEED_RUNS = {"eager": "ours, eager", "compiled": "ours, torch.compile", "plain": "plain diffusers"}
+
+
+def _stamp(message: str) -> None:
+    _log(f"{time.strftime('%Y-%m-%d %H:%M:%S')} train-speed: {message}")
+
+
+def peak_bf16_tflops(device: torch.device, n: int = PEAK_MATMUL_SIZE, iters: int = 20) -> float:
+    """Measured bf16 matmul rate of a CUDA ``device``, TFLOP/s: ``n`` x ``n`` products timed
+    with CUDA events over ``iters`` runs after a warm-up."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    out = torch.empty_like(a)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        torch.mm(a, b, out=out)
+    end.record()
+    end.synchronize()
+    return 2 * n**3 / (start.elapsed_time(end) / 1000 / iters) / 1e12
+
+
+def training_flops_per_image(unet: UNet2DModel, batch: int = 2) -> float:
+    """FLOPs of one training step per image (forward and backward; matmuls, convolutions and
+    attention), counted by FlopCounterMode on a small batch."""
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    x = torch.randn(batch, channels, size, size, device=unet.device)
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), device=unet.device)
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t).sample.square().mean().backward()
+    unet.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def plain_diffusers_loop(
+    unet_config: dict[str, Any],
+    scheduler_config: dict[str, Any],
+    *,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    lr: float,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    device: torch.device,
+) -> dict[str, float]:
+    """Time a plain diffusers training loop, nothing of ours (only torch and diffusers).
+
+    ``UNet2DModel(**unet_config)``, ``DDPMScheduler.from_config(scheduler_config)``, AdamW with
+    its default options, autocast to ``amp_dtype`` (None = off; no loss scaling),
+    epsilon-prediction MSE, on random images in [-1, 1] already on ``device``; the loss is
+    read back at the end only.
+    """
+    unet = UNet2DModel(**unet_config).to(device)
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    scheduler = DDPMScheduler.from_config(scheduler_config)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+    shape = (8 * batch_size, unet_config["in_channels"], *(2 * [unet_config["sample_size"]]))
+    pool = torch.randint(0, 256, shape, dtype=torch.uint8, device=device).float() / 127.5 - 1
+    dtype = amp_dtype or torch.bfloat16
+    unet.train()
+
+    def step(i: int) -> torch.Tensor:
+        x0 = pool[i % 8 * batch_size : (i % 8 + 1) * batch_size]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=amp_dtype is not None):
+            pred = unet(scheduler.add_noise(x0, noise, t), t).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    for i in range(warmup):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(steps):
+        total += step(i)
+    mean_loss = total.item() / steps
+    return {"seconds": time.perf_counter() - start, "mean_loss": mean_loss}
+
+
+def _time_ours(
+    unet: torch.nn.Module, images: torch.Tensor, args: argparse.Namespace
+) -> dict[str, float]:
+    """Time ``train_local`` (the clients' loop) on ``images``, after ``--warmup`` steps."""
+    settings = {"batch_size": args.batch_size, "lr": args.lr, "label": "train-speed"}
+    settings["mixed_precision"] = args.mixed_precision
+    if args.warmup:  # compilation, cuDNN's algorithm choice, the allocator's first blocks
+        train_local(unet, build_scheduler(), images, steps=args.warmup, seed=0, **settings)
+    log_every = max(args.steps // 5, 1)
+    result = train_local(
+        unet, build_scheduler(), images, steps=args.steps, seed=1, log_every=log_every, **settings
+    )
+    return {"seconds": result.seconds, "mean_loss": result.mean_loss}
+
+
+def _speed_row(
+    timed: dict[str, float], args: argparse.Namespace, device: torch.device, flops: float
+) -> dict[str, Any]:
+    """One loop's figures: img/s, ms/step, TFLOP/s, peak memory since the last reset."""
+    rate = args.steps * args.batch_size / timed["seconds"]
+    return {
+        "seconds": timed["seconds"],
+        "img_per_s": round(rate, 2),
+        "step_ms": round(1000 * timed["seconds"] / args.steps, 2),
+        "tflops": rate * flops / 1e12,
+        "mean_loss": timed["mean_loss"],
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else None,
+    }
+
+
+def _speed_verdict(report: dict[str, Any]) -> dict[str, Any]:
+    """The top-level figures from the loops timed so far: the faster of ours (its row's
+    fields), ``vs_plain`` (ours / plain), the share of the peak bf16 rate, and ``pass``.
+    Each row of ``report["runs"]`` gets its own ``vs_plain`` and ``peak_share``."""
+    runs, peak = report["runs"], report["peak_bf16_tflops"]
+    ours = [name for name in ("eager", "compiled") if name in runs]
+    if not ours:
+        return {}
+    best = max(ours, key=lambda name: runs[name]["img_per_s"])
+    plain = runs.get("plain")
+    for name in ours:
+        runs[name]["vs_plain"] = runs[name]["img_per_s"] / plain["img_per_s"] if plain else None
+    for row in runs.values():
+        row["peak_share"] = row["tflops"] / peak if peak else None
+    judged = report["device"].startswith("cuda") and report["preset"] == "paper"
+    judged = judged and report["image_size"] == 32 and plain is not None
+    rate, vs_plain = runs[best]["img_per_s"], runs[best]["vs_plain"]
+    return {
+        "best": best,
+        **{k: runs[best][k] for k in ("seconds", "img_per_s", "step_ms", "mean_loss")},
+        "peak_memory_bytes": runs[best]["peak_memory_bytes"],
+        "vs_plain": vs_plain,
+        "peak_share": runs[best]["peak_share"],
+        "pass": rate >= TRAIN_SPEED_TARGET and vs_plain >= VS_PLAIN_TARGET if judged else None,
+    }
+
+
+def _write_json(path: str, report: dict[str, Any]) -> None:
+    """``report`` to ``path``, replaced atomically: a reader never sees half a file."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def run_train_speed(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``train-speed`` subcommand: training img/s of ``train_local`` (the clients' loop:
-    AdamW, the loss read back every step) on random images, after ``--warmup`` steps."""
+    """The ``train-speed`` subcommand: training img/s of ``train_local`` (the clients' loop),
+    eager and, with ``--compile``, compiled, beside a plain diffusers loop (``--plain``), all
+    in this process on the same random images, with the share of the peak bf16 matmul rate.
+
+    Each phase logs a timestamped start and end on stderr; ``--out`` is rewritten after each,
+    so a run killed mid-way keeps the phases it finished."""
     device = resolve_device(args.device)
+    cuda = device.type == "cuda"
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    unet = build_unet(args.preset, args.image_size, args.channels, seed=0)
-    unet = unet.to(device, memory_format=layout)
-    model = torch.compile(unet) if args.compile else unet
+    config = unet_config(args.preset, args.image_size, args.channels)
     shape = (args.batch_size * 8, args.channels, args.image_size, args.image_size)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device)
-    settings = {"batch_size": args.batch_size, "lr": args.lr, "label": "train-speed"}
-    settings["mixed_precision"] = args.mixed_precision
-    cuda = device.type == "cuda"
-    if args.warmup:  # compilation, cuDNN's algorithm choice, the allocator's first blocks
-        train_local(model, build_scheduler(), images, steps=args.warmup, seed=0, **settings)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    log_every = max(args.steps // 5, 1)
-    result = train_local(
-        model, build_scheduler(), images, steps=args.steps, seed=1, log_every=log_every, **settings
-    )
-    rate = result.examples / result.seconds
-    judged = cuda and args.preset == "paper" and args.image_size == 32
-    return {
+    report: dict[str, Any] = {
         "benchmark": "train-speed",
         "torch": torch.__version__,
         "device": str(device),
@@ -832,42 +987,108 @@ def run_train_speed(args: argparse.Namespace) -> dict[str, Any]:
         "preset": args.preset,
         "image_size": args.image_size,
         "channels": args.channels,
-        "parameters": count_parameters(unet),
+        "parameters": None,
         "batch_size": args.batch_size,
         "warmup": args.warmup,
-        "steps": result.steps,
+        "steps": args.steps,
         "mixed_precision": args.mixed_precision,
         "channels_last": args.channels_last,
         "compile": args.compile,
-        "seconds": round(result.seconds, 3),
-        "img_per_s": round(rate, 2),
-        "step_ms": round(1000 * result.seconds / result.steps, 2),
-        "mean_loss": result.mean_loss,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
         "target_img_per_s": TRAIN_SPEED_TARGET,
-        "pass": rate >= TRAIN_SPEED_TARGET if judged else None,
+        "target_vs_plain": VS_PLAIN_TARGET,
+        "peak_bf16_tflops": None,
+        "train_flops_per_image": None,
+        "runs": {},
     }
+
+    def phase(name: str, measure: Callable[[], Any]) -> Any:
+        _stamp(f"{name}: start")
+        start = time.perf_counter()
+        result = measure()
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        _stamp(f"{name}: done in {time.perf_counter() - start:.1f} s")
+        return result
+
+    def save() -> None:
+        report.update(_speed_verdict(report))
+        if args.out:
+            _write_json(args.out, report)
+
+    def unet() -> UNet2DModel:
+        return build_unet(args.preset, args.image_size, args.channels).to(
+            device, memory_format=layout
+        )
+
+    def flops() -> float:
+        model = unet()
+        report["parameters"] = count_parameters(model)
+        return training_flops_per_image(model)
+
+    def timed(name: str, measure: Callable[[], dict[str, float]]) -> None:
+        def run() -> dict[str, Any]:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            return _speed_row(measure(), args, device, report["train_flops_per_image"])
+
+        row = report["runs"][name] = phase(name, run)
+        _stamp(f"{name}: {row['img_per_s']:.0f} img/s, {row['step_ms']} ms/step")
+        save()
+
+    if cuda:
+        report["peak_bf16_tflops"] = phase("peak bf16 matmul", lambda: peak_bf16_tflops(device))
+    report["train_flops_per_image"] = phase("flops", flops)
+    save()
+    timed("eager", lambda: _time_ours(unet(), images, args))
+    if args.plain:
+        amp = AMP_DTYPES.get(args.mixed_precision)
+        timed(
+            "plain",
+            lambda: plain_diffusers_loop(
+                config,
+                dict(build_scheduler().config),
+                batch_size=args.batch_size,
+                steps=args.steps,
+                warmup=args.warmup,
+                lr=args.lr,
+                amp_dtype=amp,
+                channels_last=args.channels_last,
+                device=device,
+            ),
+        )
+    if args.compile:
+        timed("compiled", lambda: _time_ours(compile_unet(unet(), "default"), images, args))
+    return report
 
 
 def train_speed_markdown(report: dict[str, Any]) -> str:
-    """The ``train-speed`` report as a one-row Markdown table."""
+    """The ``train-speed`` report as a Markdown table, one row per loop, and the verdict."""
     r = report
-    options = ", ".join(
-        [r["mixed_precision"]]
-        + (["channels-last"] if r["channels_last"] else [])
-        + (["torch.compile"] if r["compile"] else [])
-    )
-    verdict = {True: "**pass**", False: "**fail**", None: "–"}[r["pass"]]
-    return "\n".join(
-        [
-            "| model (parameters) | device | batch | options | steps | img/s | ms/step "
-            f"| target ≥ {r['target_img_per_s']:.0f} img/s |",
-            "|---|---|---|---|---|---|---|---|",
-            f"| {r['preset']} {r['image_size']}px ({r['parameters'] / 1e6:.1f} M) "
-            f"| {r['device_name']} | {r['batch_size']} | {options} | {r['steps']} "
-            f"| {r['img_per_s']:,.0f} | {r['step_ms']} | {verdict} |",
-        ]
-    )
+    options = ", ".join([r["mixed_precision"]] + (["channels-last"] if r["channels_last"] else []))
+    peak = f"{r['peak_bf16_tflops']:.0f} TFLOP/s" if r["peak_bf16_tflops"] else "not measured"
+    lines = [
+        f"{r['preset']} {r['image_size']}px ({r['parameters'] / 1e6:.1f} M parameters), "
+        f"{r['device_name']}, batch {r['batch_size']}, {options}, {r['steps']} steps; "
+        f"{r['train_flops_per_image'] / 1e9:.2f} GFLOP per image; peak bf16 matmul {peak}",
+        "",
+        "| loop | img/s | ms/step | ours ÷ plain | TFLOP/s | share of peak bf16 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in r["runs"].items():
+        vs_plain = "–" if row.get("vs_plain") is None else f"{row['vs_plain']:.2f}"
+        share = "–" if row.get("peak_share") is None else f"{100 * row['peak_share']:.1f} %"
+        lines.append(
+            f"| {SPEED_RUNS[name]} | {row['img_per_s']:,.0f} | {row['step_ms']} | {vs_plain} "
+            f"| {row['tflops']:.1f} | {share} |"
+        )
+    verdict = {True: "**pass**", False: "**fail**", None: "not judged"}[r.get("pass")]
+    lines += [
+        "",
+        f"Target ≥ {r['target_img_per_s']:.0f} img/s and ≥ {r['target_vs_plain']:.1f} × plain "
+        f"(32 px paper preset on a GPU): {verdict}",
+    ]
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -966,6 +1187,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed = commands.add_parser(
         "train-speed",
         help="training img/s of the clients' loop on random images (GPU: bf16 and friends)",
+        description="Training img/s of the clients' loop (train_local), eager and with "
+        "--compile compiled, beside a plain diffusers loop, in one process; with the share of "
+        "the measured peak bf16 matmul rate on CUDA.",
     )
     speed.add_argument("--preset", choices=("tiny", "paper"), default="paper")
     speed.add_argument("--image-size", type=int, default=32)
@@ -976,10 +1200,49 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--lr", type=float, default=2e-4)
     speed.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16")
     speed.add_argument("--channels-last", action="store_true")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    speed.add_argument(
+        "--compile", action="store_true", help="also time ours with torch.compile (mode default)"
+    )
+    speed.add_argument(
+        "--plain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time a plain diffusers loop (the reference of vs_plain and pass)",
+    )
+    speed.add_argument("--out", default="", help="JSON file rewritten after each phase")
     speed.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     speed.add_argument("--markdown", action="store_true", help="a table instead of JSON")
     speed.set_defaults(run=run_train_speed, markdown_fn=train_speed_markdown)
+
+    rounds = commands.add_parser(
+        "round-overhead",
+        help="a real federation per engine: share of each round not spent training",
+        description=round_overhead.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rounds.add_argument(
+        "--engine",
+        choices=("deployment", "simulation"),
+        action="append",
+        required=True,
+        help="repeat for both; each runs one federation",
+    )
+    rounds.add_argument("--nodes", type=int, default=2, help="SuperNodes")
+    rounds.add_argument("--threads", type=int, default=1, help="CPU threads (Ray CPUs) per node")
+    rounds.add_argument(
+        "--no-worker",
+        dest="worker",
+        action="store_false",
+        help="deployment: no node worker (a full process start per message)",
+    )
+    rounds.add_argument(
+        "--run-config",
+        default="num-server-rounds=3 local-steps=100",
+        help="the run-config of both engines' runs (default: %(default)s)",
+    )
+    rounds.add_argument("--out", default="", help="where the runs go (default: a temp dir)")
+    rounds.add_argument("--markdown", action="store_true", help="tables instead of JSON")
+    rounds.set_defaults(run=round_overhead.run, markdown_fn=round_overhead.markdown)
     return parser
 
 

@@ -80,6 +80,9 @@ PARTITIONINGS = ("iid", "dirichlet", "shards", "quantity")
 DATASETS = ("fashion-mnist", "cifar10", "celeba", "lsun-church")
 PRESETS = ("tiny", "paper")
 CLIENT_OPTIMIZERS = ("adamw", "sgd")
+# torch.compile modes of the clients' U-Net (models.compile_unet); 'no' = eager. Here, not in
+# models.py, so that checking a run-config imports no torch.
+COMPILE_MODES = ("no", "default", "max-autotune-no-cudagraphs")
 # Each U-Net preset's training defaults, per client optimizer (models.py holds the U-Nets;
 # these stay here, so that checking a run-config needs no torch). A key left at its run-config
 # default (learning-rate 0, warmup-steps -1, grad-clip -1: no usable value) takes the value
@@ -122,7 +125,11 @@ class RunConfig:
     )
     num_server_rounds: int = _key(6, _at_least(1), "federated rounds")
     fraction_train: float = _key(1.0, _unit_interval, "fraction of nodes sampled to train")
-    fraction_evaluate: float = _key(1.0, _unit_interval, "fraction of nodes sampled to evaluate")
+    fraction_evaluate: float = _key(
+        1.0,
+        lambda v: None if 0 <= v <= 1 else "in [0, 1]",
+        "fraction of nodes sampled to evaluate; 0 = no evaluate messages (one per round fewer)",
+    )
     min_nodes: int = _key(2, _at_least(1), "nodes that must be connected and replying")
     min_replies: int = _key(1, _at_least(1), "accepted training replies needed to update")
     round_timeout: float = _key(86400.0, _positive, "seconds to wait for replies per round")
@@ -169,6 +176,9 @@ class RunConfig:
     device: str = _key("auto", _one_of("auto", "cpu", "cuda"), "'auto' = cuda if available")
     mixed_precision: str = _key("no", _one_of("no", "fp16", "bf16"), "autocast in training")
     channels_last: bool = _key(False, help="channels-last memory format in training")
+    compile: str = _key(
+        "no", _one_of(*COMPILE_MODES), "torch.compile mode of the clients' U-Net; 'no' = eager"
+    )
     local_epochs: int = _key(1, _at_least(1), "local epochs per round (if local-steps = 0)")
     local_steps: int = _key(200, _at_least(0), "local optimiser steps per round; 0 = use epochs")
     batch_size: int = _key(64, _at_least(1), "local minibatch size")

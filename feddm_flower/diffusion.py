@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -24,6 +23,8 @@ from .models import sampling_scheduler
 log = logging.getLogger(__name__)
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 OPTIMIZERS = ("adamw", "sgd")
+# Training images up to this size move to the GPU once per train_local call.
+RESIDENT_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,9 @@ def train_local(
     ``proximal_mu`` > 0 the loss adds :func:`proximal_term` against the weights as they were
     on entry. ``mixed_precision`` 'fp16' or 'bf16' runs the forward pass under autocast
     (weights and optimiser stay fp32). Logs progress every ``log_every`` steps and at the end.
+
+    The host waits for the device only there: losses stay on the device in between. On CUDA
+    the optimiser is fused and images under RESIDENT_BYTES move to the GPU once per call.
     """
     if len(images) == 0:
         raise ValueError(f"{label}: no training images")
@@ -116,19 +120,24 @@ def train_local(
     batches = itertools.islice(_epochs(len(images), batch_size, seed), total)
     noise = torch.Generator(device=device).manual_seed(seed + 1)
     anchor = [p.detach().clone() for p in unet.parameters()] if proximal_mu > 0 else []
+    # CUDA: one fused kernel per step instead of a loop over parameters; CPU: as it was.
+    fused = {"fused": True} if device.type == "cuda" else {}
     if optimizer == "sgd":
         opt = torch.optim.SGD(
-            unet.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+            unet.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, **fused
         )
     else:
-        opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay, **fused)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
+    if device.type == "cuda" and images.nbytes < RESIDENT_BYTES:
+        images = images.to(device)  # once, instead of a host-to-device copy per step
     unet.train()
-    losses: list[float] = []
+    # Per-step losses stay on the device (no host sync per step); read at the log points.
+    losses = torch.zeros(total, dtype=torch.float64, device=device)
     examples, start = 0, time.perf_counter()
     for step, (epoch, idx) in enumerate(batches, start=1):
-        x0 = to_model_range(images[idx].to(device))
+        x0 = to_model_range(images[idx.to(images.device, non_blocking=True)].to(device))
         with autocast(device, mixed_precision):
             loss = diffusion_loss(unet, scheduler, x0, noise)
         objective = loss + proximal_term(unet, anchor, proximal_mu) if anchor else loss
@@ -141,11 +150,11 @@ def train_local(
             torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip)
         scaler.step(opt)
         scaler.update()
-        losses.append(loss.item())
+        losses[step - 1] = loss.detach()
         examples += len(x0)
         if step % log_every == 0 or step == total:
+            recent = losses[max(step - log_every, 0) : step].mean().item()
             rate = examples / (time.perf_counter() - start)
-            recent = float(np.mean(losses[-log_every:]))
             log.info(
                 "%s: epoch %d, step %d/%d, loss %.4f, %.0f img/s",
                 label,
@@ -155,7 +164,7 @@ def train_local(
                 recent,
                 rate,
             )
-    return TrainResult(float(np.mean(losses)), total, examples, time.perf_counter() - start)
+    return TrainResult(losses.mean().item(), total, examples, time.perf_counter() - start)
 
 
 def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:

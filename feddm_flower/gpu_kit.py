@@ -34,6 +34,8 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
 
+from .timings import OVERHEAD_KEY
+
 MIB = 2**20
 CARRY_LIMIT = 64 * MIB  # what the GPU machine's transfer takes: the repository plus the kit
 # What the app and Flower's deployment CLIs import, found through their declared dependencies.
@@ -257,6 +259,13 @@ def cell_summary(cell: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"cell": cell.name, "finished": (run / "summary.json").exists()}
     summary |= {k: last[k] for k in keep if k in last}
     summary["global-loss-by-round"] = [r.get("global-loss") for r in rows]
+    summary["round-seconds-by-round"] = [r.get("round-seconds") for r in rows]
+    summary["overhead-share-by-round"] = [r.get(OVERHEAD_KEY) for r in rows]
+    # Where the clients' time went, per round: mean seconds per phase of a message.
+    summary["client-phases-by-round"] = [
+        {k: v for k, v in r.items() if k.startswith(("train-time-", "evaluate-time-"))}
+        for r in rows
+    ]
     summary["clients"] = speeds
     medians = [c["img-per-s-median"] for c in speeds.values()]
     summary["img-per-s-all-clients"] = round(sum(medians), 1) if medians else None
@@ -267,7 +276,7 @@ def cell_summary(cell: Path) -> dict[str, Any]:
 def run_report(args: argparse.Namespace) -> None:
     work: Path = args.work
     report: dict[str, Any] = {}
-    for name in ("environment", "bench-eager", "bench-compiled"):
+    for name in ("environment", "bench"):
         path = work / f"{name}.json"
         if path.exists():
             try:
@@ -283,18 +292,23 @@ def run_report(args: argparse.Namespace) -> None:
 def report_text(report: dict[str, Any]) -> str:
     """The figures a reader of the GPU run's log wants, as plain lines."""
     lines = []
-    for name in ("bench-eager", "bench-compiled"):
-        b = report.get(name)
-        if b and "img_per_s" in b:
-            goal = {True: "reaches", False: "misses", None: "not judged for"}[b["pass"]]
-            lines.append(
-                f"{name}: {b['img_per_s']:.0f} img/s training ({b['preset']} {b['image_size']} px, "
-                f"{b['parameters'] / 1e6:.1f} M parameters, batch {b['batch_size']}, "
-                f"{b['mixed_precision']}, {b['device_name']}): {goal} the goal of "
-                f"{b['target_img_per_s']:.0f} img/s"
-            )
-        elif b:
-            lines.append(f"{name}: {b.get('error', 'no result')}")
+    b = report.get("bench")
+    if b and "img_per_s" in b:
+        goal = {True: "reaches", False: "misses", None: "not judged for"}[b["pass"]]
+        runs = ", ".join(
+            f"{name} {r['img_per_s']:.0f} img/s"
+            + (f" ({r['peak_share']:.1%} of peak bf16)" if r.get("peak_share") else "")
+            for name, r in b["runs"].items()
+        )
+        lines.append(
+            f"bench: {runs} ({b['preset']} {b['image_size']} px, "
+            f"{b['parameters'] / 1e6:.1f} M parameters, batch {b['batch_size']}, "
+            f"{b['mixed_precision']}, {b['device_name']}); ours vs plain "
+            f"{b.get('vs_plain') or float('nan'):.2f}x: {goal} the goal of "
+            f"{b['target_img_per_s']:.0f} img/s and {b['target_vs_plain']:.1f}x plain"
+        )
+    elif b:
+        lines.append(f"bench: {b.get('error', 'no result')}")
     for c in report["cells"]:
         speeds = ", ".join(
             f"client {k} {v['img-per-s-median']:.0f}" for k, v in c["clients"].items()
@@ -305,6 +319,18 @@ def report_text(report: dict[str, Any]) -> str:
             f"training img/s per client (median over rounds): {speeds or 'n/a'} "
             f"(all clients: {c['img-per-s-all-clients']})"
         )
+        for r, (wall, share, phases) in enumerate(
+            zip(
+                c["round-seconds-by-round"],
+                c["overhead-share-by-round"],
+                c["client-phases-by-round"],
+                strict=True,
+            ),
+            start=1,
+        ):
+            where = ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+            shown = f"{share:.1%}" if share is not None else "n/a"
+            lines.append(f"  round {r}: {wall} s, {shown} outside training; clients: {where}")
     return "\n".join(lines)
 
 
@@ -367,7 +393,15 @@ def _cell_columns(cell: dict[str, Any]) -> dict[str, Any]:
         "global-loss": cell.get("global-loss"),
         "bytes-up": cell.get("bytes-up-cumulative"),
         "client-img-per-s": round(statistics.mean(speeds)) if speeds else None,
+        # Rounds 2 and later: round 1 also starts the workers' CUDA and loads the data.
+        "overhead-share": _mean_later(cell.get("overhead-share-by-round", [])),
+        "round-seconds": _mean_later(cell.get("round-seconds-by-round", [])),
     }
+
+
+def _mean_later(values: list[float | None]) -> float | None:
+    later = [v for v in values[1:] if v is not None]
+    return round(statistics.mean(later), 4) if later else None
 
 
 def fid_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -378,24 +412,25 @@ def fid_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
 
     lines = [
         "| cell | rounds | FID | KID (± std) | N fake / real | global-loss | bytes up "
-        "| training img/s per client (mean) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| training img/s per client (mean) | round s (2+) | outside training (2+) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['cell']} | {fmt(r['rounds'], 'd')} | {r['fid']:.2f} "
             f"| {r['kid']:.4f} ± {r['kid-std']:.4f} | {r['num-fake']} / {r['num-real']} "
             f"| {fmt(r['global-loss'], '.4f')} | {fmt(r['bytes-up'], ',d')} "
-            f"| {fmt(r['client-img-per-s'], 'd')} |"
+            f"| {fmt(r['client-img-per-s'], 'd')} | {fmt(r['round-seconds'], '.1f')} "
+            f"| {fmt(r['overhead-share'], '.1%')} |"
         )
-    for name in ("bench-eager", "bench-compiled"):
-        b = summary.get(name) or {}
-        if "img_per_s" in b:
-            lines.append(
-                f"\n{name}: {b['img_per_s']:.0f} img/s ({b['preset']} {b['image_size']} px, "
-                f"{b['parameters'] / 1e6:.1f} M parameters, batch {b['batch_size']}, "
-                f"{b['mixed_precision']}, {b['steps']} steps, {b['device_name']})"
-            )
+    b = summary.get("bench") or {}
+    for name, r in b.get("runs", {}).items():
+        share = f", {r['peak_share']:.1%} of peak bf16" if r.get("peak_share") else ""
+        lines.append(
+            f"\nbench {name}: {r['img_per_s']:.0f} img/s{share} ({b['preset']} "
+            f"{b['image_size']} px, {b['parameters'] / 1e6:.1f} M parameters, batch "
+            f"{b['batch_size']}, {b['mixed_precision']}, {b['steps']} steps, {b['device_name']})"
+        )
     return "\n".join(lines)
 
 

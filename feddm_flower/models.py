@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from .config import COMPILE_MODES
+
 # One config dict per preset and resolution, diffusers-style: ``UNet2DModel(**config)``.
 # ``tiny`` fits a 2-core CPU; ``paper`` follows the DDPM/DDIM papers' U-Nets (ch=128,
 # two residual blocks per level, self-attention at 16 px or the nearest level).
@@ -107,6 +109,18 @@ def resolve_device(name: str) -> torch.device:
             "each ClientApp a GPU share (client-resources-num-gpus > 0, README)"
         )
     return torch.device("cuda" if name == "cuda" or (name == "auto" and cuda) else "cpu")
+
+
+def compile_unet(unet: UNet2DModel, mode: str) -> torch.nn.Module:
+    """``torch.compile(unet, mode=mode)``, or ``unet`` itself for mode 'no' (COMPILE_MODES).
+
+    The compiled module shares ``unet``'s parameters; its ``state_dict`` keys gain an
+    ``_orig_mod.`` prefix, so save and load ``unet``. Inductor keeps its kernels in
+    TORCHINDUCTOR_CACHE_DIR (default /tmp/torchinductor_$USER), which a node's processes share.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: allowed are {', '.join(COMPILE_MODES)}")
+    return unet if mode == "no" else torch.compile(unet, mode=mode)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -35,6 +35,7 @@ from .evaluation import ema_decay, ema_update, fid_scores, global_loss, load_eva
 from .latents import model_space
 from .models import build_scheduler, build_unet, count_parameters, resolve_device
 from .strategies import FedDMStrategy
+from .timings import OVERHEAD_KEY, overhead_share
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -249,14 +250,18 @@ class RoundReporter:
             return None
         quality = fid_scores(self.model, self.vae, self.cfg) if self._fid_due(server_round) else {}
         now = time.perf_counter()
+        history = self.strategy.history.get(server_round, {})
+        round_seconds = now - self.round_start
         record = {
             "round": server_round,
             "strategy": self.cfg.label,
-            **self.strategy.history.get(server_round, {}),
+            **history,
             **self.strategy.ledger.round_summary(server_round),
             **self.initial,
             **losses,
-            "round-seconds": round(now - self.round_start, 3),
+            "round-seconds": round(round_seconds, 3),
+            # The share of the round its clients did not spend training (mean over clients).
+            OVERHEAD_KEY: overhead_share(history.get("train-seconds", 0.0), round_seconds),
             "wall-seconds": round(now - self.start, 3),
             "sample-grid": str(grid_path.relative_to(self.run.path)),
             **quality,
@@ -271,7 +276,8 @@ class RoundReporter:
             self.ema.state_dict() if self.ema is not None else None,
         )
         log.info(
-            "Round %d: train-loss %s, eval-loss %s, global-loss %s, %d B down, %d B up, %.1f s",
+            "Round %d: train-loss %s, eval-loss %s, global-loss %s, %d B down, %d B up, %.1f s"
+            " (%s outside training)",
             server_round,
             _fmt(record.get("train-loss")),
             _fmt(record.get("eval-loss")),
@@ -279,6 +285,7 @@ class RoundReporter:
             record["bytes-down"],
             record["bytes-up"],
             record["round-seconds"],
+            _share(record[OVERHEAD_KEY]),
         )
         return MetricRecord(losses) if losses else None
 
@@ -309,6 +316,10 @@ class RoundReporter:
         return every > 0 and (
             server_round % every == 0 or server_round == self.cfg.num_server_rounds
         )
+
+
+def _share(value: float | None) -> str:
+    return f"{value:.0%}" if value is not None else "n/a"
 
 
 def _fmt(value: object) -> str:

@@ -81,6 +81,7 @@ from .records import (
     to_record,
     uplink_key,
 )
+from .timings import PhaseMeans, phase_times
 
 TRAIN_METRICS = ("train-loss", "train-steps", "train-seconds")
 EVAL_METRICS = ("eval-loss",)
@@ -270,6 +271,7 @@ class FedDMStrategy(Strategy):
             evaluate_fn(0, arrays)
         for rnd in range(self.first_round, num_rounds + 1):
             log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
+            begun = time.monotonic()
             config = ConfigRecord(dict(train_config or {}))
             messages = self.configure_train(rnd, arrays, config, grid)
             new_arrays, metrics = self.aggregate_train(rnd, self._replies(grid, messages, timeout))
@@ -277,11 +279,16 @@ class FedDMStrategy(Strategy):
                 result.arrays = arrays = new_arrays
             if metrics is not None:
                 result.train_metrics_clientapp[rnd] = metrics
+            trained = time.monotonic()
             config = ConfigRecord(dict(evaluate_config or {}))
             messages = self.configure_evaluate(rnd, arrays, config, grid)
-            metrics = self.aggregate_evaluate(rnd, self._replies(grid, messages, timeout))
-            if metrics is not None:
-                result.evaluate_metrics_clientapp[rnd] = metrics
+            if messages:
+                metrics = self.aggregate_evaluate(rnd, self._replies(grid, messages, timeout))
+                if metrics is not None:
+                    result.evaluate_metrics_clientapp[rnd] = metrics
+            # The server's view of the round: send, wait for and fold each phase's replies.
+            self.history[rnd]["server-time-train"] = round(trained - begun, 3)
+            self.history[rnd]["server-time-evaluate"] = round(time.monotonic() - trained, 3)
             if evaluate_fn and (metrics := evaluate_fn(rnd, arrays)) is not None:
                 result.evaluate_metrics_serverapp[rnd] = metrics
         return result
@@ -310,7 +317,7 @@ class FedDMStrategy(Strategy):
         """The global weights to a seeded sample of nodes for evaluation."""
         self.global_state = arrays.to_torch_state_dict()
         nodes = self._sample(grid, server_round, "evaluate", self.fraction_evaluate)
-        return self._messages(server_round, nodes, config, MessageType.EVALUATE)
+        return self._messages(server_round, nodes, config, MessageType.EVALUATE) if nodes else []
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -332,7 +339,7 @@ class FedDMStrategy(Strategy):
                     held.append(c)
 
         replied: set[int] = set()
-        drift = Spread()
+        drift, times = Spread(), PhaseMeans()
         for msg in replies:
             node = self._node(msg)
             if self._stand_in(server_round, "training", msg):
@@ -345,11 +352,13 @@ class FedDMStrategy(Strategy):
                 self._reject(server_round, "train", node, str(exc))
                 continue
             drift.add(contribution.norm)
+            times.add(phase_times(msg.content["metrics"]))
             fold(stream.push(contribution))
         fold(stream.flush())
         # Client drift: ‖w_local − w_received‖ of the accepted replies, as decoded (before
         # the bounds; under DP clipped), across clients.
         self.history[server_round].update(drift.summary("drift"))
+        self.history[server_round].update(times.summary("train-time-"))
         self._note_missing(server_round, replied)
         log(INFO, "Round %d: %d training replies accepted", server_round, len(records))
         if len(records) < self.min_replies:
@@ -373,7 +382,7 @@ class FedDMStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Weighted mean of the evaluation metrics of the replies that pass the guard."""
-        records = []
+        records, times = [], PhaseMeans()
         for msg in replies:
             node = self._node(msg)
             if self._stand_in(server_round, "evaluate", msg):
@@ -386,6 +395,8 @@ class FedDMStrategy(Strategy):
                 self._reject(server_round, "evaluate", node, str(exc))
                 continue
             records.append(RecordDict({"metrics": MetricRecord({**metrics, WEIGHT_KEY: weight})}))
+            times.add(phase_times(msg.content["metrics"]))
+        self.history[server_round].update(times.summary("evaluate-time-"))
         if not records:
             return None
         metrics = self.optimizer.evaluate_metrics_aggr_fn(records, WEIGHT_KEY)
@@ -541,6 +552,8 @@ class FedDMStrategy(Strategy):
     # -------------------------------------------------------------------------- plumbing
 
     def _sample(self, grid: Grid, server_round: int, phase: str, fraction: float) -> list[int]:
+        if fraction == 0:  # fraction-evaluate=0: the phase is off
+            return []
         while len(nodes := sorted(grid.get_node_ids())) < self.min_nodes:
             log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), self.min_nodes)
             time.sleep(1)

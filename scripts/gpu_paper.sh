@@ -10,23 +10,30 @@
 # Back here:   python -m feddm_flower.gpu_kit fid gpu-paper.tar.gz     (FID/KID table)
 #
 # It installs the kit's wheels (--no-deps, into SITE, on top of the machine's own torch),
-# unpacks FashionMNIST, runs the benchmark and one `flwr run` per cell, samples each cell's
-# final model into samples.npz, prints training img/s per client and packs the light results
-# (metrics, logs, samples; no weights) into gpu-paper.tar.gz. With $OUT set, gpu-paper.tar.gz,
-# summary.json and gpu_paper.log are copied there. Nothing here computes FID.
+# unpacks FashionMNIST, starts a SuperLink and NUM_NODES SuperNodes, each with its node worker
+# (scripts/deploy/supernode.sh: imports, data, U-Net and CUDA stay alive between messages) and
+# an equal share of the CPU cores, runs one `flwr run` per cell, samples each cell's final
+# model into samples.npz, prints per round the share of the wall time spent outside client
+# training and where it went, then runs the training-throughput benchmark (ours eager, a plain
+# diffusers loop, ours compiled) with what is left of the budget, and packs the light results
+# (metrics, logs, samples, benchmark; no weights) into gpu-paper.tar.gz. With $OUT set,
+# gpu-paper.tar.gz, summary.json and gpu_paper.log are copied there. Nothing here computes FID.
+# Every phase prints a timestamped line, so a run cut short still says where its time went.
 #
 # Environment (defaults in brackets):
 #   KIT [gpu-kit]  SITE [/tmp/feddm-gpu-site]  SKIP_INSTALL [0]: 1 = use this environment as is
 #   WORK [$OUT-less: outputs/gpu; else /tmp/feddm-gpu-work]   DATA_ROOT [~/.cache/feddm-flower/data]
 #   CELLS ["vanilla prox int8"]  NUM_NODES [4]  ROUNDS [3]  STEPS [200] local steps per round
 #   BATCH [128]  LR [5e-4]  ALPHA [0.1]  PRESET [paper]  DEVICE [cuda]  MIXED_PRECISION [bf16]
-#   CHANNELS_LAST [true]  EXTRA_RUN_CONFIG [] appended to every cell's --run-config
-#   SAMPLES [1000]  SAMPLE_STEPS [50] DDIM steps  SAMPLE_BATCH [500]
-#   BENCH_PRESET [paper] BENCH_SIZE [32] BENCH_CHANNELS [3] BENCH_BATCH [256] BENCH_STEPS [300]
-#   BENCH_WARMUP [30]  BENCH_COMPILE [1]: also time it under torch.compile, if time is left
-#   BUDGET [540] seconds for the whole script: each cell gets an equal share of what is left,
-#   and one still running when its share is spent is stopped (and sampled from its last
-#   checkpoint); the compiled benchmark runs only if 120 s are left at the end
+#   CHANNELS_LAST [true]  WORKER [1]  THREADS [cores / NUM_NODES] per SuperNode
+#   EXTRA_RUN_CONFIG [] appended to every cell's --run-config (clients send no evaluate
+#   messages: fraction-evaluate=0; the server's global-loss measures every round)
+#   SAMPLES [1000]  SAMPLE_STEPS [25] DDIM steps  SAMPLE_BATCH [500]
+#   BENCH_PRESET [paper] BENCH_SIZE [32] BENCH_CHANNELS [3] BENCH_BATCH [256] BENCH_STEPS [60]
+#   BENCH_WARMUP [10]  BENCH_COMPILE [1]: also time ours under torch.compile
+#   BUDGET [560] seconds for the whole script: each cell gets an equal share of what is left
+#   after BENCH_RESERVE [50] s for the benchmark, and one still running when its share is
+#   spent is stopped (and sampled from its last checkpoint); the benchmark gets the rest
 #   PORT [9092] SuperLink port; NODE_PORT [9094] first SuperNode port (one each, upwards)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +44,9 @@ if [[ -n "${OUT:-}" ]]; then WORK=${WORK:-/tmp/feddm-gpu-work}; else WORK=${WORK
 DATA_ROOT=${DATA_ROOT:-$HOME/.cache/feddm-flower/data}
 CELLS=${CELLS:-vanilla prox int8}
 NUM_NODES=${NUM_NODES:-4}
-BUDGET=${BUDGET:-540}
+THREADS=${THREADS:-$(($(nproc) / NUM_NODES > 0 ? $(nproc) / NUM_NODES : 1))}
+BUDGET=${BUDGET:-560}
+BENCH_RESERVE=${BENCH_RESERVE:-50}
 PORT=${PORT:-9092}
 NODE_PORT=${NODE_PORT:-9094}
 
@@ -135,25 +144,11 @@ common="model-preset='${PRESET:-paper}' device='${DEVICE:-cuda}'"
 common+=" mixed-precision='${MIXED_PRECISION:-bf16}' channels-last=${CHANNELS_LAST:-true}"
 common+=" partitioning='dirichlet' dirichlet-alpha=${ALPHA:-0.1} num-server-rounds=${ROUNDS:-3}"
 common+=" local-steps=${STEPS:-200} batch-size=${BATCH:-128} learning-rate=${LR:-5e-4}"
-common+=" min-nodes=$NUM_NODES eval-every=0 seed=0 data-root='$DATA_ROOT'"
+common+=" min-nodes=$NUM_NODES eval-every=0 seed=0 data-root='$DATA_ROOT' fraction-evaluate=0"
 for cell in $CELLS; do
   [[ -n "${cell_keys[$cell]:-}" ]] || { say "unknown cell '$cell' (vanilla, prox, int8)"; exit 2; }
   python3 -m feddm_flower.overrides "$common ${cell_keys[$cell]} ${EXTRA_RUN_CONFIG:-}" || exit 2
 done
-
-# --- throughput benchmark (eager; compiled at the end if time is left) --------------------
-bench() { # bench NAME [extra flags]
-  local name=$1 && shift
-  say "benchmark $name: ${BENCH_STEPS:-300} training steps of the ${BENCH_PRESET:-paper} preset"
-  timeout "${BENCH_TIMEOUT:-240}" python3 -m feddm_flower.bench train-speed \
-    --preset "${BENCH_PRESET:-paper}" --image-size "${BENCH_SIZE:-32}" \
-    --channels "${BENCH_CHANNELS:-3}" --batch-size "${BENCH_BATCH:-256}" \
-    --steps "${BENCH_STEPS:-300}" --warmup "${BENCH_WARMUP:-30}" \
-    --mixed-precision "${MIXED_PRECISION:-bf16}" --device "${DEVICE:-cuda}" --channels-last \
-    "$@" >"$WORK/bench-$name.json" || say "benchmark $name failed (exit $?)"
-  grep -E '"(img_per_s|step_ms|parameters|pass)"' "$WORK/bench-$name.json" || true
-}
-bench eager
 
 # --- the federation: one SuperLink, NUM_NODES SuperNodes, all on this machine --------------
 start() { # start NAME COMMAND...: in the background, logging to logs/NAME.log
@@ -166,7 +161,7 @@ start superlink env HOST=127.0.0.1 PORT="$PORT" STATE_DIR= INSECURE=1 scripts/de
 wait_for 90 "$WORK/logs/superlink.log" "Uvicorn running on"
 for ((i = 0; i < NUM_NODES; i++)); do
   start "supernode-$i" env SUPERLINK="127.0.0.1:$PORT" PORT=$((NODE_PORT + i)) INSECURE=1 \
-    scripts/deploy/supernode.sh "$i" "$NUM_NODES"
+    WORKER="${WORKER:-1}" NUM_THREADS="$THREADS" scripts/deploy/supernode.sh "$i" "$NUM_NODES"
 done
 for ((i = 0; i < NUM_NODES; i++)); do
   wait_for 120 "$WORK/logs/supernode-$i.log" "SuperNode ID: [0-9]+"
@@ -185,7 +180,7 @@ for ((c = 0; c < ${#cells[@]}; c++)); do
   # An equal share of what is left, less 30 s per cell for sampling and the report: if the
   # cells run slower than planned, each is cut at about the same point.
   remaining=$((${#cells[@]} - c))
-  left=$(((BUDGET - SECONDS - 30 * remaining) / remaining))
+  left=$(((BUDGET - SECONDS - BENCH_RESERVE - 30 * remaining) / remaining))
   if ((left < 30)); then
     say "cell $cell: skipped, the budget ($BUDGET s) is spent" && continue
   fi
@@ -208,7 +203,7 @@ for ((c = 0; c < ${#cells[@]}; c++)); do
   [[ -d "$model" ]] || model="$dir/run/checkpoint"
   if [[ -d "$model" ]]; then
     timeout 120 python3 -m feddm_flower.gpu_kit sample "$model" --out "$dir/samples.npz" \
-      --num "${SAMPLES:-1000}" --steps "${SAMPLE_STEPS:-50}" \
+      --num "${SAMPLES:-1000}" --steps "${SAMPLE_STEPS:-25}" \
       --batch-size "${SAMPLE_BATCH:-500}" --device "${DEVICE:-cuda}" ||
       say "cell $cell: sampling failed"
   else
@@ -218,14 +213,31 @@ done
 stop_all
 pids=()
 
-if [[ "${BENCH_COMPILE:-1}" == 1 ]] && ((BUDGET - SECONDS > 120)); then
-  BENCH_TIMEOUT=$((BUDGET - SECONDS - 10)) bench compiled --compile
+# --- throughput benchmark: ours (eager, then compiled) beside a plain loop, one process ---
+bench() { # bench NAME SECONDS [extra flags]
+  local name=$1 limit=$2 && shift 2
+  say "benchmark $name: ${BENCH_STEPS:-60} training steps of the ${BENCH_PRESET:-paper} preset (at most $limit s)"
+  timeout "$limit" python3 -m feddm_flower.bench train-speed \
+    --preset "${BENCH_PRESET:-paper}" --image-size "${BENCH_SIZE:-32}" \
+    --channels "${BENCH_CHANNELS:-3}" --batch-size "${BENCH_BATCH:-256}" \
+    --steps "${BENCH_STEPS:-60}" --warmup "${BENCH_WARMUP:-10}" \
+    --mixed-precision "${MIXED_PRECISION:-bf16}" --device "${DEVICE:-cuda}" --channels-last \
+    --out "$WORK/bench.json" "$@" >/dev/null || say "benchmark $name ended early (exit $?)"
+  [[ -f "$WORK/bench.json" ]] && grep -E '"(img_per_s|vs_plain|peak_share|pass)"' "$WORK/bench.json"
+}
+left=$((BUDGET - SECONDS - 10))
+compile=()
+[[ "${BENCH_COMPILE:-1}" == 1 ]] && compile=(--compile)
+if ((left > 30)); then
+  bench all "$left" "${compile[@]}"
+else
+  say "benchmark skipped: the budget ($BUDGET s) is spent"
 fi
 
 # --- report and the results to take home ----------------------------------------------------
 python3 -m feddm_flower.gpu_kit report "$WORK"
 light=(cells logs summary.json environment.json gpu_paper.log)
-for f in "$WORK"/bench-*.json; do [[ -f "$f" ]] && light+=("$(basename "$f")"); done
+[[ -f "$WORK/bench.json" ]] && light+=(bench.json)
 tar -czf "$WORK/gpu-paper.tar.gz" -C "$WORK" --exclude=checkpoint --exclude=pipeline \
   --exclude='.*' "${light[@]}"
 say "results: $WORK/gpu-paper.tar.gz ($(du -h "$WORK/gpu-paper.tar.gz" | cut -f1))"

@@ -10,10 +10,11 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from feddm_flower import records
 from feddm_flower.aggregation import update_norm
-from feddm_flower.client_app import RESIDUAL_KEY, train
+from feddm_flower.client_app import train
 from feddm_flower.codecs import decode_update
 from feddm_flower.downlink import digest
 from feddm_flower.models import build_unet
+from feddm_flower.node_tasks import RESIDUAL_KEY
 from feddm_flower.records import encode_uplink, payload_from
 
 

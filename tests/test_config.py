@@ -59,6 +59,7 @@ def test_overrides_are_typed_and_ints_widen_to_floats() -> None:
         ("autoencoder", " ", "non-empty"),
         ("device", "tpu", "'auto', 'cpu', 'cuda'"),
         ("mixed-precision", "fp8", "'no', 'fp16', 'bf16'"),
+        ("compile", "reduce-overhead", "'no', 'default', 'max-autotune-no-cudagraphs'"),
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(key: str, value: object, allowed: str) -> None:

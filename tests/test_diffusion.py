@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+import statistics
 from collections.abc import Iterator
 
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from feddm_flower import diffusion
 from feddm_flower.config import RunConfig
 from feddm_flower.data import load_dataset
-from feddm_flower.diffusion import denoising_loss, proximal_term, sample, train_local
-from feddm_flower.models import build_scheduler, build_unet
+from feddm_flower.diffusion import (
+    denoising_loss,
+    diffusion_loss,
+    proximal_term,
+    sample,
+    train_local,
+)
+from feddm_flower.models import build_scheduler, build_unet, compile_unet
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +35,40 @@ def test_loss_falls_on_a_fixed_batch(batch: torch.Tensor) -> None:
     after = denoising_loss(unet, scheduler, batch)
     assert result.steps == 30 and result.examples == 30 * 32
     assert after < 0.6 * before
+
+
+def test_mean_loss_and_logged_losses_are_means_of_the_step_losses(
+    batch: torch.Tensor, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Losses stay on the device during training; what is read back is each step's loss."""
+    losses: list[float] = []
+
+    def recorded(*args: object, **kwargs: object) -> torch.Tensor:
+        loss = diffusion_loss(*args, **kwargs)
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(diffusion, "diffusion_loss", recorded)
+    with caplog.at_level(logging.INFO, logger=diffusion.__name__):
+        result = train_local(
+            build_unet("tiny", 28, 1), build_scheduler(), batch, batch_size=16, lr=2e-3, steps=7,
+            log_every=3,
+        )  # fmt: skip
+    assert len(losses) == 7 and len(set(losses)) == 7
+    assert result.mean_loss == pytest.approx(statistics.fmean(losses), rel=1e-12)
+    logged = [r.getMessage().split(", loss ")[1].split(",")[0] for r in caplog.records]
+    windows = (losses[0:3], losses[3:6], losses[4:7])  # steps 3, 6 and the last 3 at step 7
+    assert logged == [f"{statistics.fmean(w):.4f}" for w in windows]
+
+
+def test_compile_unet_no_is_the_module_itself_and_a_mode_shares_its_weights() -> None:
+    unet = build_unet("tiny", 28, 1)
+    assert compile_unet(unet, "no") is unet
+    compiled = compile_unet(unet, "default")  # compiles lazily, on the first call
+    assert compiled is not unet
+    assert all(a is b for a, b in zip(compiled.parameters(), unet.parameters(), strict=True))
+    with pytest.raises(ValueError, match="compile mode 'fast': allowed are no, default"):
+        compile_unet(unet, "fast")
 
 
 def test_epochs_count_passes_over_the_data(batch: torch.Tensor) -> None:

@@ -161,8 +161,9 @@ def test_gpu_script_runs_end_to_end_on_cpu_at_tiny_size(
     assert "training img/s per client" in log and "FashionMNIST unpacked" in log
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["bench-eager"]["img_per_s"] > 0
-    assert summary["bench-eager"]["parameters"] == 267313  # tiny 28 px
+    bench = summary["bench"]
+    assert bench["runs"]["eager"]["img_per_s"] > 0 and bench["runs"]["plain"]["img_per_s"] > 0
+    assert bench["parameters"] == 267313  # tiny 28 px
     cells = {c["cell"]: c for c in summary["cells"]}
     assert sorted(cells) == ["int8", "vanilla"]
     for cell in cells.values():
@@ -170,6 +171,11 @@ def test_gpu_script_runs_end_to_end_on_cpu_at_tiny_size(
         assert sorted(cell["clients"]) == ["0", "1"]
         # A whole number of img/s: a tiny CPU run under load may round to 0.
         assert all(c["img-per-s-median"] >= 0 for c in cell["clients"].values())
+        # Where each round went: the overhead share, and each node's worker took the message.
+        [share] = cell["overhead-share-by-round"]
+        assert 0 <= share < 1
+        [phases] = cell["client-phases-by-round"]
+        assert phases["train-time-handoff"] >= 0 and phases["train-time-train"] > 0
     assert cells["int8"]["bytes-up-cumulative"] < cells["vanilla"]["bytes-up-cumulative"] / 3
 
     with tarfile.open(out / "gpu-paper.tar.gz") as tar:
@@ -199,6 +205,7 @@ def test_gpu_script_runs_end_to_end_on_cpu_at_tiny_size(
     table = (out / "fid.md").read_text().splitlines()
     assert table[0].startswith("| cell | rounds | FID | KID")
     assert table[2].startswith("| int8 | 1 | 123.40 | 0.1000 ± 0.0100 | 8 / 8 |")
-    assert "bench-eager:" in (out / "fid.md").read_text()
+    assert "bench eager:" in (out / "fid.md").read_text()
+    assert "outside training" in table[0]
     rows = json.loads((out / "fid.json").read_text())
     assert [r["cell"] for r in rows] == ["int8", "vanilla"] and rows[0]["rounds"] == 1

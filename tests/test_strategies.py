@@ -367,6 +367,32 @@ def test_node_sampling_is_seeded_and_recorded() -> None:
     assert sampled(0, 1) != sampled(0, 2) or sampled(0, 3) != sampled(0, 4)
 
 
+def test_fraction_evaluate_zero_sends_no_evaluate_messages() -> None:
+    strategy = _strategy(fraction_evaluate=0.0)
+    grid = _grid([1, 2, 3])
+    assert strategy.configure_evaluate(1, ArrayRecord(GLOBAL), ConfigRecord(), grid) == []
+    assert len(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), grid)) == 3
+
+
+def test_the_clients_phase_times_are_averaged_and_hostile_ones_ignored() -> None:
+    """time-<phase> of the accepted replies, averaged per phase into the round's history; a
+    reply's unbelievable times are left out, and never cost it its place in the mean."""
+    timed = [
+        _metrics(10, **{"time-startup": 1.0, "time-train": 8.0}),
+        _metrics(10, **{"time-startup": 3.0, "time-train": float("nan"), "time-data": -1.0}),
+        _metrics(10, **{"time-train": 1e300}),
+    ]
+    replies = [
+        _reply(i, RecordDict({"arrays": ArrayRecord(_random_state(i)), "metrics": m}))
+        for i, m in enumerate(timed)
+    ]
+    strategy = _strategy(bound=OFF)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and "rejected" not in strategy.history[1]
+    times = {k: v for k, v in strategy.history[1].items() if k.startswith("train-time-")}
+    assert times == {"train-time-startup": 2.0, "train-time-train": 8.0}
+
+
 def test_presets_and_free_combinations() -> None:
     assert FedDMProx().proximal_mu == 0.01 and FedDMQuant(bits=4).uplink == "int4"
     cfg = RunConfig.from_mapping(

@@ -17,11 +17,20 @@
 #                                  ClientApp processes connect (127.0.0.1 only). Every SuperNode
 #                                  on the same machine needs its own port.
 #
+#   WORKER      [1]                1 = start this node's long-lived worker first
+#                                  (python -m feddm_flower.worker): it keeps the imports, the
+#                                  data, the U-Net and CUDA between messages, so a round is not
+#                                  spent starting processes; 0 = every message's ClientApp
+#                                  process does all of that itself
+#   NUM_THREADS [0]                torch CPU threads for this node (its share of the machine's
+#                                  cores when several nodes share one; 0 = torch's default)
+#
 # GPUs: run one SuperNode per GPU and pin each to its GPU, e.g. on a machine with 2 GPUs
 #   CUDA_VISIBLE_DEVICES=0 scripts/deploy/supernode.sh 2 4 &
 #   CUDA_VISIBLE_DEVICES=1 scripts/deploy/supernode.sh 3 4 &
-# Each SuperNode's ClientApp processes inherit CUDA_VISIBLE_DEVICES and see only its GPU (as
-# cuda:0). (This version's ClientApp still trains on the CPU: see docs/deployment.md.)
+# Each SuperNode's worker and ClientApp processes inherit CUDA_VISIBLE_DEVICES and see only its
+# GPU (as cuda:0); run-config `device` 'auto' or 'cuda' trains there. Several SuperNodes may
+# share one GPU.
 #
 # Data: the ClientApp reads FashionMNIST from run-config `data-root` (default
 # ~/.cache/feddm-flower/data) on THIS machine; see docs/deployment.md.
@@ -54,7 +63,29 @@ done
 
 args=(--superlink "${SUPERLINK:-127.0.0.1:8000}")
 args+=(--port "${PORT:-$((9094 + partition))}")
-args+=(--node-config "partition-id=$partition num-partitions=$partitions")
+# The SuperExec that starts each message's ClientApp looks for work every second by default.
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}"
+node_config="partition-id=$partition num-partitions=$partitions"
+threads="${NUM_THREADS:-0}"
+[[ "$threads" =~ ^[0-9]+$ ]] || { echo "error: NUM_THREADS=$threads: a whole number" >&2; exit 2; }
+if ((threads > 0)); then
+  node_config+=" num-threads=$threads"
+  export OMP_NUM_THREADS="$threads"
+fi
+if [[ "${WORKER:-1}" == 1 ]]; then
+  # The worker exits when its parent, this process (flower-supernode after the exec), ends.
+  sockdir="$(mktemp -d "${TMPDIR:-/tmp}/feddm-worker.XXXXXX")"
+  PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" python3 -m feddm_flower.worker \
+    --socket "$sockdir/node.sock" --parent-pid $$ &
+  for ((i = 0; i < 600; i++)); do
+    [[ -S "$sockdir/node.sock" ]] && break
+    kill -0 $! 2>/dev/null || { echo "error: the node worker did not start" >&2; exit 1; }
+    sleep 0.2
+  done
+  [[ -S "$sockdir/node.sock" ]] || { echo "error: the node worker is not ready" >&2; exit 1; }
+  node_config+=" worker='$sockdir/node.sock'"
+fi
+args+=(--node-config "$node_config")
 
 if [[ "$insecure" == 1 ]]; then
   cat >&2 <<'WARN'

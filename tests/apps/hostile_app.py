@@ -11,7 +11,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from feddm_flower import client_app
+from feddm_flower import client_app, node_tasks
 from feddm_flower.codecs import decode_update
 from feddm_flower.records import CODEC_BITS, encode_uplink, payload_from, uplink_key
 
@@ -27,7 +27,7 @@ def hostile(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
     uplink = str(config["uplink"])
     key = uplink_key(uplink)
     # What the node trained from: its copy of the global model, as the real train() kept it.
-    received = context.state[client_app.MODEL_KEY].to_torch_state_dict()
+    received = context.state[node_tasks.MODEL_KEY].to_torch_state_dict()
     if uplink in CODEC_BITS:
         update = decode_update(payload_from(reply.content[key]))
     else:

@@ -1,0 +1,72 @@
+"""``bench round-overhead``, short: one real federation per engine, the same run-config.
+
+The deployment one is a real ``flower-superlink`` and two ``flower-supernode`` processes (each
+with its node worker) on loopback, the simulation one Flower's simulation engine. The overhead
+figures themselves are a benchmark (README, docs/results.md), not asserted here; what is
+asserted is that every round reports them and where the time went, and that both engines
+train the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY_RUN
+
+from feddm_flower.ablate import toml_value
+from feddm_flower.round_overhead import markdown
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.deployment
+@pytest.mark.skipif(
+    not all((BIN / t).exists() for t in ("flwr", "flower-superlink", "flower-supernode")),
+    reason="Flower's deployment CLIs are not installed in this environment",
+)
+def test_round_overhead_on_both_engines(tmp_path: Path) -> None:
+    config = " ".join(f"{k}={toml_value(v)}" for k, v in TINY_RUN.items())
+    cmd = [
+        sys.executable,
+        "-m",
+        "feddm_flower.bench",
+        "round-overhead",
+        "--engine",
+        "deployment",
+        "--engine",
+        "simulation",
+        "--out",
+        str(tmp_path),
+        "--run-config",
+        config,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    engines = report["engines"]
+    assert sorted(engines) == ["deployment", "simulation"]
+    losses = {}
+    for engine, result in engines.items():
+        rows = result["rounds"]
+        assert [r["round"] for r in rows] == [1, 2]
+        for r in rows:
+            assert 0 <= r["overhead_share"] < 1
+            assert r["train_seconds"] < r["round_seconds"]
+            for phase in ("startup", "data", "model", "train", "encode", "total"):
+                assert r[f"train_{phase}"] >= 0
+            assert r["train_total"] >= r["train_train"]
+            assert r["evaluate_eval"] > 0
+        # Only the deployment's nodes hand their messages to a worker.
+        assert ("train_handoff" in rows[-1]) == (engine == "deployment")
+        metrics = (Path(result["output_dir"]) / "metrics.jsonl").read_text().splitlines()
+        losses[engine] = [json.loads(line)["train-loss"] for line in metrics]
+    assert losses["deployment"] == losses["simulation"]  # the same seeded training, anywhere
+    assert report["deployment_vs_simulation"] > 0
+    assert isinstance(report["deployment_overhead_ok"], bool)
+    table = markdown(report)
+    assert "### deployment" in table and "### simulation" in table
+    assert "deployment round / simulation round" in table
