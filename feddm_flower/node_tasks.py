@@ -24,7 +24,15 @@ from .diffusion import denoising_loss, train_local
 from .downlink import OutOfSync
 from .latents import DEFAULT_LATENT_CACHE, cached_encode, model_space
 from .models import build_scheduler, build_unet, compile_unet, resolve_device
-from .records import CODEC_BITS, clipped_update, encode_uplink, received_model, uplink_key
+from .records import (
+    CODEC_BITS,
+    clipped_update,
+    encode_uplink,
+    from_record,
+    received_model,
+    to_record,
+    uplink_key,
+)
 from .timings import Stopwatch
 
 RESIDUAL_KEY = "quant-residual"  # error-feedback residual in the node's context.state
@@ -68,7 +76,7 @@ def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict
     }
     feedback = bool(config.get("error-feedback", False))
     if feedback and RESIDUAL_KEY in context.state:
-        residual = context.state[RESIDUAL_KEY].to_torch_state_dict()
+        residual = from_record(context.state[RESIDUAL_KEY])
         local = {k: v + residual[k] for k, v in local.items()}
     record, sent = encode_uplink(
         local,
@@ -82,7 +90,7 @@ def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict
     )
     if feedback:  # what the server did not get of this (clipped) update goes into the next
         update = clipped_update(local, received, clip_norm)
-        context.state[RESIDUAL_KEY] = ArrayRecord({k: v - sent[k] for k, v in update.items()})
+        context.state[RESIDUAL_KEY] = to_record({k: v - sent[k] for k, v in update.items()})
     clock.mark("encode")
     metrics = {
         "num-examples": len(train_inputs),
@@ -188,13 +196,13 @@ def _node_model(
     place = (cfg.device, cfg.channels_last, cfg.compile)
     node = _model(cfg.model_preset, size, channels, vae is not None, cfg.seed, place)
     copy = context.state.get(MODEL_KEY)
-    held = copy.to_torch_state_dict() if isinstance(copy, ArrayRecord) else node.initial
+    held = from_record(copy) if isinstance(copy, ArrayRecord) else node.initial
     try:
         weights = received_model(content, held)
     except OutOfSync:
         context.state.pop(MODEL_KEY, None)
         raise
-    context.state[MODEL_KEY] = ArrayRecord(weights)
+    context.state[MODEL_KEY] = to_record(weights)
     node.unet.load_state_dict(weights)
     return node, weights
 

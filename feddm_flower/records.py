@@ -15,6 +15,9 @@ privacy the update is clipped before either (:func:`clipped_update`).
 
 from __future__ import annotations
 
+import json
+import math
+
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
@@ -29,6 +32,15 @@ CHANGE_KEY = "model-change"
 # (Flower's own codes are 0-8); the server then resends the full model.
 OUT_OF_SYNC = 409
 _FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# A model as a packed ArrayRecord (to_record): its layout and one flat Array per dtype.
+LAYOUT_KEY = "layout"
+LAYOUT_STYPE = "feddm.layout"
+DATA_PREFIX = "data."
+MAX_LAYOUT_BYTES = 16 << 20
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float32, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool)
+}
 
 
 def message_bytes(content: RecordDict) -> int:
@@ -43,9 +55,75 @@ def array_bytes(content: RecordDict) -> int:
 
 
 def to_record(state: State, dtype: str = "fp32") -> ArrayRecord:
-    """A state dict as an ArrayRecord, float tensors cast to ``dtype`` ('fp32' or 'fp16')."""
+    """A state dict as a packed ArrayRecord (float tensors cast to ``dtype``, 'fp32' or
+    'fp16'): its ``layout`` (a JSON list of [name, dtype, shape], as raw bytes) and one flat
+    Array ``data.<dtype>`` per dtype, the tensors concatenated in layout order.
+
+    Flower's transport moves every Array as separate objects, several requests each between
+    ClientApp, SuperNode, SuperLink and ServerApp, and an object pulled before it has arrived
+    is retried only after a back-off of a second or more. A model of hundreds of tensors
+    therefore took tens of seconds per reply where the same bytes as one Array took a few
+    (docs/results.md, "Paper scale on one GPU"): hence a few large Arrays. Undone by
+    :func:`from_record`.
+    """
     cast = _FLOAT_DTYPES[dtype]
-    return ArrayRecord({k: (v.to(cast) if v.is_floating_point() else v) for k, v in state.items()})
+    tensors = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in state.items()}
+    layout = [[k, _dtype_name(v.dtype), list(v.shape)] for k, v in tensors.items()]
+    groups: dict[str, list[torch.Tensor]] = {}
+    for (_, name, _), v in zip(layout, tensors.values(), strict=True):
+        groups.setdefault(name, []).append(v.detach().reshape(-1).cpu())
+    text = json.dumps(layout, separators=(",", ":")).encode()
+    record = {LAYOUT_KEY: Array(dtype="uint8", shape=(len(text),), stype=LAYOUT_STYPE, data=text)}
+    for name, parts in groups.items():
+        record[DATA_PREFIX + name] = Array(torch.cat(parts).numpy())
+    return ArrayRecord(record)
+
+
+def from_record(record: object) -> State:
+    """The state dict of a :func:`to_record` record; ``ValueError`` with the reason if it is
+    not one: keys, layout, dtypes and lengths must agree exactly, checked before the data are
+    read (a layout cannot make the reader allocate more than the data Arrays hold)."""
+    if not isinstance(record, ArrayRecord) or LAYOUT_KEY not in record:
+        raise ValueError(f"expected a packed ArrayRecord with a {LAYOUT_KEY!r} Array")
+    array = record[LAYOUT_KEY]
+    if array.stype != LAYOUT_STYPE or len(array.data) > MAX_LAYOUT_BYTES:
+        raise ValueError(f"layout: stype {array.stype!r} or over {MAX_LAYOUT_BYTES} bytes")
+    try:
+        layout = json.loads(bytes(array.data))
+        entries = [(str(k), _DTYPES[d], tuple(int(n) for n in shape)) for k, d, shape in layout]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"layout does not parse: {exc}") from exc
+    if len({k for k, _, _ in entries}) != len(entries):
+        raise ValueError("layout names a tensor twice")
+    sizes: dict[torch.dtype, int] = {}
+    for _, dtype, shape in entries:
+        if any(n < 0 for n in shape) or len(shape) > 64:
+            raise ValueError(f"layout shape {shape} is invalid")
+        sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
+    keys = {LAYOUT_KEY} | {DATA_PREFIX + _dtype_name(d) for d in sizes}
+    if set(record.keys()) != keys:
+        raise ValueError(f"arrays {sorted(record.keys())}, expected {sorted(keys)}")
+    flat = {}
+    for dtype, size in sizes.items():
+        data = record[DATA_PREFIX + _dtype_name(dtype)]
+        if data.stype != "numpy.ndarray" or list(data.shape) != [size]:
+            raise ValueError(f"{_dtype_name(dtype)} data: shape {data.shape}, expected [{size}]")
+        values = torch.from_numpy(data.numpy())
+        if values.dtype != dtype or values.shape != (size,):
+            raise ValueError(f"data: {values.dtype} {tuple(values.shape)}, expected {dtype}")
+        flat[dtype] = iter(values.split([math.prod(s) for _, d, s in entries if d == dtype]))
+    return {name: next(flat[dtype]).reshape(shape) for name, dtype, shape in entries}
+
+
+def fedavg_record_bytes(state: State) -> int:
+    """Bytes of ``state`` as the fp32 ArrayRecord of one Array per tensor that Flower's
+    FedAvg sends: the baseline of the traffic ledger."""
+    fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    return ArrayRecord(fp32).count_bytes()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def payload_record(payload: bytes) -> ArrayRecord:
@@ -101,8 +179,11 @@ def received_model(content: RecordDict, held: State) -> State:
     config = content["config"]
     target = str(config.get("model-digest", ""))
     if "arrays" in content:
-        weights = {k: v.float() if v.is_floating_point() else v
-                   for k, v in content["arrays"].to_torch_state_dict().items()}  # fmt: skip
+        try:
+            weights = {k: v.float() if v.is_floating_point() else v
+                       for k, v in from_record(content["arrays"]).items()}  # fmt: skip
+        except ValueError as exc:
+            raise OutOfSync(f"full model: {exc}") from exc
     else:
         base, have = str(config.get("model-base", "")), digest(held)
         if have != base:
@@ -188,7 +269,7 @@ def decode_uplink(record: object, uplink: str, base: State) -> State:
     if not isinstance(record, ArrayRecord):
         raise InvalidReply("no ArrayRecord 'arrays'")
     try:
-        weights = record.to_torch_state_dict()
+        weights = from_record(record)
     except Exception as exc:  # any undecodable Array is the client's fault
         raise InvalidReply(f"arrays do not decode: {exc}") from exc
     cast = _FLOAT_DTYPES[uplink]

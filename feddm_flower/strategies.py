@@ -77,6 +77,7 @@ from .records import (
     array_bytes,
     decode_uplink,
     downlink_content,
+    fedavg_record_bytes,
     message_bytes,
     to_record,
     uplink_key,
@@ -682,7 +683,7 @@ class FedDMStrategy(Strategy):
 
     def _fp32_model_bytes(self) -> int:
         """Bytes of the global model as an fp32 ArrayRecord: what FedAvg would carry."""
-        return to_record(self.global_state, "fp32").count_bytes()
+        return fedavg_record_bytes(self.global_state)
 
     def _count_down(self, server_round: int, messages: list[Message]) -> None:
         fp32_model = self._fp32_model_bytes()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -15,7 +15,7 @@ from feddm_flower.codecs import decode_update
 from feddm_flower.downlink import digest
 from feddm_flower.models import build_unet
 from feddm_flower.node_tasks import RESIDUAL_KEY
-from feddm_flower.records import encode_uplink, payload_from
+from feddm_flower.records import encode_uplink, from_record, payload_from, to_record
 
 
 def test_encoded_update_is_what_the_server_decodes() -> None:
@@ -33,9 +33,11 @@ def test_encoded_update_is_what_the_server_decodes() -> None:
 def test_fp_uplinks_send_weights_in_their_dtype() -> None:
     local = {"w": torch.randn(3, 2), "n": torch.tensor([3])}
     record, sent = encode_uplink(local, {}, "fp16")
-    state = record.to_torch_state_dict()
+    state = from_record(record)
     assert state["w"].dtype == torch.float16 and state["n"].dtype == torch.int64
     assert sent == {}
+    # Packed: the layout and one Array per dtype, whatever the number of tensors.
+    assert sorted(record.keys()) == ["data.float16", "data.int64", "layout"]
 
 
 @pytest.fixture
@@ -63,7 +65,7 @@ def _train_message(
         config[KEY_CLIPPING_NORM] = clip
     weights = build_unet("tiny", 28, 1, seed=0).state_dict()
     config["model-digest"] = digest(weights)
-    arrays = ArrayRecord(weights)
+    arrays = to_record(weights)
     meta = Metadata(
         run_id=1,
         message_id=f"m{server_round}",
@@ -83,12 +85,12 @@ def test_error_feedback_residual_is_what_the_payload_left_out(fashion_context) -
     part of (update + last residual) that the int4 payload did not carry."""
     context = fashion_context
     reply = train(_train_message(True, 1), context)
-    residual = context.state[RESIDUAL_KEY].to_torch_state_dict()
+    residual = from_record(context.state[RESIDUAL_KEY])
     sent = decode_update(payload_from(reply.content["update"]))
     # The same round in fp32 trains to the same local weights (the noise is seeded per round).
     local = train(_train_message(False, 1, "fp32"), context).content["arrays"]
-    received = _train_message(False, 1).content["arrays"].to_torch_state_dict()
-    for name, weights in local.to_torch_state_dict().items():
+    received = from_record(_train_message(False, 1).content["arrays"])
+    for name, weights in from_record(local).items():
         update = weights - received[name]
         torch.testing.assert_close(sent[name] + residual[name], update, rtol=0, atol=1e-6)
     assert max(v.abs().max() for v in residual.values()) > 0
@@ -103,8 +105,8 @@ def test_under_dp_the_client_sends_its_update_clipped(fashion_context) -> None:
     """fp32: received + the update clipped to the config's clipping_norm."""
     clip = 1e-3
     reply = train(_train_message(False, 1, "fp32", clip=clip), fashion_context)
-    sent = reply.content["arrays"].to_torch_state_dict()
-    received = _train_message(False, 1).content["arrays"].to_torch_state_dict()
+    sent = from_record(reply.content["arrays"])
+    received = from_record(_train_message(False, 1).content["arrays"])
     norm = update_norm({k: sent[k] - received[k] for k in sent})
     assert 0.5 * clip < norm <= clip * (1 + 1e-4)  # fp32 rounding of received + update
 
@@ -126,7 +128,7 @@ def test_under_dp_int8_quantizes_the_clipped_update_and_feeds_back_the_rest(
     [update] = seen
     assert update_norm(update) <= clip
     sent = decode_update(payload_from(reply.content["update"]))
-    residual = fashion_context.state[RESIDUAL_KEY].to_torch_state_dict()
+    residual = from_record(fashion_context.state[RESIDUAL_KEY])
     for name, value in update.items():
         torch.testing.assert_close(sent[name] + residual[name], value, rtol=0, atol=1e-9)
 

@@ -212,7 +212,7 @@ class SyncGrid(Grid):
                 {"num-examples": 10, "eval-loss": 0.1})}))  # fmt: skip
         local = _moved(weights, 1000 * rnd + node)
         local["steps"] = weights["steps"]
-        return self._reply(msg, RecordDict({"arrays": ArrayRecord(local),
+        return self._reply(msg, RecordDict({"arrays": to_record(local),
                                             "metrics": MetricRecord(metrics)}))  # fmt: skip
 
     @staticmethod

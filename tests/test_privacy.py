@@ -30,7 +30,13 @@ from feddm_flower import records
 from feddm_flower.aggregation import update_norm
 from feddm_flower.codecs import encode_update
 from feddm_flower.config import ConfigError, RunConfig
-from feddm_flower.records import clipped_update, encode_uplink, payload_record
+from feddm_flower.records import (
+    clipped_update,
+    encode_uplink,
+    from_record,
+    payload_record,
+    to_record,
+)
 from feddm_flower.server_app import build_strategy
 from feddm_flower.strategies import DP_POPULATION, FedDMStrategy
 
@@ -107,12 +113,12 @@ def test_fp_uplinks_send_received_plus_the_clipped_update() -> None:
     received = _state(0, [(30, 30)], 1.0)
     local = {"t0": received["t0"] + 5.0, "steps": received["steps"]}
     record, _ = encode_uplink(local, received, "fp32", clip_norm=0.5)
-    sent = record.to_torch_state_dict()
+    sent = from_record(record)
     assert update_norm({"t0": sent["t0"] - received["t0"]}) <= 0.5 * (1 + 1e-5)
     assert torch.equal(sent["steps"], local["steps"])
     # Without a clip nothing changes.
     record, _ = encode_uplink(local, received, "fp32")
-    assert torch.equal(record.to_torch_state_dict()["t0"], local["t0"])
+    assert torch.equal(from_record(record)["t0"], local["t0"])
 
 
 # ------------------------------------------------------------------------ server side
@@ -135,7 +141,7 @@ def _metrics(n: float) -> MetricRecord:
 
 def _weights_reply(node: int, update: dict[str, torch.Tensor], n: float = 10) -> Message:
     weights = {k: GLOBAL[k] + update[k] if k in update else GLOBAL[k] for k in GLOBAL}
-    return _reply(node, RecordDict({"arrays": ArrayRecord(weights), "metrics": _metrics(n)}))
+    return _reply(node, RecordDict({"arrays": to_record(weights), "metrics": _metrics(n)}))
 
 
 def _update_reply(node: int, update: dict[str, torch.Tensor], n: float = 10) -> Message:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from feddm_flower.aggregation import BoundedStream, Contribution, InfluenceBound, RunningMean
 from feddm_flower.codecs import decode_update, encode_update
 from feddm_flower.config import RunConfig
-from feddm_flower.records import payload_record
+from feddm_flower.records import payload_record, to_record
 from feddm_flower.server_app import build_strategy
 from feddm_flower.strategies import FedDMProx, FedDMQuant, FedDMStrategy, FedDMVanilla
 
@@ -63,7 +63,7 @@ def _metrics(n: float, **extra: float) -> MetricRecord:
 
 
 def _weights_reply(node: int, state: dict[str, torch.Tensor], n: float = 10) -> Message:
-    return _reply(node, RecordDict({"arrays": ArrayRecord(state), "metrics": _metrics(n)}))
+    return _reply(node, RecordDict({"arrays": to_record(state), "metrics": _metrics(n)}))
 
 
 def _random_state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -126,7 +126,7 @@ def _bad_replies() -> dict[str, Message]:
     fp16 = {**good, "w": good["w"].half()}
     raw = ArrayRecord({"w": Array(dtype="x", shape=(1,), stype="?", data=b"z")})
     two_metrics = RecordDict(
-        {"extra": MetricRecord({"x": 1.0}), "arrays": ArrayRecord(good), "metrics": _metrics(5)}
+        {"extra": MetricRecord({"x": 1.0}), "arrays": to_record(good), "metrics": _metrics(5)}
     )
     return {
         "missing": _weights_reply(11, missing),
@@ -135,18 +135,20 @@ def _bad_replies() -> dict[str, Message]:
         "nan": _weights_reply(14, nan),
         "inf": _weights_reply(15, inf),
         "zero-examples": _weights_reply(16, good, n=0),
-        "no-metrics": _reply(17, RecordDict({"arrays": ArrayRecord(good)})),
+        "no-metrics": _reply(17, RecordDict({"arrays": to_record(good)})),
         "no-arrays": _reply(18, RecordDict({"metrics": _metrics(5)})),
         "undecodable": _reply(19, RecordDict({"arrays": raw, "metrics": _metrics(5)})),
         "client-error": _reply(20, Error(code=1, reason="out of memory")),
         "int64-weights": _weights_reply(21, int64, n=10_000),
-        "fp16-in-fp32-uplink": _weights_reply(22, fp16),
+        "fp16-in-fp32-uplink": _reply(
+            22, RecordDict({"arrays": to_record(fp16, "fp16"), "metrics": _metrics(10)})
+        ),
         "huge-examples": _weights_reply(23, good, n=1.7e308),
         "nan-examples": _weights_reply(24, good, n=float("nan")),
         "nan-loss": _reply(
             25,
             RecordDict(
-                {"arrays": ArrayRecord(good), "metrics": _metrics(5, **{"train-loss": math.nan})}
+                {"arrays": to_record(good), "metrics": _metrics(5, **{"train-loss": math.nan})}
             ),
         ),
         "second-metric-record-first": _reply(26, two_metrics),
@@ -244,7 +246,7 @@ def test_quant_rejects_bad_payloads_and_keeps_the_good_one() -> None:
         _reply(node, RecordDict({"update": payload_record(p), "metrics": _metrics(5)}))
         for node, p in bad.items()
     ]
-    replies.append(_reply(36, RecordDict({"arrays": ArrayRecord(update), "metrics": _metrics(5)})))
+    replies.append(_reply(36, RecordDict({"arrays": to_record(update), "metrics": _metrics(5)})))
     replies.append(_update_reply(1, update, 5, **codec))
     strategy = _strategy(FedDMQuant, **codec)
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -383,7 +385,7 @@ def test_the_clients_phase_times_are_averaged_and_hostile_ones_ignored() -> None
         _metrics(10, **{"time-train": 1e300}),
     ]
     replies = [
-        _reply(i, RecordDict({"arrays": ArrayRecord(_random_state(i)), "metrics": m}))
+        _reply(i, RecordDict({"arrays": to_record(_random_state(i)), "metrics": m}))
         for i, m in enumerate(timed)
     ]
     strategy = _strategy(bound=OFF)

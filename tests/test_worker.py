@@ -14,14 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from test_client_app import _train_message
 
 from feddm_flower.client_app import evaluate, train
 from feddm_flower.downlink import digest
 from feddm_flower.models import build_unet
 from feddm_flower.node_tasks import MODEL_KEY
-from feddm_flower.records import OUT_OF_SYNC
+from feddm_flower.records import OUT_OF_SYNC, from_record, to_record
 from feddm_flower.worker import WorkerUnavailable, request
 
 
@@ -54,7 +54,7 @@ def test_the_worker_computes_what_the_clientapp_would(worker: str) -> None:
     """The same reply, bit for bit, the node's copy kept in its state, timings from both."""
     message = _train_message(False, 1, "int8")
     other = build_unet("tiny", 28, 1, seed=1).state_dict()  # not what a node starts from
-    message.content["arrays"] = ArrayRecord(other)
+    message.content["arrays"] = to_record(other)
     message.content["config"]["model-digest"] = digest(other)
     here, there = _context(), _context(worker)
     local = train(message, here)
@@ -65,7 +65,7 @@ def test_the_worker_computes_what_the_clientapp_would(worker: str) -> None:
     # The node's copy stays in the worker, not in the state Flower moves around: a message
     # that only names the model the node holds is served from it.
     assert MODEL_KEY in here.state and MODEL_KEY not in there.state
-    held = here.state[MODEL_KEY].to_torch_state_dict()
+    held = from_record(here.state[MODEL_KEY])
     current = _train_message(False, 2, "fp32")
     config = current.content["config"]
     config["model-base"] = config["model-digest"] = digest(held)

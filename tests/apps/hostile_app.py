@@ -13,7 +13,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from feddm_flower import client_app, node_tasks
 from feddm_flower.codecs import decode_update
-from feddm_flower.records import CODEC_BITS, encode_uplink, payload_from, uplink_key
+from feddm_flower.records import CODEC_BITS, encode_uplink, from_record, payload_from, uplink_key
 
 UPDATE_SCALE = 1e6
 EXAMPLES_SCALE = 1e9
@@ -27,11 +27,11 @@ def hostile(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
     uplink = str(config["uplink"])
     key = uplink_key(uplink)
     # What the node trained from: its copy of the global model, as the real train() kept it.
-    received = context.state[node_tasks.MODEL_KEY].to_torch_state_dict()
+    received = from_record(context.state[node_tasks.MODEL_KEY])
     if uplink in CODEC_BITS:
         update = decode_update(payload_from(reply.content[key]))
     else:
-        local = reply.content[key].to_torch_state_dict()
+        local = from_record(reply.content[key])
         update = {k: v.float() - received[k] for k, v in local.items()}
     scaled = {k: received[k] + UPDATE_SCALE * update[k] for k in received}
     block_size = int(config.get("quant-block-size", 256))
