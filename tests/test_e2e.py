@@ -82,7 +82,9 @@ def test_each_strategy_runs_through_the_same_server_app(flwr_run, tmp_path: Path
         [rows[name]] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert DDPMPipeline.from_pretrained(out / "pipeline").unet.config.sample_size == 28
     assert rows["prox"]["strategy"] == "prox"
-    assert rows["prox"]["compression-up"] == 1.0 and "rejected" not in rows["prox"]
+    # fp32 weights, packed into one Array per dtype: the bytes of Flower's per-tensor record,
+    # less its per-Array metadata (1.5% for the tiny U-Net's 152 tensors).
+    assert 1.0 < rows["prox"]["compression-up"] < 1.03 and "rejected" not in rows["prox"]
     # Uplink payloads are int8 / packed int4 plus block scales: about 4x and 8x below fp32
     # (a little more, as one payload saves Flower's per-tensor record overhead).
     assert 3.8 < rows["quant8"]["compression-up"] < 4.3
