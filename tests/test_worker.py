@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 from test_client_app import _train_message
 
@@ -40,9 +41,19 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.wait()
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Iterator[None]:
+    """The nodes below run torch on one thread (node-config num-threads), here and in the
+    worker: CPU results depend on the thread count, and other tests change this process's."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _context(worker: str = "") -> Context:
-    """Node 0 of 2 on real FashionMNIST, one local step of batch 8 (as test_client_app's)."""
-    node_config: dict[str, object] = {"partition-id": 0, "num-partitions": 2}
+    """Node 0 of 2 on real FashionMNIST, one local step of batch 8 (as test_client_app's),
+    on one CPU thread."""
+    node_config: dict[str, object] = {"partition-id": 0, "num-partitions": 2, "num-threads": 1}
     if worker:
         node_config["worker"] = worker
     run_config = {"local-steps": 1, "batch-size": 8, "eval-max-examples": 8}
