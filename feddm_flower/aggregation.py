@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -90,32 +93,53 @@ class Contribution:
     update: State
     norm: float
     metrics: dict[str, float]
+    spilled: Path | None = None  # where a held update waits on disk (its ``update`` empty)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The median weight and the median update norm over every accepted reply of a round.
+
+    A median of a set does not depend on the order its members arrived in, and while honest
+    replies are a majority of the set it lies between two honest values, whatever the others
+    claim (docs/theory.md, "Bounded influence").
+    """
+
+    weight: float
+    norm: float
+
+    @classmethod
+    def of(cls, weights: list[float], norms: list[float]) -> Reference | None:
+        if not weights:
+            return None
+        return cls(statistics.median(weights), statistics.median(norms))
 
 
 @dataclass(frozen=True)
 class InfluenceBound:
-    """Bounded influence of one reply, relative to the round's reference replies.
+    """Bounded influence of one reply, relative to a :class:`Reference`.
 
-    The reference is the median weight and the median update norm of the first
-    ``reference_size`` accepted replies of the round (0: all of them, for aggregations that
-    hold every reply anyway). A contribution's weight is capped at ``weight_bound`` x the median
-    weight and its update is scaled down to at most ``norm_bound`` x the median norm; 0 turns
-    a bound off. As long as most reference replies are honest, a weighted mean of bounded
+    A contribution's weight is capped at ``weight_bound`` x the reference's weight and its
+    update is scaled down to at most ``norm_bound`` x the reference's norm; 0 turns a bound
+    off. As long as most replies of the reference round are honest, a weighted mean of bounded
     updates is itself no longer than ``norm_bound`` x a typical honest update, whatever the
-    other replies claim.
+    other replies claim and in whatever order they arrive.
     """
 
     norm_bound: float = 1.0
     weight_bound: float = 2.0
-    reference_size: int = 3
 
-    def limits(self, reference: list[Contribution]) -> tuple[float, float]:
-        """(largest weight, largest update norm) for this round; ``inf`` where a bound is off."""
-        weight = statistics.median(c.weight for c in reference)
-        norm = statistics.median(c.norm for c in reference)
+    @property
+    def off(self) -> bool:
+        return not self.norm_bound and not self.weight_bound
+
+    def limits(self, reference: Reference | None) -> tuple[float, float]:
+        """(largest weight, largest update norm); ``inf`` where a bound is off."""
+        if self.off or reference is None:
+            return math.inf, math.inf
         return (
-            self.weight_bound * weight if self.weight_bound else math.inf,
-            self.norm_bound * norm if self.norm_bound else math.inf,
+            self.weight_bound * reference.weight if self.weight_bound else math.inf,
+            self.norm_bound * reference.norm if self.norm_bound else math.inf,
         )
 
     @staticmethod
@@ -132,28 +156,53 @@ class InfluenceBound:
 
 
 class BoundedStream:
-    """Contributions in, bounded contributions out: the first ``reference_size`` are held
-    until they set the round's limits, every later one passes straight through."""
+    """Contributions in, bounded contributions out; the limits never depend on arrival order.
 
-    def __init__(self, bound: InfluenceBound) -> None:
-        self.bound = bound
-        self.pending: list[Contribution] = []
-        self.limits: tuple[float, float] | None = None
+    Given a reference (the previous round's medians over all of its accepted replies) every
+    contribution is bounded and passed on as it arrives. Without one (a run's first round, or
+    a rule that holds every reply anyway) the round's replies are held until it ends and then
+    bounded by the medians of all of them; ``spill`` holds them on disk, one file each, so the
+    server's memory stays one update however many reply. Hand-written: no maintained library
+    bounds a streamed aggregation over state dicts.
+    """
+
+    def __init__(
+        self, bound: InfluenceBound, reference: Reference | None, spill: Path | None = None
+    ) -> None:
+        self.bound, self.spill = bound, spill
+        self.limits = None if reference is None and not bound.off else bound.limits(reference)
+        self.pending: deque[Contribution] = deque()
+        self.weights: list[float] = []
+        self.norms: list[float] = []
 
     def push(self, c: Contribution) -> list[Contribution]:
-        """The contributions ready to aggregate now (bounded), possibly none yet."""
+        """The contributions ready to aggregate now (bounded): ``c``, or none while held."""
+        self.weights.append(c.weight)
+        self.norms.append(c.norm)
         if self.limits is not None:
             return [self.bound.apply(c, *self.limits)]
+        if self.spill is not None:
+            path = self.spill / f"{len(self.pending)}.pt"
+            torch.save(c.update, path)
+            c = Contribution(c.weight, {}, c.norm, c.metrics, path)
         self.pending.append(c)
-        return self.flush() if len(self.pending) == self.bound.reference_size else []
+        return []
 
-    def flush(self) -> list[Contribution]:
-        """The held contributions, bounded by the limits they set (at the end of a round)."""
-        if self.pending and self.limits is None:
-            self.limits = self.bound.limits(self.pending)
-        ready = [self.bound.apply(c, *self.limits) for c in self.pending]
-        self.pending = []
-        return ready
+    def flush(self) -> Iterator[Contribution]:
+        """The held contributions, one at a time, bounded by the medians of the whole round."""
+        if self.limits is None:
+            self.limits = self.bound.limits(self.reference())
+        while self.pending:
+            c = self.pending.popleft()
+            if c.spilled is not None:
+                c.update = torch.load(c.spilled, weights_only=True)
+                c.spilled.unlink()
+                c.spilled = None
+            yield self.bound.apply(c, *self.limits)
+
+    def reference(self) -> Reference | None:
+        """The medians over every contribution pushed so far (raw, before the bounds)."""
+        return Reference.of(self.weights, self.norms)
 
 
 class RunningMean:
@@ -204,3 +253,30 @@ class Spread:
         std = math.sqrt(self._m2 / self.count)
         return {f"{name}-mean": self.mean, f"{name}-std": std,
                 f"{name}-min": self.low, f"{name}-max": self.high}  # fmt: skip
+
+
+class LossCheck:
+    """The last check of every new global model: its loss on the server's fixed data.
+
+    A candidate whose loss is not finite, or above ``max_ratio`` x the current model's, is
+    refused (reasons as text). ``current`` is the loss of the model the server holds; it
+    follows every accepted candidate, so the server's report can reuse it. Ours: a rule
+    over our own global-loss, which no library defines.
+    """
+
+    def __init__(self, loss: Callable[[State], float], max_ratio: float) -> None:
+        self.loss, self.max_ratio = loss, max_ratio
+        self.current: float | None = None
+
+    def refusal(self, candidate: State, current: State) -> str | None:
+        """Why ``candidate`` must not replace ``current``, or None (then it is current)."""
+        if self.current is None:
+            self.current = self.loss(current)
+        loss = self.loss(candidate)
+        if not math.isfinite(loss):
+            return f"global-loss {loss} is not finite"
+        if loss > self.max_ratio * self.current:
+            return (f"global-loss {loss:.4g} is more than {self.max_ratio:g}x the current "
+                    f"model's {self.current:.4g} (max-loss-ratio)")  # fmt: skip
+        self.current = loss
+        return None

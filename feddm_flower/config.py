@@ -145,8 +145,13 @@ class RunConfig:
     server_tau: float = _key(1e-3, _positive, "adaptivity tau of fedadam/fedyogi/fedadagrad")
     aggregation: str = _key("mean", _one_of(*AGGREGATIONS), "how accepted replies combine")
     trim_fraction: float = _key(0.25, _below_half, "trimmed-mean: share cut at each end")
-    norm_bound: float = _key(1.0, _at_least(0.0), "update norm cap, x round median; 0 = off")
-    weight_bound: float = _key(2.0, _at_least(0.0), "num-examples cap, x round median; 0 = off")
+    norm_bound: float = _key(1.0, _at_least(0.0), "update norm cap, x reference median; 0 = off")
+    weight_bound: float = _key(2.0, _at_least(0.0), "num-examples cap, x reference median; 0 = off")
+    max_loss_ratio: float = _key(
+        1.5,
+        lambda v: None if v == 0 or v >= 1 else ">= 1, or 0 = off",
+        "refuse a new global model whose global-loss is not finite or above this x the current",
+    )
     dp_clip_norm: float = _key(0.0, _at_least(0.0), "DP: L2 clip of each client update; 0 = off")
     dp_noise_multiplier: float = _key(
         0.0, _at_least(0.0), "DP: Gaussian noise std over the clip, on the sum; 0 = off"

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import (
 )
 
 from . import configure_logging
-from .aggregation import InfluenceBound
+from .aggregation import InfluenceBound, LossCheck
 from .artifacts import RunDirectory
 from .config import RunConfig
 from .data import IMAGE_SHAPES
@@ -76,6 +76,11 @@ def main(grid: Grid, context: Context) -> None:
     initial_arrays = ArrayRecord(unet.state_dict())  # before the reporter moves it to a GPU
     ema = run.load_ema() if state is not None else None
     reporter = RoundReporter(cfg, run, strategy, unet, vae, ema)
+    if cfg.max_loss_ratio and reporter.eval_inputs is not None:
+        strategy.loss_check = LossCheck(reporter.loss_of, cfg.max_loss_ratio)
+    elif cfg.max_loss_ratio:
+        log.warning("max-loss-ratio=%g needs server-eval-examples > 0: new global models are "
+                    "checked for finite weights only", cfg.max_loss_ratio)  # fmt: skip
     result = strategy.start(
         grid=grid,
         initial_arrays=initial_arrays,
@@ -289,12 +294,25 @@ class RoundReporter:
         )
         return MetricRecord(losses) if losses else None
 
+    def loss_of(self, state: dict[str, torch.Tensor]) -> float:
+        """``global-loss`` of the weights ``state`` (the strategy's last check)."""
+        self.unet.load_state_dict(state)
+        return global_loss(self.unet, self.eval_inputs, self.cfg.seed)
+
     def _global_losses(self, ema: bool) -> dict[str, float]:
         """``global-loss`` of the global model and, if kept and asked for, ``global-loss-ema``
-        of its EMA, on the fixed test subset (none with ``server-eval-examples=0``)."""
+        of its EMA, on the fixed test subset (none with ``server-eval-examples=0``). The last
+        check already measured the model it let through: that figure is reused."""
         if self.eval_inputs is None:
             return {}
-        losses = {"global-loss": global_loss(self.unet, self.eval_inputs, self.cfg.seed)}
+        check = self.strategy.loss_check
+        if check is None or check.current is None:
+            loss = global_loss(self.unet, self.eval_inputs, self.cfg.seed)
+            if check is not None:
+                check.current = loss
+        else:
+            loss = check.current
+        losses = {"global-loss": loss}
         if ema and self.ema is not None:
             losses["global-loss-ema"] = global_loss(self.ema, self.eval_inputs, self.cfg.seed)
         return losses

@@ -16,19 +16,23 @@ One training round::
                       (proximal-mu, uplink, DP: the wrapper's clipping_norm)
     _replies          push, then pull one reply at a time as it arrives (no round-sized list);
                       a node out of sync is resent the full model
-    aggregate_train   guard each reply -> fp32 update -> bounded influence (DP: the clip) ->
-                      mean: folded into a running sum and dropped | robust rule: held
+    aggregate_train   guard each reply -> fp32 update -> bounded influence against the
+                      previous round's medians (DP: the clip) -> mean: folded into a running
+                      sum and dropped | first round: held on disk | robust rule: held
                       -> aggregation rule (DP: Flower's wrapper noises the sum, / n)
-                      -> server optimizer -> finite check -> new global
+                      -> server optimizer -> last check (finite, global-loss) -> new global
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 from flwr.app import (
@@ -64,6 +68,8 @@ from .aggregation import (
     Contribution,
     InfluenceBound,
     InvalidReply,
+    LossCheck,
+    Reference,
     RunningMean,
     Spread,
     State,
@@ -89,6 +95,10 @@ EVAL_METRICS = ("eval-loss",)
 WEIGHT_KEY = "num-examples"
 # Public state attributes of Flower's server optimizers that a resumed run must restore.
 OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
+# ... and what a refused step must put back (FedAvgM steps from its own current_arrays).
+# Flower's optimizers assign these anew each step, never in place: keeping the old objects
+# is a full snapshot.
+STEP_STATE = (*OPTIMIZER_STATE, "current_arrays")
 # The population Flower's accountant is told. 'no-amplification' accounting does not use it
 # (epsilon depends on the noise multiplier and the number of releases only); it must merely
 # be at least any round's number of clients.
@@ -104,7 +114,8 @@ class FedDMStrategy(Strategy):
     tensors with the global model's names and shapes, the uplink's dtypes, finite values. A
     reply that fails is logged with its node and reason, listed under ``rejected`` in the
     round's history, and left out. Accepted updates are bounded (``bound``), combined, passed
-    through the optimizer, and the result is accepted only if it is finite.
+    through the optimizer, and the result is accepted only if it is finite and passes
+    ``loss_check``; a refused result leaves the model and the optimizer's state as they were.
 
     Parameters
     ----------
@@ -134,8 +145,14 @@ class FedDMStrategy(Strategy):
         Nodes rebuild the initial weights themselves (a fresh run's seeded initialisation), so
         they are sent only its digest; a node whose rebuild differs is resent the full model.
     bound : InfluenceBound
-        Caps on each reply's weight and update norm, relative to the round's reference.
-        Under differential privacy the fixed clip replaces it (and every weight is 1).
+        Caps on each reply's weight and update norm, relative to a reference that arrival
+        order cannot set: the medians over all accepted replies of the previous round; in a
+        run's first round (and under a rule that holds every reply) those of the round itself,
+        whose replies are held until it ends (on disk for the streamed mean). Under
+        differential privacy the fixed clip replaces it (and every weight is 1).
+    loss_check : LossCheck, optional
+        The last check of every new global model (``global-loss`` on the server's data,
+        ``max-loss-ratio``); None: only finiteness is checked. The server app sets it.
     dp_clip_norm, dp_noise_multiplier : float
         Differential privacy, both > 0 or both 0 (off); needs the streamed mean. Clients clip
         their update to L2 norm ``dp_clip_norm`` before encoding it and the server clips every
@@ -164,6 +181,7 @@ class FedDMStrategy(Strategy):
         lossless: bool = False,
         seeded_start: bool = False,
         bound: InfluenceBound | None = None,
+        loss_check: LossCheck | None = None,
         dp_clip_norm: float = 0.0,
         dp_noise_multiplier: float = 0.0,
         dp_delta: float = 1e-5,
@@ -185,8 +203,8 @@ class FedDMStrategy(Strategy):
         self.chain = ModelChain(downlink, block_size=block_size, lossless=lossless)
         self.held: dict[int, str] = {}  # node -> digest of the model it holds, as last confirmed
         self.bound = bound or InfluenceBound()
-        if aggregator is not None:  # the rule holds every reply anyway: reference = all
-            self.bound = InfluenceBound(self.bound.norm_bound, self.bound.weight_bound, 0)
+        self.reference: Reference | None = None  # medians of the last round with replies
+        self.loss_check = loss_check
         self.privacy = self._privacy(dp_clip_norm, dp_noise_multiplier, dp_delta)
         if self.privacy is not None:  # the fixed clip is the norm bound; every weight is 1
             self.bound = InfluenceBound(norm_bound=0.0, weight_bound=0.0)
@@ -242,13 +260,16 @@ class FedDMStrategy(Strategy):
             rule = "unweighted mean (streamed) + Gaussian noise"
         log(INFO, "\t├──> optimizer %s, aggregation %s", type(self.optimizer).__name__, rule)
         if self.privacy is not None:
-            log(INFO, "\t└──> DP: updates clipped to L2 norm %g (clients, then server), noise "
+            log(INFO, "\t├──> DP: updates clipped to L2 norm %g (clients, then server), noise "
                 "multiplier %g, epsilon at delta %g (Flower's RDP accountant)",
                 self.privacy.clipping_norm, self.privacy.noise_multiplier,
                 self.privacy.accountant.config.target_delta)  # fmt: skip
-            return
-        log(INFO, "\t└──> bounds: update norm %gx, num-examples %gx the round's median (0 = off)",
-            self.bound.norm_bound, self.bound.weight_bound)  # fmt: skip
+        else:
+            log(INFO, "\t├──> bounds: update norm %gx, num-examples %gx the previous round's "
+                "median (0 = off)", self.bound.norm_bound, self.bound.weight_bound)  # fmt: skip
+        check = self.loss_check
+        log(INFO, "\t└──> last check: new global model finite%s", f", global-loss at most "
+            f"{check.max_ratio:g}x the current" if check else "")  # fmt: skip
 
     # ----------------------------------------------------------------------------- rounds
 
@@ -325,8 +346,12 @@ class FedDMStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Guard, bound and combine the replies, then take the optimizer's step (under DP
         after :meth:`configure_train` of the same round, which opens it for the wrapper)."""
-        stream = BoundedStream(self.bound)
         mean = RunningMean(self.global_state) if self.aggregator is None else None
+        # A rule that holds every reply bounds them by the round's own medians; the streamed
+        # mean by the previous round's, or (first round) holds the replies on disk.
+        reference = self.reference if mean is not None else None
+        spill = tempfile.TemporaryDirectory(prefix="feddm-held-") if mean is not None else None
+        stream = BoundedStream(self.bound, reference, spill and Path(spill.name))
         held: list[Contribution] = []
         records: list[RecordDict] = []
 
@@ -356,6 +381,9 @@ class FedDMStrategy(Strategy):
             times.add(phase_times(msg.content["metrics"]))
             fold(stream.push(contribution))
         fold(stream.flush())
+        if spill is not None:
+            spill.cleanup()
+        self.reference = stream.reference() or self.reference
         # Client drift: ‖w_local − w_received‖ of the accepted replies, as decoded (before
         # the bounds; under DP clipped), across clients.
         self.history[server_round].update(drift.summary("drift"))
@@ -500,18 +528,33 @@ class FedDMStrategy(Strategy):
                 for k, g in self.global_state.items()}  # fmt: skip
 
     def _step(self, server_round: int, candidate: State) -> State | None:
-        """The optimizer's new global weights from the aggregate, if finite; else None."""
+        """The optimizer's new global weights from the aggregate if they pass the last check;
+        else None, with the optimizer's state put back as it was before the step."""
+        before = {a: getattr(self.optimizer, a) for a in STEP_STATE if hasattr(self.optimizer, a)}
         arrays, _ = self.optimizer.aggregate_train(server_round, [_as_reply(candidate, 1.0)])
-        new = {}
-        for name, value in arrays.to_torch_state_dict().items():
-            g = self.global_state[name]
-            new[name] = value.to(g.dtype)
-            if value.shape != g.shape or (g.is_floating_point() and not new[name].isfinite().all()):
-                reason = f"{name}: the new global model is not finite (or misshapen)"
-                log(WARNING, "Round %d: %s; global model unchanged", server_round, reason)
-                self.history[server_round]["aggregate-rejected"] = reason
-                return None
-        return new
+        new = {name: value.to(self.global_state[name].dtype)
+               for name, value in arrays.to_torch_state_dict().items()}  # fmt: skip
+        reason = self._refusal(new)
+        if reason is None:
+            return new
+        log(WARNING, "Round %d: new global model refused: %s; keeping the current one",
+            server_round, reason)  # fmt: skip
+        self.history[server_round]["aggregate-rejected"] = reason
+        for attr, value in before.items():
+            setattr(self.optimizer, attr, value)
+        return None
+
+    def _refusal(self, new: State) -> str | None:
+        """Why the candidate global model ``new`` must not replace the current one, if so."""
+        for name, g in self.global_state.items():
+            value = new.get(name)
+            if value is None or value.shape != g.shape:
+                return f"{name}: misshapen or missing"
+            if g.is_floating_point() and not value.isfinite().all():
+                return f"{name}: not finite"
+        if self.loss_check is not None:
+            return self.loss_check.refusal(new, self.global_state)
+        return None
 
     # ------------------------------------------------------------------ state for resume
 
@@ -522,6 +565,8 @@ class FedDMStrategy(Strategy):
             "ledger": self.ledger.to_dict(),
             "history": {str(k): v for k, v in self.history.items()},
         }
+        if self.reference is not None:
+            state["reference"] = dataclasses.asdict(self.reference)
         if self.privacy is not None:
             state["privacy"] = self.privacy.accountant.state_dict()
         return state
@@ -541,6 +586,8 @@ class FedDMStrategy(Strategy):
         self.first_round = int(state["round"]) + 1
         self.ledger = CommLedger.from_dict(state["ledger"])
         self.history.update({int(k): v for k, v in state["history"].items()})
+        if "reference" in state:
+            self.reference = Reference(**state["reference"])
         if self.privacy is not None and "privacy" in state:
             self.privacy.accountant.load_state_dict(state["privacy"])
         for attr in OPTIMIZER_STATE:

@@ -24,12 +24,25 @@ from flwr.serverapp.strategy import FedAdam
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feddm_flower.aggregation import BoundedStream, Contribution, InfluenceBound, RunningMean
+from feddm_flower.aggregation import (
+    BoundedStream,
+    Contribution,
+    InfluenceBound,
+    LossCheck,
+    Reference,
+    RunningMean,
+)
 from feddm_flower.codecs import decode_update, encode_update
 from feddm_flower.config import RunConfig
 from feddm_flower.records import payload_record, to_record
 from feddm_flower.server_app import build_strategy
-from feddm_flower.strategies import FedDMProx, FedDMQuant, FedDMStrategy, FedDMVanilla
+from feddm_flower.strategies import (
+    STEP_STATE,
+    FedDMProx,
+    FedDMQuant,
+    FedDMStrategy,
+    FedDMVanilla,
+)
 
 # What a ServerApp process has set before a strategy builds its messages.
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -455,15 +468,124 @@ def test_fedadam_state_survives_a_restart() -> None:
     assert not torch.equal(_weights(after_two)["w"], _weights(arrays)["w"])
 
 
-def test_the_first_three_replies_set_the_limits_for_the_round() -> None:
-    def contribution(norm: float, weight: float) -> Contribution:
-        update = {"w": torch.tensor([norm, 0.0])}
-        return Contribution(weight, update, norm, {})
+def _contribution(norm: float, weight: float) -> Contribution:
+    return Contribution(weight, {"w": torch.tensor([norm, 0.0])}, norm, {})
 
-    stream = BoundedStream(InfluenceBound(norm_bound=1.5, weight_bound=2.0))
-    assert stream.push(contribution(1.0, 10)) == [] and stream.push(contribution(4.0, 30)) == []
-    ready = stream.push(contribution(2.0, 20))  # medians: norm 2, weight 20
-    assert [(c.norm, c.weight) for c in ready] == [(1.0, 10), (3.0, 30), (2.0, 20)]
-    torch.testing.assert_close(ready[1].update["w"], torch.tensor([3.0, 0.0]))
-    [late] = stream.push(contribution(100.0, 1e9))  # later replies pass straight through
-    assert (late.norm, late.weight) == (3.0, 40.0) and stream.flush() == []
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_a_round_without_a_reference_holds_its_replies_and_bounds_them_by_all(
+    tmp_path, spill: bool
+) -> None:
+    """No reply is let through before the round ends; then the medians of all set the limits,
+    and next round's reference is those medians."""
+    stream = BoundedStream(InfluenceBound(1.5, 2.0), None, tmp_path if spill else None)
+    pushed = [(100.0, 1e9), (100.0, 1e9), (1.0, 10), (4.0, 30), (2.0, 20)]  # two fast liars
+    assert all(stream.push(_contribution(n, w)) == [] for n, w in pushed)
+    assert len(list(tmp_path.iterdir())) == (5 if spill else 0)
+    ready = list(stream.flush())  # medians: norm 4, weight 30 -> limits 6 and 60
+    assert [(c.norm, c.weight) for c in ready] == [(6, 60), (6, 60), (1, 10), (4, 30), (2, 20)]
+    torch.testing.assert_close(ready[0].update["w"], torch.tensor([6.0, 0.0]))
+    assert not list(tmp_path.iterdir())
+    assert stream.reference() == Reference(weight=30, norm=4)
+
+
+def test_with_a_reference_every_reply_is_bounded_as_it_arrives() -> None:
+    stream = BoundedStream(InfluenceBound(1.0, 2.0), Reference(weight=10, norm=2), None)
+    [first] = stream.push(_contribution(100.0, 1e9))  # answers first: bounded at once
+    assert (first.norm, first.weight) == (2.0, 20.0)
+    assert stream.push(_contribution(1.0, 5)) != [] and list(stream.flush()) == []
+    assert stream.reference() == Reference(weight=(1e9 + 5) / 2, norm=50.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(1e-3, 1e6), st.floats(1, 1e9)), min_size=1, max_size=9),
+    st.randoms(use_true_random=False),
+    st.booleans(),
+)
+def test_any_arrival_order_gives_the_same_bounds(replies, rng, first_round) -> None:
+    """The bounded (norm, weight) of every reply and the next reference do not depend on the
+    order in which the same replies arrive."""
+
+    def bounded(order: list[tuple[float, float]]) -> tuple[list, Reference | None]:
+        reference = None if first_round else Reference(weight=1e4, norm=10.0)
+        stream = BoundedStream(InfluenceBound(), reference, None)
+        out = [c for n, w in order for c in stream.push(_contribution(n, w))]
+        out += list(stream.flush())
+        return sorted((c.norm, c.weight) for c in out), stream.reference()
+
+    shuffled = list(replies)
+    rng.shuffle(shuffled)
+    assert bounded(replies) == bounded(shuffled)
+
+
+def test_fast_colluders_cannot_set_the_next_rounds_bounds() -> None:
+    """Two liars of five answer first in rounds 1 and 2: round 1's limits come from all five
+    replies, round 2's from round 1's medians; the liars never dominate."""
+    strategy = _strategy()
+    for rnd in (1, 2):
+        start = {k: v.clone() for k, v in strategy.global_state.items()}
+        steps = [_random_state(s, scale=0.01) for s in (rnd, rnd + 2, rnd + 4)]
+        honest = [{k: v + u[k] if v.is_floating_point() else v for k, v in start.items()}
+                  for u in steps]  # fmt: skip
+        liars = [_weights_reply(90 + i, _random_state(9, scale=100), 1e9) for i in range(2)]
+        good = [_weights_reply(i, w, 10) for i, w in enumerate(honest)]
+        arrays, _ = strategy.aggregate_train(rnd, liars + good)
+        step = math.sqrt(sum(float((_weights(arrays)[k] - start[k]).pow(2).sum())
+                             for k in ("w", "b")))  # fmt: skip
+        assert strategy.reference.weight == 10 and strategy.reference.norm < 0.1
+        assert step < 0.1, step  # an honest update's norm is about 0.04, a liar's about 400
+        strategy.global_state = _weights(arrays)
+
+
+@pytest.mark.parametrize("optimizer", ["fedavgm", "fedadam"])
+def test_a_refused_global_model_leaves_model_and_optimizer_state_as_they_were(
+    optimizer: str,
+) -> None:
+    """A refused round leaves no trace in the optimizer's momentum/moments or its current
+    weights: the next round steps exactly as if it had never happened."""
+    cfg = RunConfig.from_mapping({"server-optimizer": optimizer})
+    good = {k: GLOBAL[k] + 0.1 if k != "steps" else GLOBAL[k] for k in GLOBAL}
+    bad = {k: GLOBAL[k] + 5.0 if k != "steps" else GLOBAL[k] for k in GLOBAL}
+
+    def run(attacked: bool) -> dict[str, torch.Tensor]:
+        strategy = build_strategy(cfg)
+        arrays = ArrayRecord({k: v.clone() for k, v in GLOBAL.items()})
+        plan = [good, bad, good] if attacked else [good, good]
+        for rnd, target in enumerate(plan, start=1):
+            refuse = target is bad
+            strategy.loss_check = LossCheck(lambda s, r=refuse: math.inf if r else 0.0, 1.5)
+            strategy.configure_train(rnd, arrays, ConfigRecord(), _grid([1, 2]))
+            opt = strategy.optimizer
+            before = {a: getattr(opt, a) for a in STEP_STATE if hasattr(opt, a)}
+            new, _ = strategy.aggregate_train(rnd, [_weights_reply(1, target, 10)])
+            if refuse:
+                assert new is None and "not finite" in strategy.history[rnd]["aggregate-rejected"]
+                assert all(getattr(opt, a) is value for a, value in before.items())
+            else:
+                arrays = new
+        return _weights(arrays)
+
+    attacked, clean = run(attacked=True), run(attacked=False)
+    if optimizer == "fedavgm":  # FedAdam's bias correction counts rounds, not steps
+        for k in ("w", "b"):
+            torch.testing.assert_close(attacked[k], clean[k], rtol=0, atol=0)
+
+
+def test_the_last_check_refuses_a_loss_above_max_loss_ratio_x_the_current() -> None:
+    check = LossCheck(lambda state: float(state["w"].mean()), 1.5)
+    current = {"w": torch.full((2,), 1.0)}
+    assert "1.5x" in check.refusal({"w": torch.full((2,), 1.6)}, current)
+    assert check.current == 1.0  # refused: still the current model's
+    assert check.refusal({"w": torch.full((2,), 1.25)}, current) is None and check.current == 1.25
+
+
+def test_the_last_check_refuses_a_non_finite_loss_and_zero_turns_it_off() -> None:
+    strategy = _strategy()
+    strategy.loss_check = LossCheck(lambda state: math.nan, 1.5)
+    strategy.loss_check.current = 1.0
+    arrays, _ = strategy.aggregate_train(1, [_weights_reply(1, _random_state(1))])
+    assert arrays is None and "not finite" in strategy.history[1]["aggregate-rejected"]
+    with pytest.raises(Exception, match="max-loss-ratio.*>= 1, or 0 = off"):
+        RunConfig.from_mapping({"max-loss-ratio": 0.5})
+    assert build_strategy(RunConfig.from_mapping({"max-loss-ratio": 0.0})).loss_check is None
