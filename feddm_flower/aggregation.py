@@ -256,27 +256,37 @@ class Spread:
 
 
 class LossCheck:
-    """The last check of every new global model: its loss on the server's fixed data.
+    """The last check of every model the server would let through: each reply's own model
+    (the global weights plus its update, before the bounds) and each new global model are
+    measured by their loss on the server's fixed data.
 
-    A candidate whose loss is not finite, or above ``max_ratio`` x the current model's, is
+    A model whose loss is not finite, or above ``max_ratio`` x the current global model's, is
     refused (reasons as text). ``current`` is the loss of the model the server holds; it
-    follows every accepted candidate, so the server's report can reuse it. Ours: a rule
-    over our own global-loss, which no library defines.
+    follows every accepted global model, so the server's report can reuse it. Ours: a rule
+    over our own global-loss, in the spirit of Zeno (Xie et al. 2019) and FLTrust (Cao et al.
+    2021), which score replies on server-held data; no library implements it for Flower.
     """
 
     def __init__(self, loss: Callable[[State], float], max_ratio: float) -> None:
         self.loss, self.max_ratio = loss, max_ratio
         self.current: float | None = None
 
-    def refusal(self, candidate: State, current: State) -> str | None:
-        """Why ``candidate`` must not replace ``current``, or None (then it is current)."""
+    def judge(self, candidate: State, current: State) -> tuple[float, str | None]:
+        """The loss of ``candidate`` and why it is refused against ``current``, or None."""
         if self.current is None:
             self.current = self.loss(current)
         loss = self.loss(candidate)
         if not math.isfinite(loss):
-            return f"global-loss {loss} is not finite"
+            return loss, f"global-loss {loss} is not finite"
         if loss > self.max_ratio * self.current:
-            return (f"global-loss {loss:.4g} is more than {self.max_ratio:g}x the current "
-                    f"model's {self.current:.4g} (max-loss-ratio)")  # fmt: skip
-        self.current = loss
-        return None
+            return loss, (f"global-loss {loss:.4g} is more than {self.max_ratio:g}x the current "
+                          f"model's {self.current:.4g} (max-loss-ratio)")  # fmt: skip
+        return loss, None
+
+    def refusal(self, candidate: State, current: State) -> str | None:
+        """Why the new global model ``candidate`` must not replace ``current``, or None (then
+        it is current)."""
+        loss, reason = self.judge(candidate, current)
+        if reason is None:
+            self.current = loss
+        return reason

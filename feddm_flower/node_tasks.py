@@ -207,6 +207,12 @@ def _node_model(
     return node, weights
 
 
+def receive(content: RecordDict, context: Context) -> dict[str, torch.Tensor]:
+    """The weights a message describes, kept as the node's copy, without training on them."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    return _node_model(cfg, content, context)[1]
+
+
 def _round_seed(seed: int, server_round: int, partition_id: int) -> int:
     """Distinct, reproducible noise per (run seed, round, client)."""
     return (seed * 1_000_003 + server_round * 10_007 + partition_id) % 2**63

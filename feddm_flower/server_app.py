@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from flwr.serverapp.strategy import (
 )
 
 from . import configure_logging
-from .aggregation import InfluenceBound, LossCheck
+from .aggregation import InfluenceBound, LossCheck, State
 from .artifacts import RunDirectory
 from .config import RunConfig
 from .data import IMAGE_SHAPES
@@ -76,11 +77,8 @@ def main(grid: Grid, context: Context) -> None:
     initial_arrays = ArrayRecord(unet.state_dict())  # before the reporter moves it to a GPU
     ema = run.load_ema() if state is not None else None
     reporter = RoundReporter(cfg, run, strategy, unet, vae, ema)
-    if cfg.max_loss_ratio and reporter.eval_inputs is not None:
-        strategy.loss_check = LossCheck(reporter.loss_of, cfg.max_loss_ratio)
-    elif cfg.max_loss_ratio:
-        log.warning("max-loss-ratio=%g needs server-eval-examples > 0: new global models are "
-                    "checked for finite weights only", cfg.max_loss_ratio)  # fmt: skip
+    strategy.loss_check = last_check(cfg, reporter.loss_of if reporter.eval_inputs is not None
+                                     else None)  # fmt: skip
     result = strategy.start(
         grid=grid,
         initial_arrays=initial_arrays,
@@ -176,6 +174,18 @@ def build_strategy(cfg: RunConfig, seeded_start: bool = False) -> FedDMStrategy:
         min_replies=cfg.min_replies,
         seed=cfg.seed,
     )
+
+
+def last_check(cfg: RunConfig, loss: Callable[[State], float] | None) -> LossCheck | None:
+    """The last check of every new global model under ``max-loss-ratio``, measuring it with
+    ``loss`` (the server's ``global-loss``; None when the server has no data to measure on)."""
+    if not cfg.max_loss_ratio:
+        return None
+    if loss is None:
+        log.warning("max-loss-ratio=%g needs server-eval-examples > 0: new global models are "
+                    "checked for finite weights only", cfg.max_loss_ratio)  # fmt: skip
+        return None
+    return LossCheck(loss, cfg.max_loss_ratio)
 
 
 def build_optimizer(cfg: RunConfig) -> FedAvg:

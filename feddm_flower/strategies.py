@@ -151,8 +151,9 @@ class FedDMStrategy(Strategy):
         whose replies are held until it ends (on disk for the streamed mean). Under
         differential privacy the fixed clip replaces it (and every weight is 1).
     loss_check : LossCheck, optional
-        The last check of every new global model (``global-loss`` on the server's data,
-        ``max-loss-ratio``); None: only finiteness is checked. The server app sets it.
+        The last check of each reply's own model and of every new global model
+        (``global-loss`` on the server's data, ``max-loss-ratio``); None: only finiteness is
+        checked. Under DP only the new global model is checked. The server app sets it.
     dp_clip_norm, dp_noise_multiplier : float
         Differential privacy, both > 0 or both 0 (off); needs the streamed mean. Clients clip
         their update to L2 norm ``dp_clip_norm`` before encoding it and the server clips every
@@ -268,8 +269,12 @@ class FedDMStrategy(Strategy):
             log(INFO, "\t├──> bounds: update norm %gx, num-examples %gx the previous round's "
                 "median (0 = off)", self.bound.norm_bound, self.bound.weight_bound)  # fmt: skip
         check = self.loss_check
-        log(INFO, "\t└──> last check: new global model finite%s", f", global-loss at most "
-            f"{check.max_ratio:g}x the current" if check else "")  # fmt: skip
+        limit = (
+            f"; its and each reply's global-loss <= {check.max_ratio:g}x the current"
+            if check
+            else ""
+        )
+        log(INFO, "\t└──> last check: new global model finite%s", limit)
 
     # ----------------------------------------------------------------------------- rounds
 
@@ -374,6 +379,7 @@ class FedDMStrategy(Strategy):
             self._count_up(server_round, msg)
             try:
                 contribution = self.contribution(msg)
+                self._check_model(contribution)
             except InvalidReply as exc:
                 self._reject(server_round, "train", node, str(exc))
                 continue
@@ -451,6 +457,15 @@ class FedDMStrategy(Strategy):
             clip_update(update, self.privacy.clipping_norm)
             weight = 1.0
         return Contribution(weight, update, update_norm(update), metrics)
+
+    def _check_model(self, c: Contribution) -> None:
+        """:class:`InvalidReply` if the reply's own model fails the loss check (not under DP:
+        a decision on one client's update alone is not noised)."""
+        if self.loss_check is None or self.privacy is not None:
+            return
+        _, reason = self.loss_check.judge(self._weights(c.update), self.global_state)
+        if reason is not None:
+            raise InvalidReply(f"its model's {reason}")
 
     @staticmethod
     def _check_records(msg: Message, expected: set[str]) -> None:
