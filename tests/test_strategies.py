@@ -554,7 +554,13 @@ def test_a_refused_global_model_leaves_model_and_optimizer_state_as_they_were(
         plan = [good, bad, good] if attacked else [good, good]
         for rnd, target in enumerate(plan, start=1):
             refuse = target is bad
-            strategy.loss_check = LossCheck(lambda s, r=refuse: math.inf if r else 0.0, 1.5)
+            calls: list[int] = []  # the current model, the reply's model, the new global model
+
+            def loss(state: dict, r: bool = refuse, calls: list[int] = calls) -> float:
+                calls.append(1)
+                return math.inf if r and len(calls) == 3 else 0.0
+
+            strategy.loss_check = LossCheck(loss, 1.5)
             strategy.configure_train(rnd, arrays, ConfigRecord(), _grid([1, 2]))
             opt = strategy.optimizer
             before = {a: getattr(opt, a) for a in STEP_STATE if hasattr(opt, a)}
@@ -580,12 +586,13 @@ def test_the_last_check_refuses_a_loss_above_max_loss_ratio_x_the_current() -> N
     assert check.refusal({"w": torch.full((2,), 1.25)}, current) is None and check.current == 1.25
 
 
-def test_the_last_check_refuses_a_non_finite_loss_and_zero_turns_it_off() -> None:
+def test_a_reply_whose_model_has_a_non_finite_loss_is_rejected_and_zero_turns_it_off() -> None:
     strategy = _strategy()
     strategy.loss_check = LossCheck(lambda state: math.nan, 1.5)
     strategy.loss_check.current = 1.0
     arrays, _ = strategy.aggregate_train(1, [_weights_reply(1, _random_state(1))])
-    assert arrays is None and "not finite" in strategy.history[1]["aggregate-rejected"]
+    [rejected] = strategy.history[1]["rejected"]
+    assert arrays is None and rejected["reason"] == "its model's global-loss nan is not finite"
     with pytest.raises(Exception, match="max-loss-ratio.*>= 1, or 0 = off"):
         RunConfig.from_mapping({"max-loss-ratio": 0.5})
     assert build_strategy(RunConfig.from_mapping({"max-loss-ratio": 0.0})).loss_check is None

@@ -1,44 +1,39 @@
-"""Test-only FedDM ClientApp: the node with partition-id 0 is hostile, the others honest.
+"""Test-only FedDM ClientApp: the nodes with partition-id < HOSTILE run ATTACK, the others
+are honest. Both come from ``attack_config.py`` beside this file, which the test writes.
 
-Its mod lets the real ``client_app.train`` run, then scales the update 1e6 times (weights:
-received + 1e6 x (local - received); codec uplinks: the decoded update x 1e6, re-encoded) and
-claims 1e9 times its examples: finite, well-formed and hostile.
+The mod lets the real ``client_app.train`` run (unless the attack skips training), then
+replaces the reply with the hostile one of :func:`feddm_flower.attack_table.hostile_reply`:
+finite or not, well-formed and hostile, as :mod:`feddm_flower.attacks` describes.
 """
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import time
+
+from attack_config import ATTACK, HOSTILE
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from feddm_flower import client_app, node_tasks
-from feddm_flower.codecs import decode_update
-from feddm_flower.records import CODEC_BITS, encode_uplink, from_record, payload_from, uplink_key
+from feddm_flower import client_app
+from feddm_flower.attack_table import hostile_reply
+from feddm_flower.attacks import answers, skips_training
 
-UPDATE_SCALE = 1e6
-EXAMPLES_SCALE = 1e9
+SLOW_SECONDS = 3.0  # a slow attacker answers after the honest nodes of a tiny test run
 
 
 def hostile(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    reply = call_next(msg, context)
-    if context.node_config["partition-id"] != 0 or msg.metadata.message_type != "train":
-        return reply
-    config = msg.content["config"]
-    uplink = str(config["uplink"])
-    key = uplink_key(uplink)
-    # What the node trained from: its copy of the global model, as the real train() kept it.
-    received = from_record(context.state[node_tasks.MODEL_KEY])
-    if uplink in CODEC_BITS:
-        update = decode_update(payload_from(reply.content[key]))
-    else:
-        local = from_record(reply.content[key])
-        update = {k: v.float() - received[k] for k, v in local.items()}
-    scaled = {k: received[k] + UPDATE_SCALE * update[k] for k in received}
-    block_size = int(config.get("quant-block-size", 256))
-    record, _ = encode_uplink(scaled, received, uplink, block_size=block_size)
-    metrics = MetricRecord(dict(reply.content["metrics"]))
-    metrics["num-examples"] = metrics["num-examples"] * EXAMPLES_SCALE
-    return Message(RecordDict({key: record, "metrics": metrics}), reply_to=msg)
+    if msg.metadata.message_type != "train" or context.node_config["partition-id"] >= HOSTILE:
+        return call_next(msg, context)
+    honest = None
+    if not skips_training(ATTACK):
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        honest = reply.content
+    elif answers(ATTACK) == "last":
+        time.sleep(SLOW_SECONDS)
+    return Message(hostile_reply(ATTACK, msg.content, context, honest), reply_to=msg)
 
 
 app = ClientApp(mods=[hostile])
