@@ -279,14 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run-config keys for every cell, as JSON")  # fmt: skip
     parser.add_argument("--out", type=Path, help="JSON file, rewritten after every cell")
     parser.add_argument("--markdown", type=Path, help="write the table here")
+    parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                        help="run nothing: the table of these --out files together")  # fmt: skip
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging()
     args = build_parser().parse_args(argv)
-    RunConfig.from_mapping({**BASE, **args.set})  # a bad key fails here, before any run
-    rows = measure(args)
+    if args.render:
+        rows = [row for path in args.render for row in json.loads(path.read_text())["rows"]]
+    else:
+        RunConfig.from_mapping({**BASE, **args.set})  # a bad key fails here, before any run
+        rows = measure(args)
     table = markdown(rows)
     print(table)
     if args.markdown:
