@@ -20,7 +20,7 @@ from diffusers import UNet2DModel
 from feddm_flower.models import build_unet
 
 NODES = 7
-RUN = {**TINY_RUN, "num-server-rounds": 2, "local-steps": 3}
+RUN = {**TINY_RUN, "num-server-rounds": 2, "local-steps": 3, "fraction-evaluate": 0.0}
 OFF = {"norm-bound": 0.0, "weight-bound": 0.0, "max-loss-ratio": 0.0}
 
 
