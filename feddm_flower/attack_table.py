@@ -30,12 +30,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from . import configure_logging
 from .attacks import ATTACKS, answers, claimed_examples, hostile_weights, skips_training
-from .codecs import decode_update
+from .changes import CODED, decode_change
 from .config import RunConfig
 from .evaluation import global_loss, load_eval_inputs
 from .models import build_unet
-from .node_tasks import MODEL_KEY, receive, run_task
-from .records import CODEC_BITS, encode_uplink, from_record, payload_from, to_record, uplink_key
+from .node_tasks import MODEL_KEY, receive, run_task, uplink_codec
+from .records import encode_uplink, from_record, payload_from, to_record, uplink_key
 from .server_app import build_strategy, last_check
 from .timings import Stopwatch
 
@@ -63,8 +63,9 @@ def hostile_reply(attack: str, content: RecordDict, context: Context, honest: Re
         metrics = {"train-loss": 0.0, "train-steps": 0, "train-seconds": 0.0}
     else:
         received = from_record(context.state[MODEL_KEY])
-        if uplink in CODEC_BITS:
-            update = decode_update(payload_from(honest[key]))
+        if uplink in CODED:
+            expected = {k: (tuple(v.shape), v.dtype) for k, v in received.items()}
+            update = decode_change(payload_from(honest[key]), expected)
             trained = {k: v + update[k] if k in update else v for k, v in received.items()}
         else:
             trained = {k: v.float() if v.is_floating_point() else v
@@ -76,8 +77,8 @@ def hostile_reply(attack: str, content: RecordDict, context: Context, honest: Re
     weights = hostile_weights(attack, received, trained, server_round, first)
     if attack == "stale-replay" and first is None:
         context.state[FIRST_REPLY_KEY] = to_record(weights)
-    block_size = int(config.get("quant-block-size", 256))
-    record, _ = encode_uplink(weights, received, uplink, block_size=block_size)
+    codec = uplink_codec(uplink, config) if uplink in CODED else None
+    record, _ = encode_uplink(weights, received, uplink, codec=codec)
     metrics["num-examples"] = claimed_examples(attack, examples)
     return RecordDict({key: record, "metrics": MetricRecord(metrics)})
 

@@ -40,6 +40,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch.utils.flop_counter import FlopCounterMode
 
 from feddm_flower import round_overhead
+from feddm_flower.changes import CODED, ChangeCodec
 from feddm_flower.codecs import (
     DEFAULT_ZSTD_LEVEL,
     FLAG_ZSTD,
@@ -449,9 +450,8 @@ class ReplyingGrid(Grid):
                 local[name] = noise.add_(value)
             else:
                 local[name] = value.clone()
-        record, _ = encode_uplink(
-            local, self._received, self.uplink, block_size=self.block_size, seed=seed
-        )
+        codec = ChangeCodec(self.uplink, self.block_size) if self.uplink in CODED else None
+        record, _ = encode_uplink(local, self._received, self.uplink, codec=codec, seed=seed)
         del local
         metrics = MetricRecord(
             {"num-examples": 100, "train-loss": 0.1, "train-steps": 1, "train-seconds": 1.0}

@@ -65,7 +65,9 @@ def _key(default: Value, check: Check = _any, help: str = "") -> Any:
 
 
 STRATEGIES = ("custom", "vanilla", "prox", "quant")
-UPLINKS = ("fp32", "fp16", "int8", "int4")
+UPLINKS = ("fp32", "fp16", "int8", "int4", "sparse")
+# sparse.MIN_FRACTION, here too so that checking a run-config imports no torch.
+MIN_SPARSE_FRACTION = 0.001
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")
 # What each shortcut sets: a key at its default takes the shortcut's value; a key set to
@@ -135,9 +137,18 @@ class RunConfig:
     round_timeout: float = _key(86400.0, _positive, "seconds to wait for replies per round")
     proximal_mu: float = _key(0.0, _at_least(0.0), "weight of (mu/2)·||w - w_global||²; 0 = off")
     uplink: str = _key("fp32", _one_of(*UPLINKS), "what clients send: weights or coded update")
-    quant_block_size: int = _key(256, _at_least(1), "int8/int4 uplink: values per absmax scale")
+    quant_block_size: int = _key(256, _at_least(1), "coded payloads: values per absmax scale")
     quant_stochastic: bool = _key(False, help="int8/int4 uplink: unbiased stochastic rounding")
     error_feedback: bool = _key(False, help="int8/int4 uplink: clients carry their residual")
+    sparse_fraction: float = _key(
+        0.05,
+        lambda v: None if MIN_SPARSE_FRACTION <= v <= 1 else f"in [{MIN_SPARSE_FRACTION}, 1]",
+        "sparse uplink/downlink: share of each tensor's values sent (largest magnitudes)",
+    )
+    sparse_bits: int = _key(4, _one_of(8, 4), "sparse uplink/downlink: bits per value sent")
+    sparse_feedback: bool = _key(
+        True, help="sparse uplink: clients carry what was not sent (false: only to ablate)"
+    )
     server_optimizer: str = _key("none", _one_of(*SERVER_OPTIMIZERS), "Flower server optimizer")
     server_lr: float = _key(0.0, _at_least(0.0), "server learning rate; 0 = optimizer's default")
     server_momentum: float = _key(0.9, _in_unit, "fedavgm momentum; beta_1 of fedadam/fedyogi")
@@ -158,9 +169,9 @@ class RunConfig:
     )
     dp_delta: float = _key(1e-5, _fraction, "DP: the delta at which epsilon is reported")
     downlink: str = _key(
-        "fp32", _one_of(*UPLINKS), "full model (fp32/fp16) or int8/int4 changes to nodes behind"
+        "fp32", _one_of(*UPLINKS), "full model (fp32/fp16) or coded changes to nodes behind"
     )
-    lossless: bool = _key(False, help="int8/int4 payloads: zstd stage, kept where it is smaller")
+    lossless: bool = _key(False, help="coded payloads' values: zstd, kept where it is smaller")
     dataset: str = _key("fashion-mnist", _one_of(*DATASETS), "training data")
     data_root: str = _key("", help="dataset directory; '' = ~/.cache/feddm-flower/data")
     partitioning: str = _key("iid", _one_of(*PARTITIONINGS), "how images are split over clients")

@@ -3,9 +3,10 @@
 The server keeps a *reference*: the weights an up-to-date node holds. Each time the global
 model changes, the reference moves towards it. Under ``fp32`` it becomes the global model, and
 under ``fp16`` the global model rounded to fp16. Under ``int8``/``int4`` the reference takes
-one block-quantized *change* ``Q(global - reference)``, decoded and added (codecs.py). The
-quantization error stays in ``global - reference`` and is part of the next change: this is
-error feedback kept on the server, so the error never accumulates.
+one block-quantized *change* ``Q(global - reference)``, decoded and added (codecs.py); under
+``sparse`` only the largest share of each tensor's change (sparse.py). What was not sent
+stays in ``global - reference`` and is part of the next change: this is error feedback kept
+on the server, so the error never accumulates.
 
 A node that holds the previous reference is sent only what changed since, which may be nothing
 when the model has not changed (the train message after an evaluate message). A node several
@@ -30,9 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from .aggregation import State
-from .codecs import CODEC_BITS, decode_update, encode_update
+from .changes import CODED, ChangeCodec, decode_change
 
-DOWNLINKS = ("fp32", "fp16", "int8", "int4")
+DOWNLINKS = ("fp32", "fp16", *CODED)
 
 
 class OutOfSync(Exception):
@@ -63,7 +64,7 @@ def apply_changes(held: State, payloads: list[bytes]) -> State:
     expected = {k: (tuple(v.shape), v.dtype) for k, v in held.items()}
     for i, payload in enumerate(payloads):
         try:
-            change = decode_update(payload, expected)
+            change = decode_change(payload, expected)
         except ValueError as exc:  # CodecError included
             raise OutOfSync(f"model change {i} does not decode: {exc}") from exc
         held = apply_change(held, change)
@@ -99,15 +100,28 @@ class ModelChain:
     ----------
     downlink : str
         "fp32"/"fp16" (a node that is behind gets the full model in that dtype) or
-        "int8"/"int4" (it gets the quantized changes since the version it holds).
-    block_size, lossless
-        The change codec's block size and zstd stage (codecs.encode_update).
+        "int8"/"int4"/"sparse" (it gets the coded changes since the version it holds).
+    block_size, lossless, fraction, sparse_bits
+        The change codec's options (changes.ChangeCodec).
     """
 
-    def __init__(self, downlink: str, *, block_size: int = 256, lossless: bool = False) -> None:
+    def __init__(
+        self,
+        downlink: str,
+        *,
+        block_size: int = 256,
+        lossless: bool = False,
+        fraction: float = 0.01,
+        sparse_bits: int = 8,
+    ) -> None:
         if downlink not in DOWNLINKS:
             raise ValueError(f"downlink {downlink!r}: allowed is one of {DOWNLINKS}")
-        self.downlink, self.block_size, self.lossless = downlink, block_size, lossless
+        self.downlink = downlink
+        self.codec = (
+            ChangeCodec(downlink, block_size, lossless, fraction=fraction, sparse_bits=sparse_bits)
+            if downlink in CODED
+            else None
+        )
         self.ref: State = {}
         self.digest = ""
         self.version = 0  # how many times the reference moved
@@ -136,11 +150,10 @@ class ModelChain:
         if all(torch.equal(global_state[k], v) for k, v in self._global.items()):
             return False
         self._global = {k: v.clone() for k, v in global_state.items()}
-        if self.downlink in CODEC_BITS:
+        if self.codec is not None:
             change = {k: (g - self.ref[k] if g.is_floating_point() else g)
                       for k, g in global_state.items()}  # fmt: skip
-            payload = encode_update(change, bits=CODEC_BITS[self.downlink],
-                                    block_size=self.block_size, lossless=self.lossless)  # fmt: skip
+            payload = self.codec.encode(change)
             self._changes.append((self.digest, payload))
             self.ref = apply_changes(self.ref, [payload])
             while sum(len(p) for _, p in self._changes) >= self.full_bytes:

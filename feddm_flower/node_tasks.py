@@ -18,6 +18,7 @@ from diffusers import UNet2DModel
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from .changes import CODED, ChangeCodec
 from .config import RunConfig
 from .data import IMAGE_SHAPES, load_client_data
 from .diffusion import denoising_loss, train_local
@@ -25,7 +26,6 @@ from .downlink import OutOfSync
 from .latents import DEFAULT_LATENT_CACHE, cached_encode, model_space
 from .models import build_scheduler, build_unet, compile_unet, resolve_device
 from .records import (
-    CODEC_BITS,
     clipped_update,
     encode_uplink,
     from_record,
@@ -42,7 +42,7 @@ Outcome = tuple[str, RecordDict | str]
 
 def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict:
     """Train the received global U-Net on this node's partition; reply with the weights, or
-    under an int8/int4 uplink with the encoded update. Under differential privacy the update
+    under an int8/int4/sparse uplink with the encoded update. Under differential privacy the update
     is first clipped to the ``clipping_norm`` the server's DP wrapper put in the config."""
     cfg, pid, train_inputs, _ = _setup(context)
     clock.mark("data")
@@ -54,7 +54,7 @@ def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict
     node, weights = _node_model(cfg, content, context)
     # The received weights: the proximal term's anchor lives in train_local; a coded uplink
     # sends the difference from them, and DP clips that difference.
-    received = weights if uplink in CODEC_BITS or clip_norm > 0 else {}
+    received = weights if uplink in CODED or clip_norm > 0 else {}
     clock.mark("model")
     result = train_local(
         node.compiled,
@@ -78,15 +78,9 @@ def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict
     if feedback and RESIDUAL_KEY in context.state:
         residual = from_record(context.state[RESIDUAL_KEY])
         local = {k: v + residual[k] for k, v in local.items()}
+    codec = uplink_codec(uplink, config) if uplink in CODED else None
     record, sent = encode_uplink(
-        local,
-        received,
-        uplink,
-        block_size=int(config.get("quant-block-size", 256)),
-        stochastic=bool(config.get("quant-stochastic", False)),
-        seed=seed,
-        clip_norm=clip_norm,
-        lossless=bool(config.get("lossless", False)),
+        local, received, uplink, codec=codec, seed=seed, clip_norm=clip_norm
     )
     if feedback:  # what the server did not get of this (clipped) update goes into the next
         update = clipped_update(local, received, clip_norm)
@@ -100,6 +94,18 @@ def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict
         **clock.metrics(),
     }
     return RecordDict({uplink_key(uplink): record, "metrics": MetricRecord(metrics)})
+
+
+def uplink_codec(uplink: str, config: ConfigRecord) -> ChangeCodec:
+    """The coded uplink's options, as the server's train config sets them."""
+    return ChangeCodec(
+        uplink,
+        block_size=int(config.get("quant-block-size", 256)),
+        lossless=bool(config.get("lossless", False)),
+        stochastic=bool(config.get("quant-stochastic", False)),
+        fraction=float(config.get("sparse-fraction", 0.01)),
+        sparse_bits=int(config.get("sparse-bits", 8)),
+    )
 
 
 def evaluate(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict:

@@ -8,8 +8,8 @@ current. A node that cannot rebuild the weights answers with an error of code
 :data:`OUT_OF_SYNC`.
 
 The uplink is what a client sends back after training: its weights as an ArrayRecord
-``arrays`` (``fp32`` or ``fp16``), or under a codec (``int8``, ``int4``) its quantized update
-(local - received weights) as one payload in an ArrayRecord ``update``. Under differential
+``arrays`` (``fp32`` or ``fp16``), or under a codec (``int8``, ``int4``, ``sparse``) its coded
+update (local - received weights) as one payload in an ArrayRecord ``update``. Under differential
 privacy the update is clipped before either (:func:`clipped_update`).
 """
 
@@ -22,8 +22,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from .aggregation import InvalidReply, State, check_like, clip_update
-from .codecs import CODEC_BITS, CodecError, decode_update, encode_update
+from .changes import CODED, ChangeCodec, decode_change
+from .codecs import CodecError
 from .downlink import Delivery, OutOfSync, apply_changes, digest
+from .sparse import is_sparse
 
 # The stype of an Array that carries a codec payload (see codecs.py) instead of a tensor.
 PAYLOAD_STYPE = "feddm.codec"
@@ -200,7 +202,7 @@ def received_model(content: RecordDict, held: State) -> State:
 
 def uplink_key(uplink: str) -> str:
     """Name of the ArrayRecord that carries the model contribution under ``uplink``."""
-    return "update" if uplink in CODEC_BITS else "arrays"
+    return "update" if uplink in CODED else "arrays"
 
 
 def clipped_update(local: State, received: State, clip_norm: float = 0.0) -> State:
@@ -217,11 +219,9 @@ def encode_uplink(
     received: State,
     uplink: str,
     *,
-    block_size: int = 256,
-    stochastic: bool = False,
+    codec: ChangeCodec | None = None,
     seed: int | None = None,
     clip_norm: float = 0.0,
-    lossless: bool = False,
 ) -> tuple[ArrayRecord, State]:
     """The reply record for ``uplink`` and the update as the server will decode it (for a
     codec: what the client keeps its error-feedback residual against; else empty).
@@ -229,25 +229,22 @@ def encode_uplink(
     With ``clip_norm`` > 0 (differential privacy) the update is clipped first, as Flower's
     ``fixedclipping_mod`` does: a codec quantizes the clipped update (rounding then adds at
     most half a step per value, a full one with stochastic rounding; the server clips the
-    decoded update again), fp32/fp16 send ``received`` + the clipped update. ``lossless``:
-    the codec's zstd stage, kept only where it makes the payload smaller.
+    decoded update again), fp32/fp16 send ``received`` + the clipped update. ``codec``: the
+    coded uplink's options (default: ``ChangeCodec(uplink)``); ``seed``: stochastic rounding.
     """
-    if uplink not in CODEC_BITS:
+    if uplink not in CODED:
         if clip_norm > 0:
             update = clipped_update(local, received, clip_norm)
             local = {k: received[k] + u if u.is_floating_point() else local[k]
                      for k, u in update.items()}  # fmt: skip
         return to_record(local, uplink), {}
+    codec = codec or ChangeCodec(uplink)
+    if codec.kind != uplink:
+        raise ValueError(f"uplink {uplink!r} with a {codec.kind!r} codec")
     update = clipped_update(local, received, clip_norm)
-    payload = encode_update(
-        update,
-        bits=CODEC_BITS[uplink],
-        block_size=block_size,
-        stochastic=stochastic,
-        seed=seed,
-        lossless=lossless,
-    )
-    return payload_record(payload), decode_update(payload)
+    payload = codec.encode(update, seed)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in update.items()}
+    return payload_record(payload), decode_change(payload, expected)
 
 
 def decode_uplink(record: object, uplink: str, base: State) -> State:
@@ -257,10 +254,13 @@ def decode_uplink(record: object, uplink: str, base: State) -> State:
     Checks names, shapes, dtypes (those the uplink sends) and finiteness, before and after
     the subtraction; raises :class:`InvalidReply` with the reason.
     """
-    if uplink in CODEC_BITS:
+    if uplink in CODED:
         try:
             expected = {k: (tuple(v.shape), v.dtype) for k, v in base.items()}
-            update = decode_update(payload_from(record), expected)
+            payload = payload_from(record)
+            if is_sparse(payload) != (uplink == "sparse"):
+                raise CodecError(f"the payload is not the {uplink} uplink's codec")
+            update = decode_change(payload, expected)
         except (ValueError, CodecError) as exc:
             raise InvalidReply(f"update: {exc}") from exc
         # Floats decode as float32 within the scales' range: finite. Non-float tensors

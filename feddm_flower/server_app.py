@@ -150,10 +150,13 @@ def build_strategy(cfg: RunConfig, seeded_start: bool = False) -> FedDMStrategy:
     wrapped with this combination's uplink, downlink, proximal term, bounds and (dp-* keys)
     Flower's differential-privacy wrapper. ``seeded_start``: the run starts from the seeded
     initial weights, which nodes rebuild themselves."""
+    feedback = cfg.sparse_feedback if cfg.uplink == "sparse" else cfg.error_feedback
     codec = {
         "quant-block-size": cfg.quant_block_size,
         "quant-stochastic": cfg.quant_stochastic,
-        "error-feedback": cfg.error_feedback,
+        "error-feedback": feedback,
+        "sparse-fraction": cfg.sparse_fraction,
+        "sparse-bits": cfg.sparse_bits,
     }
     return FedDMStrategy(
         optimizer=build_optimizer(cfg),

@@ -77,6 +77,7 @@ from .aggregation import (
     clip_update,
     update_norm,
 )
+from .changes import CODED
 from .downlink import Delivery, ModelChain
 from .records import (
     OUT_OF_SYNC,
@@ -128,17 +129,18 @@ class FedDMStrategy(Strategy):
     proximal_mu : float
         Sent to clients, who add (mu/2)·‖w − w_global‖² to their loss; 0 turns it off.
     uplink : str
-        "fp32"/"fp16" weights, or "int8"/"int4" block-quantized updates.
+        "fp32"/"fp16" weights, "int8"/"int4" block-quantized updates, or "sparse" updates (the
+        largest share of each tensor, block-quantized; sparse.py).
     downlink : str
         What a node that is behind receives: the full model in "fp32" or "fp16", or under
-        "int8"/"int4" the block-quantized changes since the model it holds (error feedback on
+        "int8"/"int4"/"sparse" the coded changes since the model it holds (error feedback on
         the server; :class:`~feddm_flower.downlink.ModelChain`). Nodes keep their copy, and a
         node that holds the current model is sent none (the train message after an evaluate
         message). Nodes train from that copy, the *reference*; their updates are taken against
         it and applied to the exact global model.
     codec : dict, optional
-        ``quant-block-size`` (both directions), ``quant-stochastic``, ``error-feedback`` for
-        int uplinks.
+        ``quant-block-size``, ``sparse-fraction`` and ``sparse-bits`` (both directions);
+        ``quant-stochastic`` and ``error-feedback`` (the clients' residual) for coded uplinks.
     lossless : bool
         zstd after quantization, in both directions, kept only where it makes a payload smaller.
     seeded_start : bool
@@ -200,8 +202,13 @@ class FedDMStrategy(Strategy):
         self.proximal_mu, self.uplink, self.downlink = proximal_mu, uplink, downlink
         self.codec = dict(codec or {})
         self.lossless, self.seeded_start = lossless, seeded_start
-        block_size = int(self.codec.get("quant-block-size", 256))
-        self.chain = ModelChain(downlink, block_size=block_size, lossless=lossless)
+        self.chain = ModelChain(
+            downlink,
+            block_size=int(self.codec.get("quant-block-size", 256)),
+            lossless=lossless,
+            fraction=float(self.codec.get("sparse-fraction", 0.01)),
+            sparse_bits=int(self.codec.get("sparse-bits", 8)),
+        )
         self.held: dict[int, str] = {}  # node -> digest of the model it holds, as last confirmed
         self.bound = bound or InfluenceBound()
         self.reference: Reference | None = None  # medians of the last round with replies
@@ -331,7 +338,7 @@ class FedDMStrategy(Strategy):
             self.privacy.configure_train(server_round, arrays, config, grid)
         config["proximal-mu"] = self.proximal_mu
         config["uplink"] = self.uplink
-        if self.uplink in ("int8", "int4"):
+        if self.uplink in CODED:
             config.update({**self.codec, "lossless": self.lossless})
         nodes = self._sample(grid, server_round, "train", self.fraction_train)
         self.sampled[server_round] = nodes

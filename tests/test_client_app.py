@@ -8,8 +8,9 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from feddm_flower import records
+from feddm_flower import changes
 from feddm_flower.aggregation import update_norm
+from feddm_flower.changes import ChangeCodec
 from feddm_flower.client_app import train
 from feddm_flower.codecs import decode_update
 from feddm_flower.downlink import digest
@@ -23,7 +24,7 @@ def test_encoded_update_is_what_the_server_decodes() -> None:
     received = {"w": torch.randn(5, 7, generator=g)}
     local = {"w": received["w"] + 0.01 * torch.randn(5, 7, generator=g)}
     for uplink, bits in (("int8", 8), ("int4", 4)):
-        record, sent = encode_uplink(local, received, uplink, block_size=8)
+        record, sent = encode_uplink(local, received, uplink, codec=ChangeCodec(uplink, 8))
         decoded = decode_update(payload_from(record))
         torch.testing.assert_close(decoded["w"], sent["w"], rtol=0, atol=0)
         step = (local["w"] - received["w"]).abs().max() / {8: 127, 4: 7}[bits]
@@ -117,13 +118,13 @@ def test_under_dp_int8_quantizes_the_clipped_update_and_feeds_back_the_rest(
     """int8 with error feedback: the codec gets the clipped update; the residual kept is what
     quantization left out of it (the clipped-off part is dropped, not carried)."""
     clip, seen = 1e-3, []
-    encode = records.encode_update
+    encode = changes.encode_update
 
     def spy(update, **kwargs):
         seen.append({k: v.clone() for k, v in update.items()})
         return encode(update, **kwargs)
 
-    monkeypatch.setattr(records, "encode_update", spy)
+    monkeypatch.setattr(changes, "encode_update", spy)
     reply = train(_train_message(True, 1, "int8", clip=clip), fashion_context)
     [update] = seen
     assert update_norm(update) <= clip

@@ -26,8 +26,9 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feddm_flower import records
+from feddm_flower import changes
 from feddm_flower.aggregation import update_norm
+from feddm_flower.changes import CODED, ChangeCodec
 from feddm_flower.codecs import encode_update
 from feddm_flower.config import ConfigError, RunConfig
 from feddm_flower.records import (
@@ -87,22 +88,27 @@ def test_a_clipped_update_never_exceeds_the_clip_norm(seed, shapes, scale, clip)
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(0, 2**31 - 1), _SHAPES, _SCALES, _CLIPS, st.sampled_from(["int8", "int4"]))
+@given(st.integers(0, 2**31 - 1), _SHAPES, _SCALES, _CLIPS, st.sampled_from(CODED))
 def test_the_codec_quantizes_the_clipped_update(seed, shapes, scale, clip, uplink) -> None:
-    """int8/int4: what goes into the quantizer is the clipped update, never longer than the
-    clip (quantizing it then adds at most half a step per value; the server clips again)."""
+    """int8/int4/sparse: what goes into the codec is the clipped update, never longer than
+    the clip (coding it then drops values and adds at most half a step to each value sent;
+    the server clips again): clipping comes before sparsification."""
     received, local = _pair(seed, shapes, scale)
     seen = []
 
-    def spy(update, **kwargs):
-        seen.append({k: v.clone() for k, v in update.items()})
-        return encode_update(update, **kwargs)
+    def spy(encode):
+        def spied(update, **kwargs):
+            seen.append({k: v.clone() for k, v in update.items()})
+            return encode(update, **kwargs)
 
-    original, records.encode_update = records.encode_update, spy
+        return spied
+
+    dense, sparse = changes.encode_update, changes.encode_sparse
+    changes.encode_update, changes.encode_sparse = spy(dense), spy(sparse)
     try:
-        encode_uplink(local, received, uplink, block_size=16, clip_norm=clip)
+        encode_uplink(local, received, uplink, codec=ChangeCodec(uplink, 16), clip_norm=clip)
     finally:
-        records.encode_update = original
+        changes.encode_update, changes.encode_sparse = dense, sparse
     [update] = seen
     assert update_norm(update) <= clip
     expected = clipped_update(local, received, clip)
