@@ -34,7 +34,7 @@ from .changes import CODED, decode_change
 from .config import RunConfig
 from .evaluation import global_loss, load_eval_inputs
 from .models import build_unet
-from .node_tasks import MODEL_KEY, receive, run_task, uplink_codec
+from .node_tasks import held_model, receive, run_task, uplink_codec
 from .records import encode_uplink, from_record, payload_from, to_record, uplink_key
 from .server_app import build_strategy, last_check
 from .timings import Stopwatch
@@ -62,7 +62,7 @@ def hostile_reply(attack: str, content: RecordDict, context: Context, honest: Re
         received, trained, examples = receive(content, context), None, 1.0
         metrics = {"train-loss": 0.0, "train-steps": 0, "train-seconds": 0.0}
     else:
-        received = from_record(context.state[MODEL_KEY])
+        received = held_model(context)
         if uplink in CODED:
             expected = {k: (tuple(v.shape), v.dtype) for k, v in received.items()}
             update = decode_change(payload_from(honest[key]), expected)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from .changes import CODED, ChangeCodec
@@ -25,18 +25,19 @@ from .diffusion import denoising_loss, train_local
 from .downlink import OutOfSync
 from .latents import DEFAULT_LATENT_CACHE, cached_encode, model_space
 from .models import build_scheduler, build_unet, compile_unet, resolve_device
+from .node_store import NodeStore
 from .records import (
     clipped_update,
     encode_uplink,
-    from_record,
     received_model,
-    to_record,
     uplink_key,
 )
 from .timings import Stopwatch
 
-RESIDUAL_KEY = "quant-residual"  # error-feedback residual in the node's context.state
-MODEL_KEY = "global-model"  # the node's copy of the global model, in context.state
+RESIDUAL_KEY = "quant-residual"  # the node's error-feedback residual, in its store
+MODEL_KEY = "global-model"  # the node's copy of the global model, in its store
+STORE_KEY = "node-store"  # context.state: the directory of the node's store
+STATE_DIR_KEY = "state-dir"  # node-config: where nodes' stores go ('' = temporary directory)
 Outcome = tuple[str, RecordDict | str]
 
 
@@ -75,8 +76,9 @@ def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict
         for k, v in node.unet.state_dict().items()
     }
     feedback = bool(config.get("error-feedback", False))
-    if feedback and RESIDUAL_KEY in context.state:
-        residual = from_record(context.state[RESIDUAL_KEY])
+    store = node_store(context)
+    residual = store.load(RESIDUAL_KEY) if feedback else None
+    if residual is not None:
         local = {k: v + residual[k] for k, v in local.items()}
     codec = uplink_codec(uplink, config) if uplink in CODED else None
     record, sent = encode_uplink(
@@ -84,7 +86,7 @@ def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict
     )
     if feedback:  # what the server did not get of this (clipped) update goes into the next
         update = clipped_update(local, received, clip_norm)
-        context.state[RESIDUAL_KEY] = to_record({k: v - sent[k] for k, v in update.items()})
+        store.save(RESIDUAL_KEY, {k: v - sent[k] for k, v in update.items()})
     clock.mark("encode")
     metrics = {
         "num-examples": len(train_inputs),
@@ -201,16 +203,34 @@ def _node_model(
     vae, channels, size = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
     place = (cfg.device, cfg.channels_last, cfg.compile)
     node = _model(cfg.model_preset, size, channels, vae is not None, cfg.seed, place)
-    copy = context.state.get(MODEL_KEY)
-    held = from_record(copy) if isinstance(copy, ArrayRecord) else node.initial
+    store = node_store(context)
+    held = store.load(MODEL_KEY)
     try:
-        weights = received_model(content, held)
+        weights = received_model(content, node.initial if held is None else held)
     except OutOfSync:
-        context.state.pop(MODEL_KEY, None)
+        store.drop(MODEL_KEY)
         raise
-    context.state[MODEL_KEY] = to_record(weights)
+    if held is None or weights is not held:  # (a node that is current keeps its file)
+        store.save(MODEL_KEY, weights)
     node.unet.load_state_dict(weights)
     return node, weights
+
+
+def node_store(context: Context) -> NodeStore:
+    """This node's store (node_store.py): the directory its state names, or a new one, named
+    there; a node whose state is lost starts a new, empty store."""
+    record = context.state.get(STORE_KEY)
+    if isinstance(record, ConfigRecord) and isinstance(record.get("dir"), str):
+        return NodeStore(Path(str(record["dir"])))
+    base = str(context.node_config.get(STATE_DIR_KEY, ""))
+    store = NodeStore.create(base, prefix=f"run{context.run_id}-node{context.node_id}-")
+    context.state[STORE_KEY] = ConfigRecord({"dir": str(store.root)})
+    return store
+
+
+def held_model(context: Context) -> dict[str, torch.Tensor] | None:
+    """The node's copy of the global model, None if it has none."""
+    return node_store(context).load(MODEL_KEY)
 
 
 def receive(content: RecordDict, context: Context) -> dict[str, torch.Tensor]:

@@ -159,7 +159,7 @@ def decode_sparse(payload: bytes, expected: Expected) -> dict[str, torch.Tensor]
     if values_start > len(payload):
         raise CodecError(f"payload truncated: {len(payload)} bytes, sections need {values_start}")
     if count > numel:
-        raise CodecError(f"{count} values claimed for a model of {numel} float values")
+        raise CodecError(f"{count} values claimed, out of range of the model's {numel} floats")
     section = _positions_section(payload[_HEADER.size : raw_start], flags, raw_length)
     if coding == BITMAP:
         index = _from_bitmap(section, numel)
@@ -254,7 +254,7 @@ def _from_gaps(section: bytes, count: int, numel: int) -> np.ndarray:
     starts = np.concatenate(([0], ends[:-1] + 1))
     sizes = ends - starts + 1
     if sizes.max() > _MAX_VARINT:
-        raise CodecError(f"a gap of {sizes.max()} bytes, at most {_MAX_VARINT}")
+        raise CodecError(f"a gap of {sizes.max()} bytes (at most {_MAX_VARINT}): out of range")
     if (data[ends[sizes > 1]] == 0).any():
         raise CodecError("a gap has a redundant zero byte (varints are minimal)")
     shift = (np.arange(data.size) - np.repeat(starts, sizes)).astype(np.uint64)

@@ -12,8 +12,8 @@ task types), hence this small module. The transport is the standard library's
 :mod:`multiprocessing.connection` on a Unix socket, authenticated with a random key that only
 the owner can read (``<socket>.key``, mode 0600); requests are served one at a time, as a
 SuperNode runs one message at a time. The node's copy of the global model (what lets the
-server send changes instead of the model) stays in the worker: a worker that restarts has none,
-answers that it is out of sync, and is sent the full model again.
+server send changes instead of the model) is a file of the node's store (node_store.py), whose
+directory the node state names; a node whose state is lost is sent the full model again.
 
     python -m feddm_flower.worker --socket /tmp/feddm-node0.sock [--parent-pid PID]
 """
@@ -60,9 +60,7 @@ def request(address: str, message: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def serve(address: str, parent_pid: int | None = None) -> None:
     """Answer task requests on ``address`` until killed (or ``parent_pid`` has gone)."""
-    from .node_tasks import MODEL_KEY, run_task  # the heavy imports, once
-
-    kept: dict[tuple[int, int], Any] = {}  # (run, node) -> the node's copy of the model
+    from .node_tasks import run_task  # the heavy imports, once
 
     path = Path(address)
     path.unlink(missing_ok=True)
@@ -90,17 +88,11 @@ def serve(address: str, parent_pid: int | None = None) -> None:
                     log.warning("node worker: unreadable request (%s)", exc)
                     continue
                 clock.mark("handoff")
-                # The node's copy of the model stays here, not in the state that Flower moves
-                # between the SuperNode and each ClientApp process (a copy there is newer).
-                node = (context.run_id, context.node_id)
-                if MODEL_KEY not in context.state and node in kept:
-                    context.state[MODEL_KEY] = kept[node]
                 try:
                     outcome = run_task(kind, content, context, clock)
                 except Exception as exc:  # noqa: BLE001 - the ClientApp raises it as its own
                     log.error("node worker: %s failed:\n%s", kind, traceback.format_exc())
                     outcome = ("error", f"{type(exc).__name__}: {exc}")
-                kept = {node: context.state.pop(MODEL_KEY)} if MODEL_KEY in context.state else {}
                 try:
                     conn.send((*outcome, context.state))
                 except OSError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
@@ -10,13 +12,13 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from feddm_flower import changes
 from feddm_flower.aggregation import update_norm
-from feddm_flower.changes import ChangeCodec
+from feddm_flower.changes import ChangeCodec, decode_change
 from feddm_flower.client_app import train
 from feddm_flower.codecs import decode_update
 from feddm_flower.downlink import digest
 from feddm_flower.models import build_unet
-from feddm_flower.node_tasks import RESIDUAL_KEY
-from feddm_flower.records import encode_uplink, from_record, payload_from, to_record
+from feddm_flower.node_tasks import MODEL_KEY, RESIDUAL_KEY, STATE_DIR_KEY, node_store
+from feddm_flower.records import OUT_OF_SYNC, encode_uplink, from_record, payload_from, to_record
 
 
 def test_encoded_update_is_what_the_server_decodes() -> None:
@@ -42,10 +44,10 @@ def test_fp_uplinks_send_weights_in_their_dtype() -> None:
 
 
 @pytest.fixture
-def fashion_context() -> Context:
-    """Node 0 of 2 on real FashionMNIST, one local step of batch 8."""
+def fashion_context(tmp_path: Path) -> Context:
+    """Node 0 of 2 on real FashionMNIST, one local step of batch 8, its store in tmp_path."""
     run_config = {"local-steps": 1, "batch-size": 8, "eval-max-examples": 8}
-    node_config = {"partition-id": 0, "num-partitions": 2}
+    node_config = {"partition-id": 0, "num-partitions": 2, STATE_DIR_KEY: str(tmp_path)}
     return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(),
                    run_config=run_config)  # fmt: skip
 
@@ -60,6 +62,8 @@ def _train_message(
             "quant-block-size": 8,
             "quant-stochastic": False,
             "error-feedback": feedback,
+            "sparse-fraction": 0.05,
+            "sparse-bits": 4,
         }
     )
     if clip:  # what Flower's DP wrapper puts in the train config
@@ -81,16 +85,18 @@ def _train_message(
     return Message(metadata=meta, content=RecordDict({"arrays": arrays, "config": config}))
 
 
-def test_error_feedback_residual_is_what_the_payload_left_out(fashion_context) -> None:
-    """Through the real ClientApp train(): the residual kept in the node state is exactly the
-    part of (update + last residual) that the int4 payload did not carry."""
+@pytest.mark.parametrize("uplink", ["int4", "sparse"])
+def test_error_feedback_residual_is_what_the_payload_left_out(fashion_context, uplink) -> None:
+    """Through the real ClientApp train(): the residual kept in the node's store is exactly the
+    part of (update + last residual) that the int4 or sparse payload did not carry."""
     context = fashion_context
-    reply = train(_train_message(True, 1), context)
-    residual = from_record(context.state[RESIDUAL_KEY])
-    sent = decode_update(payload_from(reply.content["update"]))
+    reply = train(_train_message(True, 1, uplink), context)
+    residual = node_store(context).load(RESIDUAL_KEY)
+    received = from_record(_train_message(False, 1).content["arrays"])
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in received.items()}
+    sent = decode_change(payload_from(reply.content["update"]), expected)
     # The same round in fp32 trains to the same local weights (the noise is seeded per round).
     local = train(_train_message(False, 1, "fp32"), context).content["arrays"]
-    received = from_record(_train_message(False, 1).content["arrays"])
     for name, weights in from_record(local).items():
         update = weights - received[name]
         torch.testing.assert_close(sent[name] + residual[name], update, rtol=0, atol=1e-6)
@@ -99,7 +105,36 @@ def test_error_feedback_residual_is_what_the_payload_left_out(fashion_context) -
 
 def test_without_error_feedback_no_state_is_kept(fashion_context) -> None:
     train(_train_message(False, 1), fashion_context)
-    assert RESIDUAL_KEY not in fashion_context.state
+    assert node_store(fashion_context).load(RESIDUAL_KEY) is None
+
+
+def test_a_node_that_loses_its_store_recovers(fashion_context) -> None:
+    """A lost residual (a restart: state gone) or a corrupt one: the node trains on, with a
+    fresh residual; a lost copy of the model: the change cannot apply, out of sync, and the
+    full model brings it back."""
+    store = node_store(fashion_context)
+    other = build_unet("tiny", 28, 1, seed=1).state_dict()  # not what a node starts from
+
+    def message(server_round: int) -> Message:
+        msg = _train_message(True, server_round, "sparse")
+        msg.content["arrays"] = to_record(other)
+        msg.content["config"]["model-digest"] = digest(other)
+        return msg
+
+    train(message(1), fashion_context)
+    assert store.load(RESIDUAL_KEY) is not None and store.load(MODEL_KEY) is not None
+    (store.root / f"{RESIDUAL_KEY}.pt").write_bytes(b"not a checkpoint")
+    reply = train(message(2), fashion_context)
+    assert not reply.has_error() and store.load(RESIDUAL_KEY) is not None
+    assert digest(store.load(MODEL_KEY)) == digest(other)
+    config = ConfigRecord({"server-round": 3, "uplink": "sparse", "error-feedback": True,
+                           "model-base": digest(other), "model-digest": digest(other)})  # fmt: skip
+    fashion_context.state.clear()  # a restarted SuperNode: no state, so no store, no copy
+    current = message(3)
+    current.content = RecordDict({"config": config})
+    assert train(current, fashion_context).error.code == OUT_OF_SYNC
+    assert not train(message(3), fashion_context).has_error()
+    assert node_store(fashion_context).root != store.root
 
 
 def test_under_dp_the_client_sends_its_update_clipped(fashion_context) -> None:
@@ -129,7 +164,7 @@ def test_under_dp_int8_quantizes_the_clipped_update_and_feeds_back_the_rest(
     [update] = seen
     assert update_norm(update) <= clip
     sent = decode_update(payload_from(reply.content["update"]))
-    residual = from_record(fashion_context.state[RESIDUAL_KEY])
+    residual = node_store(fashion_context).load(RESIDUAL_KEY)
     for name, value in update.items():
         torch.testing.assert_close(sent[name] + residual[name], value, rtol=0, atol=1e-9)
 

@@ -21,8 +21,8 @@ from test_client_app import _train_message
 from feddm_flower.client_app import evaluate, train
 from feddm_flower.downlink import digest
 from feddm_flower.models import build_unet
-from feddm_flower.node_tasks import MODEL_KEY
-from feddm_flower.records import OUT_OF_SYNC, from_record, to_record
+from feddm_flower.node_tasks import MODEL_KEY, STORE_KEY, node_store
+from feddm_flower.records import OUT_OF_SYNC, to_record
 from feddm_flower.worker import WorkerUnavailable, request
 
 
@@ -73,10 +73,11 @@ def test_the_worker_computes_what_the_clientapp_would(worker: str) -> None:
     assert remote.content["update"]["payload"].data == local.content["update"]["payload"].data
     for key in ("train-loss", "num-examples", "train-steps"):
         assert remote.content["metrics"][key] == local.content["metrics"][key]
-    # The node's copy stays in the worker, not in the state Flower moves around: a message
-    # that only names the model the node holds is served from it.
-    assert MODEL_KEY in here.state and MODEL_KEY not in there.state
-    held = from_record(here.state[MODEL_KEY])
+    # The node's copy is a file of its store, the state Flower moves around names only its
+    # directory: a message that only names the model the node holds is served from it.
+    assert set(there.state.config_records) == {STORE_KEY}
+    held = node_store(there).load(MODEL_KEY)
+    assert digest(held) == digest(other)
     current = _train_message(False, 2, "fp32")
     config = current.content["config"]
     config["model-base"] = config["model-digest"] = digest(held)

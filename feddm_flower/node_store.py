@@ -1,0 +1,63 @@
+"""A node's own files: its copy of the global model and its error-feedback residual.
+
+A node keeps both between messages. In Flower's node state (``Context.state``) they would
+live in memory, and in a simulation every node's state lives in the one simulation process:
+two models per node, 26 GB for 100 nodes of the 35.7 M-parameter U-Net. Here they are files,
+written atomically and read back memory-mapped, so a node holds them in memory only while a
+message is being handled. The node state keeps only the directory's path (node_tasks), so a
+node whose state is lost (a restarted SuperNode, a fresh context) starts without a copy,
+exactly as before: the server's digests then resend what it needs.
+
+The directory is under node-config ``state-dir`` (default: the system's temporary directory,
+``feddm-flower-nodes/``), one per node and run; delete it after the run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+class NodeStore:
+    """Named state dicts in one directory: ``save``, ``load`` (memory-mapped) and ``drop``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, name: str) -> Path:
+        return self.root / f"{name}.pt"
+
+    def save(self, name: str, state: State) -> None:
+        """Write ``state`` (CPU tensors) under ``name``, replacing any earlier one atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self._path(name).with_suffix(".tmp")
+        torch.save({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, tmp)
+        os.replace(tmp, self._path(name))
+
+    def load(self, name: str) -> State | None:
+        """The state saved under ``name``, memory-mapped; None if there is none or it does not
+        load (a half-written or corrupt file is dropped: the node then has no copy)."""
+        path = self._path(name)
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, mmap=True, weights_only=True)
+        except Exception:  # noqa: BLE001 - any unreadable file means no copy
+            path.unlink(missing_ok=True)
+            return None
+
+    def drop(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
+
+    @classmethod
+    def create(cls, base: str, prefix: str) -> NodeStore:
+        """A new, empty store in a fresh directory under ``base`` ('' = the system's temporary
+        directory), in ``feddm-flower-nodes/``."""
+        parent = Path(base or tempfile.gettempdir()) / "feddm-flower-nodes"
+        parent.mkdir(parents=True, exist_ok=True)
+        return cls(Path(tempfile.mkdtemp(prefix=prefix, dir=parent)))
