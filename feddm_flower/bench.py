@@ -7,7 +7,9 @@ measures training img/s of the clients' loop beside a plain diffusers loop in th
 (the 32 px ``paper`` preset in bf16 by default, for a GPU). Each prints JSON on stdout
 (``--markdown``: a table); progress goes to stderr. Add a benchmark by writing a
 ``run_<name>(args) -> dict`` function and registering a subcommand in ``build_parser``.
-``round-overhead`` runs real federations (:mod:`feddm_flower.round_overhead`).
+``round-overhead`` runs real federations (:mod:`feddm_flower.round_overhead`);
+``simulation-memory`` real simulations at several node counts
+(:mod:`feddm_flower.simulation_memory`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from torch.utils.flop_counter import FlopCounterMode
 
-from feddm_flower import round_overhead
+from feddm_flower import round_overhead, simulation_memory
 from feddm_flower.changes import CODED, ChangeCodec
 from feddm_flower.codecs import (
     DEFAULT_ZSTD_LEVEL,
@@ -1243,6 +1245,23 @@ def build_parser() -> argparse.ArgumentParser:
     rounds.add_argument("--out", default="", help="where the runs go (default: a temp dir)")
     rounds.add_argument("--markdown", action="store_true", help="tables instead of JSON")
     rounds.set_defaults(run=round_overhead.run, markdown_fn=round_overhead.markdown)
+
+    memory = commands.add_parser(
+        "simulation-memory",
+        help="a real simulation per node count: peak memory and its growth per extra node",
+        description=simulation_memory.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    memory.add_argument("--nodes", type=int, nargs="+", default=[2, 8, 32])
+    memory.add_argument("--threads", type=int, default=1, help="CPUs (Ray) per node")
+    memory.add_argument(
+        "--run-config",
+        default=simulation_memory.DEFAULT_RUN_CONFIG,
+        help="every run's run-config (default: %(default)s)",
+    )
+    memory.add_argument("--out", default="", help="where the runs go (default: a temp dir)")
+    memory.add_argument("--markdown", action="store_true", help="a table instead of JSON")
+    memory.set_defaults(run=simulation_memory.run, markdown_fn=simulation_memory.markdown)
     return parser
 
 

@@ -8,8 +8,9 @@ message is being handled. The node state keeps only the directory's path (node_t
 node whose state is lost (a restarted SuperNode, a fresh context) starts without a copy,
 exactly as before: the server's digests then resend what it needs.
 
-The directory is under node-config ``state-dir`` (default: the system's temporary directory,
-``feddm-flower-nodes/``), one per node and run; delete it after the run.
+The directory is under node-config ``state-dir`` (default ``~/.cache/feddm-flower/nodes``, on
+disk: a temporary directory may be a tmpfs, which is memory again), a fresh one per node and
+state (its name starts ``run<run id>-node<node id>-``); delete it after the run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 State = dict[str, torch.Tensor]
+DEFAULT_BASE = Path("~/.cache/feddm-flower/nodes").expanduser()
 
 
 class NodeStore:
@@ -56,8 +58,7 @@ class NodeStore:
 
     @classmethod
     def create(cls, base: str, prefix: str) -> NodeStore:
-        """A new, empty store in a fresh directory under ``base`` ('' = the system's temporary
-        directory), in ``feddm-flower-nodes/``."""
-        parent = Path(base or tempfile.gettempdir()) / "feddm-flower-nodes"
+        """A new, empty store in a fresh directory under ``base`` ('' = DEFAULT_BASE)."""
+        parent = Path(base).expanduser() if base else DEFAULT_BASE
         parent.mkdir(parents=True, exist_ok=True)
         return cls(Path(tempfile.mkdtemp(prefix=prefix, dir=parent)))

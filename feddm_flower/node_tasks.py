@@ -37,7 +37,7 @@ from .timings import Stopwatch
 RESIDUAL_KEY = "quant-residual"  # the node's error-feedback residual, in its store
 MODEL_KEY = "global-model"  # the node's copy of the global model, in its store
 STORE_KEY = "node-store"  # context.state: the directory of the node's store
-STATE_DIR_KEY = "state-dir"  # node-config: where nodes' stores go ('' = temporary directory)
+STATE_DIR_KEY = "state-dir"  # node-config: where nodes' stores go ('' = node_store's default)
 Outcome = tuple[str, RecordDict | str]
 
 

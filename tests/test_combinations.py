@@ -15,27 +15,26 @@ from feddm_flower.models import build_unet
 
 OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")
-UPLINKS = DOWNLINKS = ("fp32", "fp16", "int8", "int4")
+UPLINKS = DOWNLINKS = ("fp32", "fp16", "int8", "int4", "sparse")
 MUS = (0.0, 0.01)
-# downlink - uplink takes every value over the optimizers, and so does optimizer + offset.
-OFFSETS = (0, 2, 1, 3, 1)
 
 
 def covering_set() -> list[dict[str, object]]:
-    """20 runs (optimizer x aggregation, the largest pair) that cover every pair of values:
-    uplink, downlink and proximal-mu are cycled so that they meet every value of the others."""
+    """25 runs (uplink x downlink, the largest pair) that cover every pair of values: with
+    i the uplink and j the downlink, the optimizer is (i + j) mod 5, the aggregation
+    (i + 2j) mod 5 and proximal-mu (i + 3j) mod 5, folded onto their fewer values. These are
+    mutually orthogonal Latin squares (5 is prime), so any two columns meet every pair."""
     runs = []
-    for i, optimizer in enumerate(OPTIMIZERS):
-        for j, aggregation in enumerate(AGGREGATIONS):
-            runs.append(
-                {
-                    "proximal-mu": MUS[(i + j * (j + 1) // 2) % 2],
-                    "uplink": UPLINKS[(i + j) % 4],
-                    "downlink": DOWNLINKS[(i + j + OFFSETS[i]) % 4],
-                    "server-optimizer": optimizer,
-                    "aggregation": aggregation,
-                }
-            )
+    for i, j in itertools.product(range(5), range(5)):
+        runs.append(
+            {
+                "proximal-mu": MUS[(i + 3 * j) % 5 % 2],
+                "uplink": UPLINKS[i],
+                "downlink": DOWNLINKS[j],
+                "server-optimizer": OPTIMIZERS[(i + j) % 5],
+                "aggregation": AGGREGATIONS[(i + 2 * j) % 5 % 4],
+            }
+        )
     return runs
 
 
@@ -64,12 +63,15 @@ def test_each_combination_runs_one_real_round(flwr_run, tmp_path: Path, combinat
     assert row["train-loss"] > 0 and row["eval-loss"] > 0
     config = json.loads((out / "run_config.json").read_text())
     assert {k: config[k] for k in combination} == combination
-    expected_ratio = {"fp32": 1.0, "fp16": 2.0, "int8": 4.0, "int4": 7.9}[combination["uplink"]]
-    assert row["compression-up"] == pytest.approx(expected_ratio, rel=0.05)
+    # Sparse (5% of each tensor, int4): half a byte a value and about 1.3 for its position.
+    ratios = {"fp32": 1.0, "fp16": 2.0, "int8": 4.0, "int4": 7.9, "sparse": 64.0}
+    up, down = combination["uplink"], combination["downlink"]
+    assert row["compression-up"] == pytest.approx(ratios[up], rel=0.15 if up == "sparse" else 0.05)
     # Down, against FedAvg's two fp32 models: the seeded start is not sent (except under
     # fp16, which sends its rounding), then one model or change per node.
-    expected_ratio = {"fp32": 2.0, "fp16": 2.0, "int8": 7.9, "int4": 15.3}[combination["downlink"]]
-    assert row["compression-down"] == pytest.approx(expected_ratio, rel=0.05)
+    ratios = {"fp32": 2.0, "fp16": 2.0, "int8": 7.9, "int4": 15.3, "sparse": 128.0}
+    rel = 0.15 if down == "sparse" else 0.05
+    assert row["compression-down"] == pytest.approx(ratios[down], rel=rel)
     init = build_unet("tiny", 28, 1, seed=0).state_dict()
     final = UNet2DModel.from_pretrained(out / "checkpoint").state_dict()
     assert any(not torch.equal(init[k], final[k]) for k in init)  # the round moved the model

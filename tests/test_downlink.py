@@ -13,15 +13,19 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam
 
+from feddm_flower.changes import ChangeCodec, decode_change
 from feddm_flower.downlink import DOWNLINKS, Delivery, ModelChain, OutOfSync, digest
 from feddm_flower.records import (
     CHANGE_KEY,
     OUT_OF_SYNC,
     downlink_content,
+    encode_uplink,
+    message_bytes,
     payloads_from,
     payloads_record,
     received_model,
     to_record,
+    uplink_key,
 )
 from feddm_flower.strategies import FedDMStrategy
 
@@ -111,6 +115,30 @@ def test_server_error_feedback_keeps_the_reference_within_one_step(
         assert error <= 0.5 * 1.02 * step[k].abs().max() / qmax + 1e-6
 
 
+def test_sparse_downlink_carries_what_it_did_not_send() -> None:
+    """The same move every round, 10% of each tensor sent: with the server's residual the
+    reference keeps up (every value is sent once its residual is large enough), while
+    sending each round's top 10% of the move alone would leave 90% of the values behind."""
+    chain = ModelChain("sparse", block_size=16, fraction=0.1, sparse_bits=8)
+    chain.start(START, nodes_have_it=False)
+    step = _state(99, scale=0.01)
+    alone = ModelChain("sparse", block_size=16, fraction=0.1, sparse_bits=8).codec
+    no_feedback = dict(START)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in START.items()}
+    global_state = dict(START)
+    for _ in range(40):
+        global_state = {k: v + step[k] if v.is_floating_point() else v
+                        for k, v in global_state.items()}  # fmt: skip
+        chain.update(global_state)
+        sent = decode_change(alone.encode(step), expected)
+        no_feedback = {k: v + sent[k] if v.is_floating_point() else v
+                       for k, v in no_feedback.items()}  # fmt: skip
+    for k in ("w", "b"):
+        error = (global_state[k] - chain.ref[k]).abs().max()
+        assert error <= 12 * step[k].abs().max()  # about 1 / fraction rounds of one value
+        assert (global_state[k] - no_feedback[k]).abs().max() > 3 * error
+
+
 def test_a_chain_longer_than_the_model_is_replaced_by_the_full_model() -> None:
     chain = ModelChain("int8", block_size=16)
     chain.start(START, nodes_have_it=False)
@@ -152,7 +180,9 @@ class SyncGrid(Grid):
     received + a small seeded update, or an OUT_OF_SYNC error. ``corrupt`` flips a level in
     the change a node is sent (once per entry); ``restart`` empties a node's copy."""
 
-    def __init__(self, nodes: Iterable[int]) -> None:
+    def __init__(self, nodes: Iterable[int], uplink: str = "fp32") -> None:
+        self.uplink, self.scaled = uplink, set()  # nodes that scale their update a millionfold
+        self.sizes: dict[tuple[int, str, int], int] = {}  # (round, direction, node) -> bytes
         self.copies: dict[int, dict[str, torch.Tensor] | None] = dict.fromkeys(nodes)
         self.corrupt: set[tuple[int, int, str]] = set()  # (round, node, message type)
         self.pending: dict[str, Message] = {}
@@ -192,6 +222,15 @@ class SyncGrid(Grid):
         node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
         content = msg.content
         rnd = int(content["config"]["server-round"])
+        down = (rnd, "down", node)
+        self.sizes[down] = self.sizes.get(down, 0) + message_bytes(content)
+        reply = self._answer_content(msg, node, kind, content, rnd)
+        if not reply.has_error():
+            up = (rnd, "up", node)
+            self.sizes[up] = self.sizes.get(up, 0) + message_bytes(reply.content)
+        return reply
+
+    def _answer_content(self, msg, node, kind, content, rnd) -> Message:
         if (rnd, node, kind) in self.corrupt and CHANGE_KEY in content:
             self.corrupt.discard((rnd, node, kind))
             payloads = payloads_from(content[CHANGE_KEY])
@@ -212,7 +251,15 @@ class SyncGrid(Grid):
                 {"num-examples": 10, "eval-loss": 0.1})}))  # fmt: skip
         local = _moved(weights, 1000 * rnd + node)
         local["steps"] = weights["steps"]
-        return self._reply(msg, RecordDict({"arrays": to_record(local),
+        if node in self.scaled:
+            local = {k: weights[k] + 1e6 * (v - weights[k]) if v.is_floating_point() else v
+                     for k, v in local.items()}  # fmt: skip
+        if self.uplink == "fp32":
+            record = to_record(local)
+        else:
+            codec = ChangeCodec(self.uplink, 16, fraction=0.1, sparse_bits=4)
+            record, _ = encode_uplink(local, weights, self.uplink, codec=codec)
+        return self._reply(msg, RecordDict({uplink_key(self.uplink): record,
                                             "metrics": MetricRecord(metrics)}))  # fmt: skip
 
     @staticmethod
@@ -295,6 +342,28 @@ def test_an_evaluate_message_after_training_carries_only_the_change() -> None:
         # train: nothing but the config; evaluate: one int4 change (~1/8 of the model).
         assert all(b < fp32 / 5 for b in per_node.values()), per_node
     assert not grid.errors and grid.chains == [1, 1, 1, 1]  # evaluate messages only
+
+
+def test_sparse_both_ways_is_accounted_exactly_and_a_scaled_reply_is_bounded() -> None:
+    """Sparse uplink and downlink over three rounds of the real strategy loop: the ledger
+    holds, per round, direction and node, exactly the bytes of the messages and replies; the
+    nodes stay in sync; a node that scales its sparse update a millionfold moves the model
+    no further than an honest one (the norm bound applies to the decoded update)."""
+    grid = SyncGrid([10, 11, 12, 13], uplink="sparse")
+    grid.scaled.add(10)
+    codec = {"quant-block-size": 16, "sparse-fraction": 0.1, "sparse-bits": 4}
+    strategy = FedDMStrategy(uplink="sparse", downlink="sparse", codec=codec,
+                             seeded_start=True, poll_interval=0.0)  # fmt: skip
+    result = strategy.start(grid, ArrayRecord(START), num_rounds=3)
+    for (rnd, direction, node), size in grid.sizes.items():
+        assert strategy.ledger.per_node(rnd, direction)[node] == size, (rnd, direction, node)
+    assert {k[:2] for k in grid.sizes} == {(r, d) for r in (1, 2, 3) for d in ("down", "up")}
+    assert not grid.errors and max(grid.chains) == 1
+    fp32 = to_record(START).count_bytes()
+    assert all(size < fp32 / 10 for size in grid.sizes.values())
+    final = result.arrays.to_torch_state_dict()
+    honest_move = 3 * 0.01 * max(v.abs().max() for k, v in _state(1).items() if k != "steps")
+    assert (final["w"] - START["w"]).abs().max() <= 2 * honest_move
 
 
 class AlwaysOutOfSync(SyncGrid):
