@@ -42,7 +42,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch.utils.flop_counter import FlopCounterMode
 
 from feddm_flower import round_overhead, simulation_memory
-from feddm_flower.changes import CODED, ChangeCodec
+from feddm_flower.changes import CODED, ChangeCodec, decode_change
 from feddm_flower.codecs import (
     DEFAULT_ZSTD_LEVEL,
     FLAG_ZSTD,
@@ -71,6 +71,9 @@ BLOCK_SIZES = (64, 256, 1024, 4096)
 MIN_RATIO = {8: 3.9, 4: 7.5}
 RATIO_MIN_BLOCK_SIZE = 256
 MAX_TIME_VS_COPY = 3.0
+# Sparse settings (share of each tensor, bits) timed beside the dense codec; the first is the
+# run-config default.
+SPARSE_SETTINGS = ((0.05, 4), (0.05, 8), (0.01, 4), (0.2, 4))
 _QMAX = {8: 127, 4: 7}
 # ``--source train``: AdamW steps (the apps' learning rate) and minibatch size per preset. The
 # paper presets take seconds a step on a CPU, so they get a few small steps only.
@@ -254,6 +257,42 @@ def bench_codec(
     }
 
 
+def bench_sparse(
+    update: dict[str, torch.Tensor],
+    fraction: float,
+    bits: int,
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """Size and speed of the sparse codec at one setting, timed round-robin with a copy (the
+    baseline); the error is what one payload leaves out (the residual a sender carries)."""
+    codec = ChangeCodec("sparse", fraction=fraction, sparse_bits=bits)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in update.items()}
+    times: dict[str, list[float]] = {"copy": [], "encode": [], "decode": []}
+    decode_change(codec.encode(update), expected)
+    for _ in range(repeats):
+        times["copy"].append(_timed(clock, _copy, update)[0])
+        seconds, payload = _timed(clock, codec.encode, update)
+        times["encode"].append(seconds)
+        seconds, decoded = _timed(clock, decode_change, payload, expected)
+        times["decode"].append(seconds)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    floats = [k for k, v in update.items() if v.is_floating_point()]
+    ref = sum(update[k].float().square().sum().item() for k in floats)
+    left = sum((update[k].float() - decoded[k]).square().sum().item() for k in floats)
+    return {
+        "fraction": fraction,
+        "bits": bits,
+        "payload_bytes": len(payload),
+        "ratio": fp32_bytes(update) / len(payload),
+        "encode_s": median["encode"],
+        "decode_s": median["decode"],
+        "encode_vs_copy": median["encode"] / median["copy"],
+        "decode_vs_copy": median["decode"] / median["copy"],
+        "rel_l2_left_out": (left / ref) ** 0.5 if ref else 0.0,
+    }
+
+
 def targets(models: list[dict[str, Any]]) -> dict[str, Any]:
     """Whether the runs meet the size and speed targets, with the worst figures: speed over
     all runs, and over the block sizes that the size target applies to (``*_sized``)."""
@@ -290,6 +329,21 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['lossless_decode_vs_copy']:.1f} |"
             for r in m["runs"]
         ]
+    lines += [
+        "",
+        "| model (parameters) | sparse share | bits | payload bytes | fp32 / payload "
+        "| encode s | decode s | encode ÷ copy | decode ÷ copy | rel. L2 left out |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in report["models"]:
+        name = f"{m['preset']} {m['image_size']}px ({m['elements'] / 1e6:.2f} M)"
+        lines += [
+            f"| {name} | {r['fraction']:g} | int{r['bits']} | {r['payload_bytes']:,} "
+            f"| {r['ratio']:.1f} | {r['encode_s']:.3f} | {r['decode_s']:.3f} "
+            f"| {r['encode_vs_copy']:.1f} | {r['decode_vs_copy']:.1f} "
+            f"| {r['rel_l2_left_out']:.3f} |"
+            for r in m.get("sparse_runs", [])
+        ]
     return "\n".join(lines)
 
 
@@ -314,6 +368,11 @@ def run_codecs(args: argparse.Namespace) -> dict[str, Any]:
                 runs.append(
                     bench_codec(update, bits, block_size, args.repeats, clock, args.zstd_level)
                 )
+        sparse_runs = []
+        for fraction, bits in SPARSE_SETTINGS:
+            _log(f"codecs: {preset} {image_size}px sparse {fraction:g} int{bits}")
+            clock = CLOCKS[args.clock]
+            sparse_runs.append(bench_sparse(update, fraction, bits, args.repeats, clock))
         models.append(
             {
                 "preset": preset,
@@ -329,6 +388,7 @@ def run_codecs(args: argparse.Namespace) -> dict[str, Any]:
                 ),
                 "train_batch": TRAIN_BATCH[preset] if args.source == "train" else None,
                 "runs": runs,
+                "sparse_runs": sparse_runs,
             }
         )
     return {
@@ -1096,7 +1156,9 @@ def train_speed_markdown(report: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m feddm_flower.bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    codecs = commands.add_parser("codecs", help="quantized-update codec: size, speed, error")
+    codecs = commands.add_parser(
+        "codecs", help="dense and sparse update codecs: size, speed, error"
+    )
     codecs.add_argument("--repeats", type=int, default=7, help="timed repeats per setting")
     codecs.add_argument(
         "--source",

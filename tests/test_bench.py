@@ -34,6 +34,15 @@ def test_codec_benchmark_reports_sizes_speeds_and_errors(capsys: pytest.CaptureF
     assert report["targets"]["ratio"]  # the size targets hold on every model
     worst = max(run["encode_vs_copy"] for run in model["runs"])
     assert report["targets"]["worst_encode_vs_copy"] == worst
+    # The sparse codec beside them: smaller than the dense one at any setting, what it leaves
+    # out grows as the share sent shrinks, and it is timed against the same copy.
+    sparse = {(r["fraction"], r["bits"]): r for r in model["sparse_runs"]}
+    assert set(sparse) == set(bench.SPARSE_SETTINGS)
+    assert min(r["ratio"] for r in sparse.values()) > max(r["ratio"] for r in model["runs"])
+    assert sparse[0.05, 4]["ratio"] > 50 and sparse[0.01, 4]["ratio"] > sparse[0.05, 4]["ratio"]
+    left = [sparse[f, 4]["rel_l2_left_out"] for f in (0.2, 0.05, 0.01)]
+    assert 0 < left[0] < left[1] < left[2] < 1
+    assert all(r["encode_vs_copy"] > 0 and r["decode_vs_copy"] > 0 for r in sparse.values())
 
 
 def test_codec_benchmark_prints_a_markdown_table(capsys: pytest.CaptureFixture) -> None:
@@ -42,8 +51,12 @@ def test_codec_benchmark_prints_a_markdown_table(capsys: pytest.CaptureFixture) 
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].startswith("| model (parameters) | bits | block |")
     assert rows[0].endswith("| zstd: encode ÷ copy | zstd: decode ÷ copy |")
-    assert len(rows) == 2 + 8 and all(r.startswith("| tiny 28px (0.27 M) | int") for r in rows[2:])
-    assert all(len(r.split("|")) == len(rows[0].split("|")) for r in rows)
+    dense, sparse = rows[: 2 + 8], rows[2 + 8 + 1 :]
+    assert all(r.startswith("| tiny 28px (0.27 M) | int") for r in dense[2:])
+    assert all(len(r.split("|")) == len(rows[0].split("|")) for r in dense)
+    assert sparse[0].startswith("| model (parameters) | sparse share | bits |")
+    assert len(sparse) == 2 + len(bench.SPARSE_SETTINGS)
+    assert all(r.startswith("| tiny 28px (0.27 M) | 0.") for r in sparse[2:])
 
 
 def test_server_memory_benchmark_aggregates_every_reply(capsys: pytest.CaptureFixture) -> None:
