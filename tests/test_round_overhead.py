@@ -29,7 +29,9 @@ BIN = Path(sys.executable).parent
     reason="Flower's deployment CLIs are not installed in this environment",
 )
 def test_round_overhead_on_both_engines(tmp_path: Path) -> None:
-    config = " ".join(f"{k}={toml_value(v)}" for k, v in TINY_RUN.items())
+    # The sparse codec both ways: its keys on both engines, too.
+    run_config = {**TINY_RUN, "uplink": "sparse", "downlink": "sparse"}
+    config = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
     cmd = [
         sys.executable,
         "-m",
@@ -63,8 +65,13 @@ def test_round_overhead_on_both_engines(tmp_path: Path) -> None:
         # Only the deployment's nodes hand their messages to a worker.
         assert ("train_handoff" in rows[-1]) == (engine == "deployment")
         metrics = (Path(result["output_dir"]) / "metrics.jsonl").read_text().splitlines()
-        losses[engine] = [json.loads(line)["train-loss"] for line in metrics]
-    assert losses["deployment"] == losses["simulation"]  # the same seeded training, anywhere
+        losses[engine] = [
+            [json.loads(line)[k] for k in ("train-loss", "bytes-up", "bytes-down")]
+            for line in metrics
+        ]
+    # The same seeded training and the same bytes, anywhere.
+    assert losses["deployment"] == losses["simulation"]
+    assert all(up < 40_000 and down < 40_000 for _, up, down in losses["simulation"])
     assert report["deployment_vs_simulation"] > 0
     assert isinstance(report["deployment_overhead_ok"], bool)
     table = markdown(report)
