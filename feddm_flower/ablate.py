@@ -18,8 +18,8 @@ is validated before the first one runs. Finished runs (those with a summary.json
 skipped and half-finished ones resumed, so rerunning the command after an interruption
 completes the grid; a run that does not finish makes the command exit 1 after the others
 ran. Writes results.csv (one row per run), results.md, fid_vs_round.png, fid_vs_bytes.png,
-global_loss_vs_round.png and drift_vs_round.png
-(with --seeds also results_by_cell.csv) into --out.
+global_loss_vs_round.png and drift_vs_round.png (with --seeds also results_by_cell.csv, the
+Pareto front of bytes against global loss in results.md, and loss_vs_bytes.png) into --out.
 """
 
 from __future__ import annotations
@@ -510,6 +510,13 @@ def write_tables(
                 text[m] = _mean_sd_text(row[f"{m}_mean"], row[f"{m}_seed_sd"])
             text |= {f"Δ{m}_vs_{base}": _delta_text(row, m, base) for m in metrics}
             lines.append("| " + " | ".join(text[c] for c in shown + deltas) + " |")
+        front = pareto_front(cell_rows)
+        if front:
+            lines += [
+                "",
+                "Pareto front of bytes_total against the mean global_loss (no other cell has "
+                f"both fewer bytes and a lower loss; loss_vs_bytes.png): {', '.join(front)}.",
+            ]
         lines += ["", "## Per run", ""]
     lines += [
         f"Ratios compare each cell with its baseline, {baseline}"
@@ -526,6 +533,39 @@ def write_tables(
     for row in rows:
         lines.append("| " + " | ".join(_cell_text(row.get(c)) for c in columns) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def pareto_front(cell_rows: list[dict[str, object]], metric: str = "global_loss") -> list[str]:
+    """The cells, by bytes, that no other cell beats on both mean ``bytes_total`` and mean
+    ``metric`` (lower is better for both)."""
+    points = [(r["bytes_total"], r[f"{metric}_mean"], r["cell"]) for r in cell_rows
+              if r.get(f"{metric}_mean") is not None]  # fmt: skip
+
+    def beaten(b: float, m: float) -> bool:
+        return any(b2 <= b and m2 <= m and (b2, m2) != (b, m) for b2, m2, _ in points)
+
+    return [c for b, m, c in sorted(points) if not beaten(b, m)]
+
+
+def plot_front(out: Path, cell_rows: list[dict[str, object]], metric: str = "global_loss") -> None:
+    """loss_vs_bytes.png: each cell's mean final ``metric`` (± sd over seeds) against its
+    mean total bytes (log scale), the Pareto front joined by a line."""
+    rows = [r for r in cell_rows if r.get(f"{metric}_mean") is not None]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, r in enumerate(rows):
+        ax.errorbar(r["bytes_total"] / 1e6, r[f"{metric}_mean"], yerr=r[f"{metric}_seed_sd"],
+                    marker="o", capsize=3, color=f"C{i % 10}", label=r["cell"])  # fmt: skip
+    front = {c: i for i, c in enumerate(pareto_front(rows, metric))}
+    line = sorted((r["bytes_total"] / 1e6, r[f"{metric}_mean"]) for r in rows if r["cell"] in front)
+    ax.plot(*zip(*line, strict=True), color="0.5", linestyle=":", label="Pareto front")
+    ax.set(xscale="log", xlabel="total bytes, down + up (MB)",
+           ylabel=f"final {metric.replace('_', ' ')}")  # fmt: skip
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_bytes.png", dpi=120)
+    plt.close(fig)
 
 
 def by_cell_columns(names: list[str], base: str) -> list[str]:
@@ -786,6 +826,8 @@ def main(argv: list[str] | None = None) -> None:
     cell_rows = by_cell(rows, cells, base) if seeds else None
     write_tables(out, rows, command, columns, baseline, cell_rows, base, protocol)
     plot(out, cells, seeds)
+    if cell_rows:
+        plot_front(out, cell_rows)
     written = ["results.csv", "results.md"] + (["results_by_cell.csv"] if seeds else [])
     log.info("Wrote %s", ", ".join(str(out / f) for f in written))
     if failed:

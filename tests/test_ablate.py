@@ -392,6 +392,20 @@ def test_the_cell_table_is_the_mean_and_sd_over_seeds(fake_runs: FakeRuns, tmp_p
     md = (out / "results.md").read_text()
     assert "| prox-iid | proximal-mu=0.3 | iid | 3 | 1 | 103.5 ± 2.3 | 1000 |" in md
     assert "## Per run" in md and "| cell | keys | partition | seed | rounds |" in md
+    assert "Pareto front of bytes_total against the mean global_loss" in md
+    assert (out / "loss_vs_bytes.png").stat().st_size > 0
+
+
+def test_the_pareto_front_keeps_the_cells_no_other_beats_on_both() -> None:
+    rows = [
+        {"cell": "fp32", "bytes_total": 100, "global_loss_mean": 0.050},
+        {"cell": "int8", "bytes_total": 30, "global_loss_mean": 0.050},  # beats fp32
+        {"cell": "int4", "bytes_total": 15, "global_loss_mean": 0.052},
+        {"cell": "bad", "bytes_total": 20, "global_loss_mean": 0.060},  # int4 beats it
+        {"cell": "sparse", "bytes_total": 2, "global_loss_mean": 0.053},
+        {"cell": "old", "bytes_total": 1, "global_loss_mean": None},  # no loss: not placed
+    ]
+    assert ablate.pareto_front(rows) == ["sparse", "int4", "int8"]
 
 
 def test_drift_and_ema_loss_are_columns_and_every_run_plots_loss_and_drift(
