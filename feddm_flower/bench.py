@@ -9,7 +9,8 @@ measures training img/s of the clients' loop beside a plain diffusers loop in th
 ``run_<name>(args) -> dict`` function and registering a subcommand in ``build_parser``.
 ``round-overhead`` runs real federations (:mod:`feddm_flower.round_overhead`);
 ``simulation-memory`` real simulations at several node counts
-(:mod:`feddm_flower.simulation_memory`).
+(:mod:`feddm_flower.simulation_memory`); ``compressibility`` one round's update through each
+compressor (:mod:`feddm_flower.compressibility`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from torch.utils.flop_counter import FlopCounterMode
 
-from feddm_flower import round_overhead, simulation_memory
+from feddm_flower import compressibility, round_overhead, simulation_memory
 from feddm_flower.changes import CODED, ChangeCodec, decode_change
 from feddm_flower.codecs import (
     DEFAULT_ZSTD_LEVEL,
@@ -1324,6 +1325,18 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--out", default="", help="where the runs go (default: a temp dir)")
     memory.add_argument("--markdown", action="store_true", help="a table instead of JSON")
     memory.set_defaults(run=simulation_memory.run, markdown_fn=simulation_memory.markdown)
+
+    shrink = commands.add_parser(
+        "compressibility",
+        help="one round's update through each compressor once: the global loss it keeps",
+        description=compressibility.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    shrink.add_argument("--steps", type=int, default=200, help="local steps of the round")
+    shrink.add_argument("--seed", type=int, default=0)
+    shrink.add_argument("--eval-examples", type=int, default=500, help="test images of the loss")
+    shrink.add_argument("--markdown", action="store_true", help="a table instead of JSON")
+    shrink.set_defaults(run=compressibility.run, markdown_fn=compressibility.markdown)
     return parser
 
 
