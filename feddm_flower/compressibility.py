@@ -31,7 +31,8 @@ def sign_blocks(x: torch.Tensor, block: int = SIGN_BLOCK) -> torch.Tensor:
     flat = x.reshape(-1)
     pad = -flat.numel() % block
     blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
-    out = torch.sign(blocks) * blocks.abs().mean(1, keepdim=True)
+    counts = torch.nn.functional.pad(torch.ones_like(flat), (0, pad)).view(-1, block).sum(1)
+    out = torch.sign(blocks) * (blocks.abs().sum(1) / counts).unsqueeze(1)
     return out.reshape(-1)[: flat.numel()].reshape(x.shape)
 
 
