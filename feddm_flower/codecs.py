@@ -1,4 +1,4 @@
-"""Quantized model-update codec used by the FedDMQuant strategy.
+"""Quantized model-update codec (int8/int4), both directions (changes.py picks it).
 
 Clients send their update (local weights minus the received global weights) as one
 self-describing payload: float tensors are quantized blockwise to int8 or int4 with one
