@@ -69,9 +69,13 @@ def test_round_overhead_on_both_engines(tmp_path: Path) -> None:
             [json.loads(line)[k] for k in ("train-loss", "bytes-up", "bytes-down")]
             for line in metrics
         ]
-    # The same seeded training and the same bytes, anywhere.
-    assert losses["deployment"] == losses["simulation"]
-    assert all(up < 40_000 and down < 40_000 for _, up, down in losses["simulation"])
+    # The same seeded training and the same bytes down, anywhere; up differs only by the
+    # metrics' few bytes (the deployment's nodes also report their hand-off time).
+    for (loss, up, down), (loss2, up2, down2) in zip(
+        losses["deployment"], losses["simulation"], strict=True
+    ):
+        assert (loss, down) == (loss2, down2) and abs(up - up2) < 0.01 * up2
+        assert up < 40_000 and down < 40_000
     assert report["deployment_vs_simulation"] > 0
     assert isinstance(report["deployment_overhead_ok"], bool)
     table = markdown(report)
