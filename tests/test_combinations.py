@@ -63,15 +63,21 @@ def test_each_combination_runs_one_real_round(flwr_run, tmp_path: Path, combinat
     assert row["train-loss"] > 0 and row["eval-loss"] > 0
     config = json.loads((out / "run_config.json").read_text())
     assert {k: config[k] for k in combination} == combination
-    # Sparse (5% of each tensor, int4): half a byte a value and about 1.3 for its position.
-    ratios = {"fp32": 1.0, "fp16": 2.0, "int8": 4.0, "int4": 7.9, "sparse": 64.0}
+    # Sparse (5% of each tensor, int4): half a byte a value and at most about 1.3 for its
+    # position, less where zstd finds structure in the positions (it varies with the update).
+    ratios = {"fp32": 1.0, "fp16": 2.0, "int8": 4.0, "int4": 7.9}
     up, down = combination["uplink"], combination["downlink"]
-    assert row["compression-up"] == pytest.approx(ratios[up], rel=0.15 if up == "sparse" else 0.05)
+    if up == "sparse":
+        assert 55 < row["compression-up"] < 110
+    else:
+        assert row["compression-up"] == pytest.approx(ratios[up], rel=0.05)
     # Down, against FedAvg's two fp32 models: the seeded start is not sent (except under
     # fp16, which sends its rounding), then one model or change per node.
-    ratios = {"fp32": 2.0, "fp16": 2.0, "int8": 7.9, "int4": 15.3, "sparse": 128.0}
-    rel = 0.15 if down == "sparse" else 0.05
-    assert row["compression-down"] == pytest.approx(ratios[down], rel=rel)
+    ratios = {"fp32": 2.0, "fp16": 2.0, "int8": 7.9, "int4": 15.3}
+    if down == "sparse":
+        assert 2 * 55 < row["compression-down"] < 2 * 110
+    else:
+        assert row["compression-down"] == pytest.approx(ratios[down], rel=0.05)
     init = build_unet("tiny", 28, 1, seed=0).state_dict()
     final = UNet2DModel.from_pretrained(out / "checkpoint").state_dict()
     assert any(not torch.equal(init[k], final[k]) for k in init)  # the round moved the model
