@@ -31,6 +31,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from . import configure_logging
 from .attacks import ATTACKS, answers, claimed_examples, hostile_weights, skips_training
 from .changes import CODED, decode_change
+from .codecs import schema_of
 from .config import RunConfig
 from .evaluation import global_loss, load_eval_inputs
 from .models import build_unet
@@ -64,7 +65,7 @@ def hostile_reply(attack: str, content: RecordDict, context: Context, honest: Re
     else:
         received = held_model(context)
         if uplink in CODED:
-            expected = {k: (tuple(v.shape), v.dtype) for k, v in received.items()}
+            expected = schema_of(received)
             update = decode_change(payload_from(honest[key]), expected)
             trained = {k: v + update[k] if k in update else v for k, v in received.items()}
         else:

@@ -50,6 +50,7 @@ from feddm_flower.codecs import (
     decode_update,
     encode_update,
     fp32_bytes,
+    schema_of,
 )
 from feddm_flower.config import AGGREGATIONS, UPLINKS
 from feddm_flower.data import load_dataset
@@ -268,7 +269,7 @@ def bench_sparse(
     """Size and speed of the sparse codec at one setting, timed round-robin with a copy (the
     baseline); the error is what one payload leaves out (the residual a sender carries)."""
     codec = ChangeCodec("sparse", fraction=fraction, sparse_bits=bits)
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in update.items()}
+    expected = schema_of(update)
     times: dict[str, list[float]] = {"copy": [], "encode": [], "decode": []}
     decode_change(codec.encode(update), expected)
     for _ in range(repeats):

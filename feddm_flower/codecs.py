@@ -741,6 +741,13 @@ def _make_templates(entries: tuple[_Entry, ...]) -> list[torch.Tensor]:
 _templates = functools.lru_cache(maxsize=_CACHE_SLOTS)(_make_templates)
 
 
+def schema_of(
+    tensors: Mapping[str, torch.Tensor],
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The ``expected`` argument of the decoders for ``tensors``: name -> (shape, dtype)."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+
+
 def fp32_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     """Bytes the tensors take as raw data, floats counted as float32: the ratio baseline."""
     return sum(

@@ -50,11 +50,12 @@ def low_rank(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:
 def compressors() -> dict[str, Callable[[State], tuple[State, float]]]:
     """name -> (update -> (what the receiver gets, bytes sent))."""
     from .changes import ChangeCodec, decode_change
+    from .codecs import schema_of
 
     def codec(kind: str, **options: Any) -> Callable[[State], tuple[State, float]]:
         def run(update: State) -> tuple[State, float]:
             payload = ChangeCodec(kind, **options).encode(update)
-            expected = {k: (tuple(v.shape), v.dtype) for k, v in update.items()}
+            expected = schema_of(update)
             return decode_change(payload, expected), len(payload)
 
         return run

@@ -32,6 +32,7 @@ import torch
 
 from .aggregation import State
 from .changes import CODED, ChangeCodec, decode_change
+from .codecs import schema_of
 
 DOWNLINKS = ("fp32", "fp16", *CODED)
 
@@ -61,7 +62,7 @@ def apply_change(held: State, change: State) -> State:
 def apply_changes(held: State, payloads: list[bytes]) -> State:
     """``held`` after each encoded change in turn; :class:`OutOfSync` if one does not decode
     to ``held``'s names, shapes and dtypes."""
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in held.items()}
+    expected = schema_of(held)
     for i, payload in enumerate(payloads):
         try:
             change = decode_change(payload, expected)

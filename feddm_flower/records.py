@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from .aggregation import InvalidReply, State, check_like, clip_update
 from .changes import CODED, ChangeCodec, decode_change
-from .codecs import CodecError
+from .codecs import CodecError, schema_of
 from .downlink import Delivery, OutOfSync, apply_changes, digest
 from .sparse import is_sparse
 
@@ -243,7 +243,7 @@ def encode_uplink(
         raise ValueError(f"uplink {uplink!r} with a {codec.kind!r} codec")
     update = clipped_update(local, received, clip_norm)
     payload = codec.encode(update, seed)
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in update.items()}
+    expected = schema_of(update)
     return payload_record(payload), decode_change(payload, expected)
 
 
@@ -256,7 +256,7 @@ def decode_uplink(record: object, uplink: str, base: State) -> State:
     """
     if uplink in CODED:
         try:
-            expected = {k: (tuple(v.shape), v.dtype) for k, v in base.items()}
+            expected = schema_of(base)
             payload = payload_from(record)
             if is_sparse(payload) != (uplink == "sparse"):
                 raise CodecError(f"the payload is not the {uplink} uplink's codec")

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import zstandard
 
-from .codecs import ALLOWED_BITS, CodecError, decode_update, encode_update
+from .codecs import ALLOWED_BITS, CodecError, decode_update, encode_update, schema_of
 
 MAGIC = b"FDMS"
 FORMAT_VERSION = 1
@@ -66,10 +66,6 @@ def schema_digest(expected: Expected) -> bytes:
         shape, dtype = expected[name]
         h.update(f"{name}|{dtype}|{tuple(shape)}|".encode())
     return h.digest()
-
-
-def _schema(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
 
 
 @torch.no_grad()
@@ -119,7 +115,7 @@ def encode_sparse(
     kept = torch.cat(values) if values else torch.zeros(0)
     dense = encode_update({"values": kept}, bits=bits, block_size=block_size, lossless=lossless)
     header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, bits, coding, flags, schema_digest(_schema(tensors)),
+        MAGIC, FORMAT_VERSION, bits, coding, flags, schema_digest(schema_of(tensors)),
         index.size, len(section), raw_length,
     )  # fmt: skip
     return header + section + raw + dense
