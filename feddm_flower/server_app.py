@@ -7,9 +7,11 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
 from flwr.app import ArrayRecord, Context, MetricRecord
@@ -86,6 +88,7 @@ def main(grid: Grid, context: Context) -> None:
         timeout=cfg.round_timeout,
         evaluate_fn=reporter,
     )
+    reporter.close()
     if len(result.arrays) > 0:
         unet.load_state_dict(result.arrays.to_torch_state_dict())
     path = run.save_pipeline(reporter.model, build_scheduler(), vae)
@@ -218,7 +221,12 @@ def build_aggregator(cfg: RunConfig) -> Strategy | None:
 
 class RoundReporter:
     """Flower ``evaluate_fn``: after each round, measure the global model (``global-loss``) and
-    its EMA, write samples, checkpoint and metrics line.
+    its EMA, then write samples, FID, the metrics line and the checkpoint.
+
+    The measurement happens in the call; the writing in one background thread, so that the
+    next round's messages go out while it runs (deployed nodes train meanwhile). That thread
+    works on copies taken in the call (weights, strategy state), writes rounds in order, and
+    its errors surface at the next call or at :meth:`close`.
 
     With ``server-ema`` the server keeps the EMA of the global weights (:func:`ema_update`),
     which the samples, FID and the saved pipeline show.
@@ -240,11 +248,16 @@ class RoundReporter:
         self.ema = copy.deepcopy(self.unet) if cfg.server_ema else None
         if self.ema is not None and ema is not None:  # resumed
             self.ema.load_state_dict(ema)
+        # What the writer thread reads: the model shown (EMA or global) and the global one.
+        self.shown = copy.deepcopy(self.model)
+        self.saved = copy.deepcopy(self.unet) if self.ema is not None else self.shown
         examples = cfg.server_eval_examples
         self.eval_inputs = load_eval_inputs(cfg, self.vae, device) if examples else None
         self.scheduler = build_scheduler()
         self.initial: dict[str, float] = {}
         self.start = self.round_start = time.perf_counter()
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feddm-report")
+        self.pending: Future[None] | None = None
 
     @property
     def model(self) -> UNet2DModel:
@@ -253,27 +266,28 @@ class RoundReporter:
         return self.ema if self.ema is not None else self.unet
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        self.wait()
         self.unet.load_state_dict(arrays.to_torch_state_dict())
         if self.ema is not None and server_round > 0:
             decay = ema_decay(self.cfg.server_ema, server_round)
             new = ema_update(self.ema.state_dict(), self.unet.state_dict(), decay)
             self.ema.load_state_dict(new)
         losses = self._global_losses(ema=server_round > 0)
-        images = self._sample(self.cfg.grid_samples, seed=self.cfg.seed)
-        grid_path = self.run.save_grid(images, server_round)
+        self.shown.load_state_dict(self.model.state_dict())
+        self.saved.load_state_dict(self.unet.state_dict())
         if server_round == 0:  # the starting point, recorded in round 1's line
             self.initial = {f"{k}-initial": v for k, v in losses.items()}
             if losses:
                 log.info("Round 0: global-loss %.4f", losses["global-loss"])
+            self.pending = self.writer.submit(self._write, 0, None, None)
             return None
-        quality = fid_scores(self.model, self.vae, self.cfg) if self._fid_due(server_round) else {}
         now = time.perf_counter()
         history = self.strategy.history.get(server_round, {})
         round_seconds = now - self.round_start
         record = {
             "round": server_round,
             "strategy": self.cfg.label,
-            **history,
+            **copy.deepcopy(history),
             **self.strategy.ledger.round_summary(server_round),
             **self.initial,
             **losses,
@@ -281,18 +295,45 @@ class RoundReporter:
             # The share of the round its clients did not spend training (mean over clients).
             OVERHEAD_KEY: overhead_share(history.get("train-seconds", 0.0), round_seconds),
             "wall-seconds": round(now - self.start, 3),
-            "sample-grid": str(grid_path.relative_to(self.run.path)),
-            **quality,
         }
         self.initial, self.round_start = {}, now
-        # Metrics first, then the checkpoint: a crash in between is undone by truncate_metrics.
-        self.run.append_metrics(record)
-        self.run.save_checkpoint(
-            self.unet,
-            self.strategy.state(server_round),
-            self.strategy.optimizer_state(),
+        checkpoint = (
+            copy.deepcopy(self.strategy.state(server_round)),
+            {k: v.copy() for k, v in self.strategy.optimizer_state().items()},
             self.ema.state_dict() if self.ema is not None else None,
         )
+        self.pending = self.writer.submit(self._write, server_round, record, checkpoint)
+        return MetricRecord(losses) if losses else None
+
+    def wait(self) -> None:
+        """Until the last round's samples, metrics line and checkpoint are written."""
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def close(self) -> None:
+        """Write what is pending and stop the writer thread."""
+        self.wait()
+        self.writer.shutdown()
+
+    def _write(
+        self,
+        server_round: int,
+        record: dict[str, object] | None,
+        checkpoint: tuple[dict[str, object], dict[str, np.ndarray], State | None] | None,
+    ) -> None:
+        """Samples, FID, metrics line and checkpoint of ``server_round`` (the writer thread)."""
+        images = self._sample(self.cfg.grid_samples, seed=self.cfg.seed)
+        grid_path = self.run.save_grid(images, server_round)
+        if record is None or checkpoint is None:
+            return
+        record["sample-grid"] = str(grid_path.relative_to(self.run.path))
+        if self._fid_due(server_round):
+            record.update(fid_scores(self.shown, self.vae, self.cfg))
+        # Metrics first, then the checkpoint: a crash in between is undone by truncate_metrics.
+        self.run.append_metrics(record)
+        state, optimizer, ema = checkpoint
+        self.run.save_checkpoint(self.saved, state, optimizer, ema)
         log.info(
             "Round %d: train-loss %s, eval-loss %s, global-loss %s, %d B down, %d B up, %.1f s"
             " (%s outside training)",
@@ -305,7 +346,6 @@ class RoundReporter:
             record["round-seconds"],
             _share(record[OVERHEAD_KEY]),
         )
-        return MetricRecord(losses) if losses else None
 
     def loss_of(self, state: dict[str, torch.Tensor]) -> float:
         """``global-loss`` of the weights ``state`` (the strategy's last check)."""
@@ -331,9 +371,9 @@ class RoundReporter:
         return losses
 
     def _sample(self, num: int, seed: int) -> torch.Tensor:
-        """``num`` DDIM samples of :attr:`model` as images in [0, 1] (latents decoded)."""
+        """``num`` DDIM samples of the shown model as images in [0, 1] (latents decoded)."""
         return sample(
-            self.model,
+            self.shown,
             self.scheduler,
             num,
             steps=self.cfg.sample_steps,

@@ -82,6 +82,7 @@ def test_reporter_ema_is_the_bias_corrected_average_of_the_rounds_and_survives_r
     reporter = RoundReporter(cfg, run, strategy, build_unet("tiny", 28, 1, seed=0))
     for rnd in range(3):
         reporter(rnd, ArrayRecord(w[rnd]))
+    reporter.close()
     expected = {k: (d * w[1][k] + w[2][k]) / (1 + d) for k in w[0]}
     torch.testing.assert_close(reporter.model.state_dict(), expected)
     torch.testing.assert_close(run.load_ema(), expected)
@@ -97,5 +98,34 @@ def test_reporter_ema_is_the_bias_corrected_average_of_the_rounds_and_survives_r
 
     resumed = RoundReporter(cfg, run, strategy, build_unet("tiny", 28, 1), ema=run.load_ema())
     resumed(3, ArrayRecord(w[3]))
+    resumed.close()
     expected = {k: (d * d * w[1][k] + d * w[2][k] + w[3][k]) / (1 + d + d * d) for k in w[0]}
     torch.testing.assert_close(resumed.model.state_dict(), expected)
+
+
+def test_the_reporter_writes_in_the_background_what_the_round_was_when_it_ended(
+    tmp_path: Path,
+) -> None:
+    """The metrics line and checkpoint of round 1 are written while round 2 goes on: what
+    round 2 adds to the strategy's history and ledger meanwhile stays out of them."""
+    cfg = RunConfig(server_eval_examples=0, grid_samples=1, sample_steps=1)
+    run = RunDirectory(tmp_path)
+    strategy = build_strategy(cfg)
+    reporter = RoundReporter(cfg, run, strategy, build_unet("tiny", 28, 1, seed=0))
+    strategy.history[1]["sampled-train"] = ["7"]
+    strategy.ledger.add(1, "down", 7, 100, 400)
+    reporter(0, ArrayRecord(build_unet("tiny", 28, 1, seed=0).state_dict()))
+    w1 = build_unet("tiny", 28, 1, seed=1).state_dict()
+    reporter(1, ArrayRecord(w1))
+    strategy.history[1]["late"] = True  # round 2 goes on while round 1 is written
+    strategy.history[2]["sampled-train"] = ["7"]
+    strategy.ledger.add(2, "down", 7, 100, 400)
+    reporter.close()
+    (row,) = [json.loads(line) for line in run.metrics_file.read_text().splitlines()]
+    assert row["round"] == 1 and row["sampled-train"] == ["7"] and "late" not in row
+    assert row["bytes-down-cumulative"] == 100
+    assert (run.path / row["sample-grid"]).exists() and (run.path / "samples").is_dir()
+    unet, state = run.load_checkpoint()
+    assert state["round"] == 1 and set(state["history"]) == {"1"}
+    assert "late" not in state["history"]["1"] and set(state["ledger"]) == {"1"}
+    assert torch.equal(unet.conv_in.weight, w1["conv_in.weight"])
