@@ -66,7 +66,10 @@ def _key(default: Value, check: Check = _any, help: str = "") -> Any:
 
 STRATEGIES = ("custom", "vanilla", "prox", "quant")
 UPLINKS = ("fp32", "fp16", "int8", "int4", "sparse")
-# sparse.MIN_FRACTION, here too so that checking a run-config imports no torch.
+# The coded directions' defaults (fed/changes.ChangeCodec, fed/sparse.py use these).
+QUANT_BLOCK_SIZE = 256
+SPARSE_FRACTION = 0.05
+SPARSE_BITS = 4
 MIN_SPARSE_FRACTION = 0.001
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")
@@ -137,15 +140,19 @@ class RunConfig:
     round_timeout: float = _key(86400.0, _positive, "seconds to wait for replies per round")
     proximal_mu: float = _key(0.0, _at_least(0.0), "weight of (mu/2)·||w - w_global||²; 0 = off")
     uplink: str = _key("fp32", _one_of(*UPLINKS), "what clients send: weights or coded update")
-    quant_block_size: int = _key(256, _at_least(1), "coded payloads: values per absmax scale")
+    quant_block_size: int = _key(
+        QUANT_BLOCK_SIZE, _at_least(1), "coded payloads: values per absmax scale"
+    )
     quant_stochastic: bool = _key(False, help="int8/int4 uplink: unbiased stochastic rounding")
     error_feedback: bool = _key(False, help="int8/int4 uplink: clients carry their residual")
     sparse_fraction: float = _key(
-        0.05,
+        SPARSE_FRACTION,
         lambda v: None if MIN_SPARSE_FRACTION <= v <= 1 else f"in [{MIN_SPARSE_FRACTION}, 1]",
         "sparse uplink/downlink: share of each tensor's values sent (largest magnitudes)",
     )
-    sparse_bits: int = _key(4, _one_of(8, 4), "sparse uplink/downlink: bits per value sent")
+    sparse_bits: int = _key(
+        SPARSE_BITS, _one_of(8, 4), "sparse uplink/downlink: bits per value sent"
+    )
     sparse_feedback: bool = _key(
         True, help="sparse uplink: clients carry what was not sent (false: only to ablate)"
     )

@@ -4,10 +4,10 @@
 # Flower's deployment engine on loopback (one SuperLink, NUM_NODES SuperNodes sharing the GPU),
 # plus a training-throughput benchmark of the 32 px `paper` preset (35.7 M parameters).
 #
-# Here first:  python -m feddm_flower.gpu_kit pack        (gpu-kit/: wheels + FashionMNIST)
+# Here first:  python -m feddm_flower.tools.gpu_kit pack        (gpu-kit/: wheels + FashionMNIST)
 # There, from the repository root with gpu-kit/ beside it:
 #   scripts/gpu_paper.sh
-# Back here:   python -m feddm_flower.gpu_kit fid gpu-paper.tar.gz     (FID/KID table)
+# Back here:   python -m feddm_flower.tools.gpu_kit fid gpu-paper.tar.gz     (FID/KID table)
 #
 # It installs the kit's wheels (--no-deps, into SITE, on top of the machine's own torch),
 # unpacks FashionMNIST, starts a SuperLink and NUM_NODES SuperNodes, each with its node worker
@@ -147,7 +147,7 @@ common+=" local-steps=${STEPS:-200} batch-size=${BATCH:-128} learning-rate=${LR:
 common+=" min-nodes=$NUM_NODES eval-every=0 seed=0 data-root='$DATA_ROOT' fraction-evaluate=0"
 for cell in $CELLS; do
   [[ -n "${cell_keys[$cell]:-}" ]] || { say "unknown cell '$cell' (vanilla, prox, int8)"; exit 2; }
-  python3 -m feddm_flower.overrides "$common ${cell_keys[$cell]} ${EXTRA_RUN_CONFIG:-}" || exit 2
+  python3 -m feddm_flower.app.overrides "$common ${cell_keys[$cell]} ${EXTRA_RUN_CONFIG:-}" || exit 2
 done
 
 # --- the federation: one SuperLink, NUM_NODES SuperNodes, all on this machine --------------
@@ -202,7 +202,7 @@ for ((c = 0; c < ${#cells[@]}; c++)); do
   model="$dir/run/pipeline"
   [[ -d "$model" ]] || model="$dir/run/checkpoint"
   if [[ -d "$model" ]]; then
-    timeout 120 python3 -m feddm_flower.gpu_kit sample "$model" --out "$dir/samples.npz" \
+    timeout 120 python3 -m feddm_flower.tools.gpu_kit sample "$model" --out "$dir/samples.npz" \
       --num "${SAMPLES:-1000}" --steps "${SAMPLE_STEPS:-25}" \
       --batch-size "${SAMPLE_BATCH:-500}" --device "${DEVICE:-cuda}" ||
       say "cell $cell: sampling failed"
@@ -217,7 +217,7 @@ pids=()
 bench() { # bench NAME SECONDS [extra flags]
   local name=$1 limit=$2 && shift 2
   say "benchmark $name: ${BENCH_STEPS:-60} training steps of the ${BENCH_PRESET:-paper} preset (at most $limit s)"
-  timeout "$limit" python3 -m feddm_flower.bench train-speed \
+  timeout "$limit" python3 -m feddm_flower.tools.bench train-speed \
     --preset "${BENCH_PRESET:-paper}" --image-size "${BENCH_SIZE:-32}" \
     --channels "${BENCH_CHANNELS:-3}" --batch-size "${BENCH_BATCH:-256}" \
     --steps "${BENCH_STEPS:-60}" --warmup "${BENCH_WARMUP:-10}" \
@@ -235,7 +235,7 @@ else
 fi
 
 # --- report and the results to take home ----------------------------------------------------
-python3 -m feddm_flower.gpu_kit report "$WORK"
+python3 -m feddm_flower.tools.gpu_kit report "$WORK"
 light=(cells logs summary.json environment.json gpu_paper.log)
 [[ -f "$WORK/bench.json" ]] && light+=(bench.json)
 tar -czf "$WORK/gpu-paper.tar.gz" -C "$WORK" --exclude=checkpoint --exclude=pipeline \

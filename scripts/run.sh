@@ -3,7 +3,7 @@
 # (2 SuperNodes, 1 CPU each). Extra arguments go to `flwr run`, e.g.
 #   scripts/run.sh --run-config "strategy='vanilla' num-server-rounds=10"
 # NUM_SUPERNODES (default 2) simulated nodes; NUM_GPUS (default 0) GPUs per ClientApp, e.g. 0.5.
-# Every --run-config is checked before Flower starts (python -m feddm_flower.overrides); the
+# Every --run-config is checked before Flower starts (python -m feddm_flower.app.overrides); the
 # script exits non-zero unless the run finished (wrote summary.json into its run directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     -c?*) run_configs+=("${args[i]#-c}") ;;
   esac
 done
-run_dir=$(python -m feddm_flower.overrides --print-run-dir "${run_configs[@]}") || exit 2
+run_dir=$(python -m feddm_flower.app.overrides --print-run-dir "${run_configs[@]}") || exit 2
 
 stop_superlink() { pkill -f "flower-superlink.*$FLWR_HOME" || true; }
 trap stop_superlink EXIT

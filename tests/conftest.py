@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
-from feddm_flower.ablate import stop_local_superlink, toml_value
+from feddm_flower.app.compat import act_as_server_app
+from feddm_flower.app.launch import flwr_executable, run_config_text, stop_local_superlink
 
 REPO = Path(__file__).resolve().parents[1]
-FLWR = str(Path(sys.executable).with_name("flwr"))
+FLWR = flwr_executable()
 # A run small enough for tests: 2 rounds of 2 local steps, tiny evaluation and sampling.
 TINY_RUN = {
     "num-server-rounds": 2,
@@ -48,7 +46,7 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
 @pytest.fixture(scope="module")
 def server_identity() -> None:
     """Flower's task identity as a ServerApp process sets it: strategies build messages."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    act_as_server_app()
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +66,7 @@ def flwr_run(flwr_home: Path):
         timeout: float = 600,
         app_dir: Path = REPO,
     ) -> subprocess.CompletedProcess[str]:
-        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        overrides = run_config_text(run_config)
         env = {
             **os.environ,
             "FLWR_HOME": str(flwr_home),

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from feddm_flower import ablate
 from feddm_flower.config import ConfigError
+from feddm_flower.tools import ablate
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = (
@@ -60,7 +60,7 @@ def test_micro_grid_writes_a_consistent_table_and_resumes(
     assert float(quant["global_loss"]) > 0  # the server's global-loss, from summary.json
     assert 3.5 < float(quant["uplink_compression_vs_vanilla"]) < 4.5
     assert int(quant["bytes_up"]) < int(vanilla["bytes_up"])
-    assert "python -m feddm_flower.ablate" in (out / "results.md").read_text()
+    assert "python -m feddm_flower.tools.ablate" in (out / "results.md").read_text()
     for plot in ("fid_vs_round.png", "fid_vs_bytes.png"):
         assert (out / plot).stat().st_size > 0
 

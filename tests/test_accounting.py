@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from feddm_flower.accounting import CommLedger
+from feddm_flower.fed.accounting import CommLedger
 
 entries = st.lists(
     st.tuples(

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from feddm_flower.artifacts import RunDirectory
+from feddm_flower.app.server_app import _resumed_config, _starting_point
 from feddm_flower.config import RunConfig
-from feddm_flower.models import build_unet
-from feddm_flower.server_app import _resumed_config, _starting_point
+from feddm_flower.evaluation.artifacts import RunDirectory
+from feddm_flower.task.models import build_unet
 
 
 def test_summary_is_the_last_metrics_line_without_per_node_detail(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""`python -m feddm_flower.attack_table`: one real cell, its JSON and its table."""
+"""`python -m feddm_flower.tools.attack_table`: one real cell, its JSON and its table."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from feddm_flower.attack_table import main
+from feddm_flower.tools.attack_table import main
 
 SMALL = {"num-server-rounds": 1, "local-steps": 2, "batch-size": 8, "server-eval-examples": 20}
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from feddm_flower import bench
+from feddm_flower.tools import bench
 
 
 def test_codec_benchmark_reports_sizes_speeds_and_errors(capsys: pytest.CaptureFixture) -> None:
@@ -205,7 +205,7 @@ def test_compressibility_sends_one_round_through_each_compressor(capsys) -> None
 def test_sign_and_low_rank_compressors() -> None:
     import torch
 
-    from feddm_flower.compressibility import low_rank, sign_blocks
+    from feddm_flower.tools.compressibility import low_rank, sign_blocks
 
     x = torch.tensor([1.0, -3.0, 2.0, 0.0, 5.0])
     assert torch.equal(sign_blocks(x, block=2), torch.tensor([2.0, -2.0, 1.0, 0.0, 5.0]))

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from diffusers import DDPMPipeline
 
-from feddm_flower.centralized import (
+from feddm_flower.config import ConfigError, RunConfig
+from feddm_flower.tools.centralized import (
     central_steps,
     config_images,
     main,
     price_of_federation,
     run_images,
 )
-from feddm_flower.config import ConfigError, RunConfig
 
 
 def test_config_images_count_every_sampled_client_of_every_round() -> None:
@@ -85,8 +85,8 @@ def test_centralized_trains_with_the_clients_optimiser_settings(
 ) -> None:
     """Equal compute means the same training function with the same options as the clients
     (client-optimizer, momentum, preset warm-up and clip), not AdamW whatever was asked."""
-    from feddm_flower import centralized
-    from feddm_flower.diffusion import TrainResult
+    from feddm_flower.task.diffusion import TrainResult
+    from feddm_flower.tools import centralized
 
     seen: dict[str, object] = {}
 

@@ -7,18 +7,24 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from feddm_flower import changes
-from feddm_flower.aggregation import update_norm
-from feddm_flower.changes import ChangeCodec, decode_change
-from feddm_flower.client_app import train
-from feddm_flower.codecs import decode_update
-from feddm_flower.downlink import digest
-from feddm_flower.models import build_unet
-from feddm_flower.node_tasks import MODEL_KEY, RESIDUAL_KEY, STATE_DIR_KEY, node_store
-from feddm_flower.records import OUT_OF_SYNC, encode_uplink, from_record, payload_from, to_record
+from feddm_flower.app.client_app import train
+from feddm_flower.app.compat import KEY_CLIPPING_NORM
+from feddm_flower.app.node_tasks import MODEL_KEY, RESIDUAL_KEY, STATE_DIR_KEY, node_store
+from feddm_flower.app.records import (
+    OUT_OF_SYNC,
+    encode_uplink,
+    from_record,
+    payload_from,
+    to_record,
+)
+from feddm_flower.fed import changes
+from feddm_flower.fed.aggregation import update_norm
+from feddm_flower.fed.changes import ChangeCodec, decode_change
+from feddm_flower.fed.codecs import decode_update
+from feddm_flower.fed.downlink import digest
+from feddm_flower.task.models import build_unet
 
 
 def test_encoded_update_is_what_the_server_decodes() -> None:

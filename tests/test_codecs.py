@@ -1,4 +1,4 @@
-"""Property tests for the quantized-update codec (feddm_flower.codecs).
+"""Property tests for the quantized-update codec (feddm_flower.fed.codecs).
 
 Expected values come from the format's definition (absmax / qmax block scales, the documented
 byte layout), recomputed here independently of the codec's own code paths.
@@ -24,8 +24,8 @@ import zstandard
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from feddm_flower import codecs
-from feddm_flower.codecs import (
+from feddm_flower.fed import codecs
+from feddm_flower.fed.codecs import (
     FLAG_ZSTD,
     FORMAT_VERSION,
     MAGIC,
@@ -35,7 +35,7 @@ from feddm_flower.codecs import (
     fp32_bytes,
     quantize_dequantize,
 )
-from feddm_flower.models import build_unet
+from feddm_flower.task.models import build_unet
 
 QMAX = {8: 127, 4: 7}
 HEADER = struct.Struct("<4sBBHII")  # magic, version, bits, flags, block_size, metadata length
@@ -647,12 +647,10 @@ def test_oversized_metadata_and_layouts_are_not_kept() -> None:
     for tensors, metadata_kept, layouts_kept in cases:
         payload = encode_update(tensors, bits=8, block_size=64)
         codecs._stream.cache_clear()  # the encoder shares it
-        codecs._templates.cache_clear()
         assert list(decode_update(payload)) == list(tensors)
         blob = payload[HEADER.size : HEADER.size + sections(payload)["meta_len"]]
         assert (blob in codecs._metadata_cache) == metadata_kept
-        for cache in (codecs._stream, codecs._templates):
-            assert cache.cache_info().currsize == layouts_kept
+        assert codecs._stream.cache_info().currsize == layouts_kept
 
 
 def test_shapes_torch_cannot_rebuild_are_refused() -> None:

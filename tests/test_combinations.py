@@ -11,11 +11,11 @@ import torch
 from conftest import TINY_RUN
 from diffusers import UNet2DModel
 
-from feddm_flower.models import build_unet
+from feddm_flower.config import AGGREGATIONS, SERVER_OPTIMIZERS, UPLINKS
+from feddm_flower.task.models import build_unet
 
-OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
-AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum")
-UPLINKS = DOWNLINKS = ("fp32", "fp16", "int8", "int4", "sparse")
+OPTIMIZERS = SERVER_OPTIMIZERS
+DOWNLINKS = UPLINKS
 MUS = (0.0, 0.01)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from feddm_flower import overrides
+from feddm_flower.app import overrides
 from feddm_flower.config import TRAINING_DEFAULTS, ConfigError, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -206,9 +206,11 @@ def test_an_explicit_training_value_overrides_the_preset() -> None:
 
 def test_every_preset_has_training_defaults_for_every_client_optimizer() -> None:
     from feddm_flower.config import CLIENT_OPTIMIZERS, PRESETS
-    from feddm_flower.models import PRESETS as MODEL_PRESETS
+    from feddm_flower.task.models import unet_config
 
-    assert PRESETS == MODEL_PRESETS == tuple(TRAINING_DEFAULTS)
+    assert PRESETS == tuple(TRAINING_DEFAULTS)
+    for preset in PRESETS:  # and a U-Net for each, at FashionMNIST's 28 px
+        assert unet_config(preset, 28, 1)["sample_size"] == 28
     for preset in PRESETS:
         assert tuple(TRAINING_DEFAULTS[preset]) == CLIENT_OPTIMIZERS
         for values in TRAINING_DEFAULTS[preset].values():

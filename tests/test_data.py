@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from feddm_flower import datasets
-from feddm_flower.data import DataNotFoundError, load_client_data, load_dataset
-from feddm_flower.partitioning import make_partitioner, partition_indices
+from feddm_flower.data import datasets
+from feddm_flower.data.loading import DataNotFoundError, load_client_data, load_dataset
+from feddm_flower.data.partitioning import make_partitioner, partition_indices
 
 
 @pytest.fixture(scope="module")

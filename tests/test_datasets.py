@@ -26,12 +26,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from feddm_flower import datasets
-from feddm_flower.data import DataNotFoundError, load_client_data, load_dataset
-from feddm_flower.datasets import open_source, thumbnails
-from feddm_flower.diffusion import denoising_loss, to_model_range, train_local
-from feddm_flower.models import build_scheduler, build_unet
-from feddm_flower.partitioning import kmeans, make_partitioner, partition_indices, partition_labels
+from feddm_flower.data import datasets
+from feddm_flower.data.datasets import open_source, thumbnails
+from feddm_flower.data.loading import DataNotFoundError, load_client_data, load_dataset
+from feddm_flower.data.partitioning import (
+    kmeans,
+    make_partitioner,
+    partition_indices,
+    partition_labels,
+)
+from feddm_flower.task.diffusion import denoising_loss, to_model_range, train_local
+from feddm_flower.task.models import build_scheduler, build_unet
 
 
 @pytest.fixture(autouse=True)

@@ -10,17 +10,17 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from feddm_flower import diffusion
 from feddm_flower.config import RunConfig
-from feddm_flower.data import load_dataset
-from feddm_flower.diffusion import (
+from feddm_flower.data.loading import load_dataset
+from feddm_flower.task import diffusion
+from feddm_flower.task.diffusion import (
     denoising_loss,
     diffusion_loss,
     proximal_term,
     sample,
     train_local,
 )
-from feddm_flower.models import build_scheduler, build_unet, compile_unet
+from feddm_flower.task.models import build_scheduler, build_unet, compile_unet
 
 
 @pytest.fixture(scope="module")

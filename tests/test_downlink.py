@@ -9,13 +9,11 @@ from collections.abc import Iterable
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam
 
-from feddm_flower.changes import ChangeCodec, decode_change
-from feddm_flower.downlink import DOWNLINKS, Delivery, ModelChain, OutOfSync, digest
-from feddm_flower.records import (
+from feddm_flower.app.compat import SUPERLINK_NODE_ID, assign_message_id
+from feddm_flower.app.records import (
     CHANGE_KEY,
     OUT_OF_SYNC,
     downlink_content,
@@ -27,7 +25,9 @@ from feddm_flower.records import (
     to_record,
     uplink_key,
 )
-from feddm_flower.strategies import FedDMStrategy
+from feddm_flower.app.strategy import FedDMStrategy
+from feddm_flower.fed.changes import ChangeCodec, decode_change
+from feddm_flower.fed.downlink import DOWNLINKS, Delivery, ModelChain, OutOfSync, digest
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -210,7 +210,7 @@ class SyncGrid(Grid):
         ids = []
         for msg in messages:
             self.pushed += 1
-            msg.metadata.__dict__["_message_id"] = f"m{self.pushed}"  # as Flower's grids do
+            assign_message_id(msg, f"m{self.pushed}")
             self.pending[f"m{self.pushed}"] = msg
             ids.append(f"m{self.pushed}")
         return ids

@@ -11,19 +11,19 @@ import torch
 from flwr.app import ArrayRecord
 from formats import write_celeba
 
-from feddm_flower.artifacts import RunDirectory
+from feddm_flower.app.server_app import RoundReporter, build_strategy
 from feddm_flower.config import RunConfig
-from feddm_flower.data import load_dataset
-from feddm_flower.datasets import open_source, resolve_root
-from feddm_flower.evaluation import (
+from feddm_flower.data.datasets import open_source, resolve_root
+from feddm_flower.data.loading import load_dataset
+from feddm_flower.evaluation.artifacts import RunDirectory
+from feddm_flower.evaluation.quality import (
     balanced_subset,
     ema_decay,
     ema_update,
     global_loss,
     load_eval_images,
 )
-from feddm_flower.models import build_unet
-from feddm_flower.server_app import RoundReporter, build_strategy
+from feddm_flower.task.models import build_unet
 
 
 def test_balanced_subset_has_equal_counts_interleaved_and_is_seeded() -> None:

@@ -16,8 +16,8 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-from feddm_flower import fid
-from feddm_flower.data import load_dataset
+from feddm_flower.data.loading import load_dataset
+from feddm_flower.evaluation import fid
 
 N = 32
 

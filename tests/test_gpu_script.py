@@ -1,5 +1,5 @@
 """The GPU paper-scale script (scripts/gpu_paper.sh) end to end on the CPU at `tiny` size, and
-the kit that carries it (feddm_flower.gpu_kit): its size check, its package list, its report
+the kit that carries it (feddm_flower.tools.gpu_kit): its size check, its package list, its report
 and the FID step on what comes back.
 
 The end-to-end test starts a real SuperLink and SuperNodes on loopback, on free ports, and uses
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from feddm_flower import gpu_kit
+from feddm_flower.tools import gpu_kit
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -76,7 +76,7 @@ def test_the_kit_carries_flower_and_diffusers_but_not_torch() -> None:
 
 def test_client_speeds_read_train_locals_last_line_per_call(tmp_path: Path) -> None:
     log = tmp_path / "supernode-0.log"
-    prefix = "INFO feddm_flower.diffusion: client 0 round"
+    prefix = "INFO feddm_flower.task.diffusion: client 0 round"
     log.write_text(
         f"{prefix} 1: epoch 1, step 50/100, loss 0.5, 900 img/s\n"
         f"{prefix} 1: epoch 1, step 100/100, loss 0.4, 1000 img/s\n"
@@ -195,7 +195,7 @@ def test_gpu_script_runs_end_to_end_on_cpu_at_tiny_size(
         return {"fid": 123.4, "kid": 0.1, "kid-std": 0.01, "num-fake": len(fake),
                 "num-real": len(real)}  # fmt: skip
 
-    monkeypatch.setattr("feddm_flower.fid.fid_kid", fake_fid_kid)
+    monkeypatch.setattr("feddm_flower.evaluation.fid.fid_kid", fake_fid_kid)
     gpu_kit.main(["fid", str(out / "gpu-paper.tar.gz"), "--real", "8", "--data-root",
                   str(tmp_path / "data")])  # fmt: skip
     assert [s[:2] for s in seen] == [

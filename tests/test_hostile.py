@@ -1,6 +1,6 @@
 """Real `flwr run`s with colluding hostile nodes: the run finishes and the model holds.
 
-Seven nodes, two rounds; the attackers are :mod:`feddm_flower.attacks`' (test app:
+Seven nodes, two rounds; the attackers are :mod:`feddm_flower.fed.attacks`' (test app:
 tests/apps/hostile_app.py). Targets (issue 19): the final global-loss within 10% of the
 all-honest run's, the final model within 2x the honest training distance of the all-honest one.
 """
@@ -17,7 +17,7 @@ import torch
 from conftest import REPO, TINY_RUN
 from diffusers import UNet2DModel
 
-from feddm_flower.models import build_unet
+from feddm_flower.task.models import build_unet
 
 NODES = 7
 RUN = {**TINY_RUN, "num-server-rounds": 2, "local-steps": 3, "fraction-evaluate": 0.0}
@@ -30,7 +30,7 @@ def _app(root: Path, attack: str, hostile: int) -> Path:
     app = root / f"{attack}-{hostile}"
     app.mkdir()
     text = (REPO / "pyproject.toml").read_text()
-    component = 'clientapp = "feddm_flower.client_app:app"'
+    component = 'clientapp = "feddm_flower.app.client_app:app"'
     assert component in text
     (app / "pyproject.toml").write_text(text.replace(component, 'clientapp = "hostile_app:app"'))
     shutil.copy(REPO / "tests" / "apps" / "hostile_app.py", app)

@@ -10,12 +10,12 @@ import torch
 from conftest import tiny_vae
 from diffusers import DiffusionPipeline
 
-from feddm_flower import latents
-from feddm_flower.artifacts import RunDirectory
-from feddm_flower.diffusion import autocast, sample, train_local
-from feddm_flower.latent_pipeline import LatentDDPMPipeline
-from feddm_flower.latents import cached_encode, encode, load_vae, model_space, vae_source
-from feddm_flower.models import build_scheduler, build_unet, resolve_device
+from feddm_flower.evaluation.artifacts import RunDirectory
+from feddm_flower.task import latents
+from feddm_flower.task.diffusion import autocast, sample, train_local
+from feddm_flower.task.latent_pipeline import LatentDDPMPipeline
+from feddm_flower.task.latents import cached_encode, encode, load_vae, model_space, vae_source
+from feddm_flower.task.models import build_scheduler, build_unet, resolve_device
 
 
 @pytest.fixture(scope="module")

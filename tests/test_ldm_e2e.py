@@ -17,8 +17,8 @@ from formats import write_lsun
 from PIL import Image
 from safetensors.torch import load_file
 
-from feddm_flower.latent_pipeline import LatentDDPMPipeline
-from feddm_flower.models import build_unet
+from feddm_flower.task.latent_pipeline import LatentDDPMPipeline
+from feddm_flower.task.models import build_unet
 
 LDM_RUN = {**TINY_RUN, "num-server-rounds": 1, "batch-size": 4, "eval-max-examples": 4}
 

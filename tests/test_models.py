@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from feddm_flower.models import build_unet, count_parameters, training_memory, unet_config
+from feddm_flower.task.models import build_unet, count_parameters, training_memory, unet_config
 
 # Parameter counts documented in the README (preset, pixels, channels) -> millions, +-5 %.
 DOCUMENTED_MILLIONS = {

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from flwr.common.config import parse_config_args
 
-from feddm_flower import overrides
+from feddm_flower.app import overrides
+from feddm_flower.app.compat import parse_config_args
 from feddm_flower.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

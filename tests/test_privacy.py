@@ -22,24 +22,24 @@ from flwr.serverapp import (
     SamplingMethod,
 )
 from flwr.serverapp.strategy import FedAdam, FedAvg
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feddm_flower import changes
-from feddm_flower.aggregation import update_norm
-from feddm_flower.changes import CODED, ChangeCodec
-from feddm_flower.codecs import encode_update
-from feddm_flower.config import ConfigError, RunConfig
-from feddm_flower.records import (
+from feddm_flower.app.compat import KEY_CLIPPING_NORM
+from feddm_flower.app.records import (
     clipped_update,
     encode_uplink,
     from_record,
     payload_record,
     to_record,
 )
-from feddm_flower.server_app import build_strategy
-from feddm_flower.strategies import DP_POPULATION, FedDMStrategy
+from feddm_flower.app.server_app import build_strategy
+from feddm_flower.app.strategy import DP_POPULATION, FedDMStrategy
+from feddm_flower.config import ConfigError, RunConfig
+from feddm_flower.fed import changes
+from feddm_flower.fed.aggregation import update_norm
+from feddm_flower.fed.changes import CODED, ChangeCodec
+from feddm_flower.fed.codecs import encode_update
 
 # What a ServerApp process has set before a strategy builds its messages.
 pytestmark = pytest.mark.usefixtures("server_identity")

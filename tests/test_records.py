@@ -15,8 +15,7 @@ from flwr.app import Array, ArrayRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feddm_flower.models import build_unet
-from feddm_flower.records import (
+from feddm_flower.app.records import (
     DATA_PREFIX,
     LAYOUT_KEY,
     LAYOUT_STYPE,
@@ -24,6 +23,7 @@ from feddm_flower.records import (
     from_record,
     to_record,
 )
+from feddm_flower.task.models import build_unet
 
 
 def _state() -> dict[str, torch.Tensor]:

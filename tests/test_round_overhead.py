@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RUN
 
-from feddm_flower.ablate import toml_value
-from feddm_flower.round_overhead import markdown
+from feddm_flower.app.launch import run_config_text
+from feddm_flower.tools.round_overhead import markdown
 
 BIN = Path(sys.executable).parent
 
@@ -31,11 +31,11 @@ BIN = Path(sys.executable).parent
 def test_round_overhead_on_both_engines(tmp_path: Path) -> None:
     # The sparse codec both ways: its keys on both engines, too.
     run_config = {**TINY_RUN, "uplink": "sparse", "downlink": "sparse"}
-    config = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+    config = run_config_text(run_config)
     cmd = [
         sys.executable,
         "-m",
-        "feddm_flower.bench",
+        "feddm_flower.tools.bench",
         "round-overhead",
         "--engine",
         "deployment",

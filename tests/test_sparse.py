@@ -1,4 +1,4 @@
-"""Property tests for the sparse update codec (feddm_flower.sparse).
+"""Property tests for the sparse update codec (feddm_flower.fed.sparse).
 
 Payloads with chosen positions are written here from the documented layout, independently of
 the encoder, so that every malformation the decoder must refuse can be built on purpose.
@@ -16,10 +16,9 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from feddm_flower.changes import ChangeCodec, decode_change
-from feddm_flower.codecs import CodecError, encode_update
-from feddm_flower.models import build_unet
-from feddm_flower.sparse import (
+from feddm_flower.fed.changes import ChangeCodec, decode_change
+from feddm_flower.fed.codecs import CodecError, encode_update
+from feddm_flower.fed.sparse import (
     BITMAP,
     FLAG_ZSTD,
     GAPS,
@@ -28,6 +27,7 @@ from feddm_flower.sparse import (
     encode_sparse,
     schema_digest,
 )
+from feddm_flower.task.models import build_unet
 
 HEADER = struct.Struct("<4sBBBB12sQQQ")
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

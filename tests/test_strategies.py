@@ -19,12 +19,22 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.serverapp.strategy import FedAdam
+from flwr.serverapp.strategy import FedAdam, FedTrimmedAvg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feddm_flower.aggregation import (
+from feddm_flower.app.compat import SUPERLINK_NODE_ID, ErrorCode, assign_message_id
+from feddm_flower.app.records import payload_record, to_record
+from feddm_flower.app.server_app import build_strategy
+from feddm_flower.app.strategy import (
+    STEP_STATE,
+    FedDMProx,
+    FedDMQuant,
+    FedDMStrategy,
+    FedDMVanilla,
+)
+from feddm_flower.config import RunConfig
+from feddm_flower.fed.aggregation import (
     BoundedStream,
     Contribution,
     InfluenceBound,
@@ -32,17 +42,7 @@ from feddm_flower.aggregation import (
     Reference,
     RunningMean,
 )
-from feddm_flower.codecs import decode_update, encode_update
-from feddm_flower.config import RunConfig
-from feddm_flower.records import payload_record, to_record
-from feddm_flower.server_app import build_strategy
-from feddm_flower.strategies import (
-    STEP_STATE,
-    FedDMProx,
-    FedDMQuant,
-    FedDMStrategy,
-    FedDMVanilla,
-)
+from feddm_flower.fed.codecs import decode_update, encode_update
 
 # What a ServerApp process has set before a strategy builds its messages.
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -52,13 +52,15 @@ GLOBAL = {"w": torch.zeros(3, 4), "b": torch.ones(5), "steps": torch.tensor([7])
 OFF = InfluenceBound(norm_bound=0, weight_bound=0)
 
 
-def _reply(node: int, content: RecordDict | Error, kind: str = "train") -> Message:
+def _reply(
+    node: int, content: RecordDict | Error, kind: str = "train", reply_to: str = "i"
+) -> Message:
     meta = Metadata(
         run_id=1,
         message_id=f"m{node}",
         src_node_id=node,
         dst_node_id=0,
-        reply_to_message_id="i",
+        reply_to_message_id=reply_to,
         group_id="1",
         created_at=time.time(),
         ttl=60.0,
@@ -348,12 +350,12 @@ def test_superlink_stand_in_errors_count_the_node_as_missing() -> None:
     name the node the message went to, as missing, not as a bad reply from node 1."""
     strategy = _strategy()
     strategy.sampled[2] = [70, 80]
-    strategy.sent = [_reply(0, RecordDict()).metadata for _ in (70, 80)]
-    for metadata, node in zip(strategy.sent, (70, 80), strict=True):
-        metadata.dst_node_id = node
-        metadata.__dict__["_message_id"] = f"to-{node}"  # as the grid does when pushing
-    stand_in = _reply(SUPERLINK_NODE_ID, Error(code=ErrorCode.NODE_UNAVAILABLE, reason="gone"))
-    stand_in.metadata.__dict__["_reply_to_message_id"] = "to-70"
+    sent = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in (70, 80)]
+    for msg in sent:
+        assign_message_id(msg, f"to-{msg.metadata.dst_node_id}")
+    strategy.sent = [msg.metadata for msg in sent]
+    gone = Error(code=ErrorCode.NODE_UNAVAILABLE, reason="gone")
+    stand_in = _reply(SUPERLINK_NODE_ID, gone, reply_to="to-70")
     good = _random_state(3)
     arrays, _ = strategy.aggregate_train(2, [stand_in, _weights_reply(80, good)])
     torch.testing.assert_close(_weights(arrays)["w"], good["w"])
@@ -408,16 +410,29 @@ def test_the_clients_phase_times_are_averaged_and_hostile_ones_ignored() -> None
     assert times == {"train-time-startup": 2.0, "train-time-train": 8.0}
 
 
-def test_presets_and_free_combinations() -> None:
-    assert FedDMProx().proximal_mu == 0.01 and FedDMQuant(bits=4).uplink == "int4"
+def test_presets_and_free_combinations_reach_the_nodes() -> None:
+    """What a preset or a run-config combination sets is what its train messages tell the
+    nodes, and the run-config picks Flower's optimizer and rule."""
+
+    def told(strategy: FedDMStrategy) -> dict[str, object]:
+        arrays = ArrayRecord(_random_state(0, scale=1.0))
+        (msg, *_) = strategy.configure_train(1, arrays, ConfigRecord(), _grid([1, 2]))
+        return dict(msg.content["config"])
+
+    assert told(FedDMVanilla())["proximal-mu"] == 0.0 and told(FedDMVanilla())["uplink"] == "fp32"
+    assert told(FedDMProx())["proximal-mu"] == 0.01
+    quant = told(FedDMQuant(bits=4, block_size=64))
+    assert quant["uplink"] == "int4" and quant["quant-block-size"] == 64
     cfg = RunConfig.from_mapping(
-        {"proximal-mu": 0.01, "uplink": "int4", "server-optimizer": "fedadam",
-         "aggregation": "trimmed-mean"}
+        {"proximal-mu": 0.02, "uplink": "sparse", "sparse-fraction": 0.1,
+         "server-optimizer": "fedadam", "aggregation": "trimmed-mean", "trim-fraction": 0.2}
     )  # fmt: skip
     strategy = build_strategy(cfg)
+    config = told(strategy)
+    assert config["proximal-mu"] == 0.02 and config["uplink"] == "sparse"
+    assert config["sparse-fraction"] == 0.1 and config["sparse-bits"] == cfg.sparse_bits
     assert isinstance(strategy.optimizer, FedAdam)
-    assert strategy.uplink == "int4" and strategy.proximal_mu == 0.01
-    assert type(strategy.aggregator).__name__ == "FedTrimmedAvg"
+    assert isinstance(strategy.aggregator, FedTrimmedAvg) and strategy.aggregator.beta == 0.2
 
 
 def _round(strategy: FedDMStrategy, server_round: int, arrays: ArrayRecord) -> ArrayRecord:

@@ -8,7 +8,7 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from feddm_flower.timings import (
+from feddm_flower.fed.timings import (
     MAX_PHASE_SECONDS,
     PHASES,
     PREFIX,

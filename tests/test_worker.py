@@ -1,4 +1,4 @@
-"""The node worker: a real ``python -m feddm_flower.worker`` process serving the ClientApp.
+"""The node worker: a real ``python -m feddm_flower.app.worker`` process serving the ClientApp.
 
 The ClientApp hands a message to the worker and gets back what it would have computed itself,
 to the bit; a worker that is missing, or a client without its key, changes nothing else.
@@ -18,19 +18,21 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 from test_client_app import _train_message
 
-from feddm_flower.client_app import evaluate, train
-from feddm_flower.downlink import digest
-from feddm_flower.models import build_unet
-from feddm_flower.node_tasks import MODEL_KEY, STORE_KEY, node_store
-from feddm_flower.records import OUT_OF_SYNC, to_record
-from feddm_flower.worker import WorkerUnavailable, request
+from feddm_flower.app.client_app import evaluate, train
+from feddm_flower.app.node_tasks import MODEL_KEY, STORE_KEY, node_store
+from feddm_flower.app.records import OUT_OF_SYNC, to_record
+from feddm_flower.app.worker import WorkerUnavailable, request
+from feddm_flower.fed.downlink import digest
+from feddm_flower.task.models import build_unet
 
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A worker process listening on a socket in a fresh directory; its socket path."""
     sock = tmp_path_factory.mktemp("worker") / "node.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "feddm_flower.worker", "--socket", str(sock)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "feddm_flower.app.worker", "--socket", str(sock)]
+    )
     deadline = time.monotonic() + 180
     while not sock.exists():
         assert proc.poll() is None, "the worker exited"

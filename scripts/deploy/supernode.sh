@@ -18,7 +18,7 @@
 #                                  on the same machine needs its own port.
 #
 #   WORKER      [1]                1 = start this node's long-lived worker first
-#                                  (python -m feddm_flower.worker): it keeps the imports, the
+#                                  (python -m feddm_flower.app.worker): it keeps the imports, the
 #                                  data, the U-Net and CUDA between messages, so a round is not
 #                                  spent starting processes; 0 = every message's ClientApp
 #                                  process does all of that itself
@@ -75,7 +75,7 @@ fi
 if [[ "${WORKER:-1}" == 1 ]]; then
   # The worker exits when its parent, this process (flower-supernode after the exec), ends.
   sockdir="$(mktemp -d "${TMPDIR:-/tmp}/feddm-worker.XXXXXX")"
-  PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" python3 -m feddm_flower.worker \
+  PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" python3 -m feddm_flower.app.worker \
     --socket "$sockdir/node.sock" --parent-pid $$ &
   for ((i = 0; i < 600; i++)); do
     [[ -S "$sockdir/node.sock" ]] && break

@@ -2,8 +2,8 @@
 are honest. Both come from ``attack_config.py`` beside this file, which the test writes.
 
 The mod lets the real ``client_app.train`` run (unless the attack skips training), then
-replaces the reply with the hostile one of :func:`feddm_flower.attack_table.hostile_reply`:
-finite or not, well-formed and hostile, as :mod:`feddm_flower.attacks` describes.
+replaces the reply with the hostile one of :func:`feddm_flower.app.hostile.hostile_reply`:
+finite or not, well-formed and hostile, as :mod:`feddm_flower.fed.attacks` describes.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from feddm_flower import client_app
-from feddm_flower.attack_table import hostile_reply
-from feddm_flower.attacks import answers, skips_training
+from feddm_flower.app import client_app
+from feddm_flower.app.hostile import hostile_reply
+from feddm_flower.fed.attacks import answers, skips_training
 
 SLOW_SECONDS = 3.0  # a slow attacker answers after the honest nodes of a tiny test run
 

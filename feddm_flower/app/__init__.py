@@ -1,0 +1,1 @@
+"""The Flower layer: ServerApp, ClientApp, the strategy, records, the node worker."""

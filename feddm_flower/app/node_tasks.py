@@ -1,0 +1,249 @@
+"""What a node does with a train or evaluate message: the diffusion task on its partition.
+
+Run inside the ClientApp's own process, or inside a node's long-lived worker
+(:mod:`feddm_flower.app.worker`), which keeps what these functions cache between messages: the
+imports, this node's model inputs, the U-Net on its device (compiled once with ``compile``) and
+the CUDA context. Each function takes the message's records and the node's
+:class:`~flwr.app.Context` and returns the reply's records, or raises :class:`OutOfSync`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+
+from feddm_flower.app.compat import KEY_CLIPPING_NORM
+from feddm_flower.app.records import (
+    clipped_update,
+    encode_uplink,
+    received_model,
+    uplink_key,
+)
+from feddm_flower.config import RunConfig
+from feddm_flower.data.loading import IMAGE_SHAPES, load_client_data
+from feddm_flower.fed.changes import CODED, ChangeCodec
+from feddm_flower.fed.downlink import OutOfSync
+from feddm_flower.fed.node_store import NodeStore
+from feddm_flower.fed.timings import Stopwatch
+from feddm_flower.task.diffusion import denoising_loss, train_local
+from feddm_flower.task.latents import DEFAULT_LATENT_CACHE, cached_encode, model_space
+from feddm_flower.task.models import build_scheduler, build_unet, compile_unet, resolve_device
+
+RESIDUAL_KEY = "quant-residual"  # the node's error-feedback residual, in its store
+MODEL_KEY = "global-model"  # the node's copy of the global model, in its store
+STORE_KEY = "node-store"  # context.state: the directory of the node's store
+STATE_DIR_KEY = "state-dir"  # node-config: where nodes' stores go ('' = node_store's default)
+Outcome = tuple[str, RecordDict | str]
+
+
+def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict:
+    """Train the received global U-Net on this node's partition; reply with the weights, or
+    under an int8/int4/sparse uplink with the encoded update. Under differential privacy the update
+    is first clipped to the ``clipping_norm`` the server's DP wrapper put in the config."""
+    cfg, pid, train_inputs, _ = _setup(context)
+    clock.mark("data")
+    config: ConfigRecord = content["config"]
+    server_round = int(config["server-round"])
+    uplink = str(config.get("uplink", "fp32"))
+    clip_norm = float(config.get(KEY_CLIPPING_NORM, 0.0))
+    seed = _round_seed(cfg.seed, server_round, pid)
+    node, weights = _node_model(cfg, content, context)
+    # The received weights: the proximal term's anchor lives in train_local; a coded uplink
+    # sends the difference from them, and DP clips that difference.
+    received = weights if uplink in CODED or clip_norm > 0 else {}
+    clock.mark("model")
+    result = train_local(
+        node.compiled,
+        build_scheduler(),
+        train_inputs,
+        **cfg.optimizer_options,
+        epochs=cfg.local_epochs,
+        steps=cfg.local_steps,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        seed=seed,
+        label=f"client {pid} round {server_round}",
+    )
+    clock.mark("train")
+    # Records carry plain CPU tensors in the default memory layout, whatever trained them; the
+    # module stays where it is, for the next message.
+    local = {
+        k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+        for k, v in node.unet.state_dict().items()
+    }
+    feedback = bool(config.get("error-feedback", False))
+    store = node_store(context)
+    residual = store.load(RESIDUAL_KEY) if feedback else None
+    if residual is not None:
+        local = {k: v + residual[k] for k, v in local.items()}
+    codec = uplink_codec(uplink, config) if uplink in CODED else None
+    record, sent = encode_uplink(
+        local, received, uplink, codec=codec, seed=seed, clip_norm=clip_norm
+    )
+    if feedback:  # what the server did not get of this (clipped) update goes into the next
+        update = clipped_update(local, received, clip_norm)
+        store.save(RESIDUAL_KEY, {k: v - sent[k] for k, v in update.items()})
+    clock.mark("encode")
+    metrics = {
+        "num-examples": len(train_inputs),
+        "train-loss": result.mean_loss,
+        "train-steps": result.steps,
+        "train-seconds": result.seconds,
+        **clock.metrics(),
+    }
+    return RecordDict({uplink_key(uplink): record, "metrics": MetricRecord(metrics)})
+
+
+def uplink_codec(uplink: str, config: ConfigRecord) -> ChangeCodec:
+    """The coded uplink's options, as the server's train config sets them."""
+    return ChangeCodec.from_config(uplink, config)
+
+
+def evaluate(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict:
+    """Held-out denoising loss of the received global U-Net on this node's eval split."""
+    cfg, _, _, eval_inputs = _setup(context)
+    clock.mark("data")
+    node, _ = _node_model(cfg, content, context)
+    clock.mark("model")
+    loss = denoising_loss(node.unet, build_scheduler(), eval_inputs, seed=cfg.seed)
+    clock.mark("eval")
+    metrics = {"num-examples": len(eval_inputs), "eval-loss": loss, **clock.metrics()}
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def _setup(context: Context) -> tuple[RunConfig, int, torch.Tensor, torch.Tensor]:
+    """Config, partition id and this node's (train, held-out) model inputs; node-config
+    ``num-threads`` (> 0) sets torch's CPU threads, the node's share of the machine."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    threads = int(context.node_config.get("num-threads", 0))
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    pid = int(context.node_config["partition-id"])
+    num = int(context.node_config["num-partitions"])
+    return (cfg, pid, *_model_inputs(cfg, pid, num))
+
+
+@lru_cache(maxsize=2)
+def _model_inputs(
+    cfg: RunConfig, partition_id: int, num_partitions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) images, or with an autoencoder their latents (encoded once, cached)."""
+    train_set, eval_set = load_client_data(
+        cfg.dataset,
+        cfg.data_root,
+        partition_id,
+        num_partitions,
+        partitioning=cfg.partitioning,
+        alpha=cfg.dirichlet_alpha,
+        shards_per_client=cfg.shards_per_client,
+        eval_fraction=cfg.eval_fraction,
+        seed=cfg.seed,
+        partition_by=cfg.partition_by,
+        celeba_attribute=cfg.celeba_attribute,
+        num_clusters=cfg.num_clusters,
+    )
+    held_out = eval_set.images[: cfg.eval_max_examples]
+    vae, _, _ = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
+    if vae is None:
+        return train_set.images, held_out
+    cache = Path(cfg.latent_cache_dir or DEFAULT_LATENT_CACHE).expanduser()
+    device = resolve_device(cfg.device)
+
+    def encode(images: torch.Tensor, split: str) -> torch.Tensor:
+        label = f"client {partition_id} {split} latents"
+        return cached_encode(
+            vae, images, cache, batch_size=cfg.batch_size, device=device, label=label
+        )
+
+    return encode(train_set.images, "train"), encode(held_out, "held-out")
+
+
+@dataclass
+class NodeModel:
+    """This process's U-Net for one model configuration, on its device: ``unet`` holds the
+    weights, ``compiled`` is what trains (the same module unless ``compile`` is on), and
+    ``initial`` the seeded initial weights a node without a copy starts from."""
+
+    unet: UNet2DModel
+    compiled: torch.nn.Module
+    initial: dict[str, torch.Tensor]
+
+
+@lru_cache(maxsize=1)
+def _model(
+    preset: str, size: int, channels: int, latent: bool, seed: int, place: tuple[str, bool, str]
+) -> NodeModel:
+    """Built once per process and configuration; every message loads its weights into it."""
+    device, channels_last, compile_mode = place
+    unet = build_unet(preset, size, channels, seed=seed, latent=latent)
+    initial = {k: v.clone() for k, v in unet.state_dict().items()}
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    unet = unet.to(resolve_device(device), memory_format=layout)
+    return NodeModel(unet, compile_unet(unet, compile_mode), initial)
+
+
+def _node_model(
+    cfg: RunConfig, content: RecordDict, context: Context
+) -> tuple[NodeModel, dict[str, torch.Tensor]]:
+    """This process's U-Net holding the model the message describes, and those weights (fp32,
+    CPU), rebuilt from the node's copy (none yet: the seeded initial weights) and what the
+    message carries; the copy is updated. :class:`OutOfSync` (and the copy dropped) if that is
+    impossible."""
+    vae, channels, size = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
+    place = (cfg.device, cfg.channels_last, cfg.compile)
+    node = _model(cfg.model_preset, size, channels, vae is not None, cfg.seed, place)
+    store = node_store(context)
+    held = store.load(MODEL_KEY)
+    try:
+        weights = received_model(content, node.initial if held is None else held)
+    except OutOfSync:
+        store.drop(MODEL_KEY)
+        raise
+    if held is None or weights is not held:  # (a node that is current keeps its file)
+        store.save(MODEL_KEY, weights)
+    node.unet.load_state_dict(weights)
+    return node, weights
+
+
+def node_store(context: Context) -> NodeStore:
+    """This node's store (node_store.py): the directory its state names, or a new one, named
+    there; a node whose state is lost starts a new, empty store."""
+    record = context.state.get(STORE_KEY)
+    if isinstance(record, ConfigRecord) and isinstance(record.get("dir"), str):
+        return NodeStore(Path(str(record["dir"])))
+    base = str(context.node_config.get(STATE_DIR_KEY, ""))
+    store = NodeStore.create(base, prefix=f"run{context.run_id}-node{context.node_id}-")
+    context.state[STORE_KEY] = ConfigRecord({"dir": str(store.root)})
+    return store
+
+
+def held_model(context: Context) -> dict[str, torch.Tensor] | None:
+    """The node's copy of the global model, None if it has none."""
+    return node_store(context).load(MODEL_KEY)
+
+
+def receive(content: RecordDict, context: Context) -> dict[str, torch.Tensor]:
+    """The weights a message describes, kept as the node's copy, without training on them."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    return _node_model(cfg, content, context)[1]
+
+
+def _round_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """Distinct, reproducible noise per (run seed, round, client)."""
+    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % 2**63
+
+
+TASKS = {"train": train, "evaluate": evaluate}
+
+
+def run_task(kind: str, content: RecordDict, context: Context, clock: Stopwatch) -> Outcome:
+    """``kind`` ('train' or 'evaluate') on ``content``: ("ok", the reply's records), or
+    ("out-of-sync", why) when the node cannot rebuild the model the message describes."""
+    try:
+        return "ok", TASKS[kind](content, context, clock)
+    except OutOfSync as exc:
+        return "out-of-sync", str(exc)
