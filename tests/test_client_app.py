@@ -11,7 +11,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from feddm_flower.app.client_app import train
 from feddm_flower.app.compat import KEY_CLIPPING_NORM
-from feddm_flower.app.node_tasks import MODEL_KEY, RESIDUAL_KEY, STATE_DIR_KEY, node_store
+from feddm_flower.app.node_tasks import MODEL_KEY, RESIDUAL_KEY, node_store
 from feddm_flower.app.records import (
     OUT_OF_SYNC,
     encode_uplink,
@@ -24,6 +24,7 @@ from feddm_flower.fed.aggregation import update_norm
 from feddm_flower.fed.changes import ChangeCodec, decode_change
 from feddm_flower.fed.codecs import decode_update
 from feddm_flower.fed.downlink import digest
+from feddm_flower.protocol import NUM_PARTITIONS, PARTITION_ID, STATE_DIR
 from feddm_flower.task.models import build_unet
 
 
@@ -53,7 +54,7 @@ def test_fp_uplinks_send_weights_in_their_dtype() -> None:
 def fashion_context(tmp_path: Path) -> Context:
     """Node 0 of 2 on real FashionMNIST, one local step of batch 8, its store in tmp_path."""
     run_config = {"local-steps": 1, "batch-size": 8, "eval-max-examples": 8}
-    node_config = {"partition-id": 0, "num-partitions": 2, STATE_DIR_KEY: str(tmp_path)}
+    node_config = {PARTITION_ID: 0, NUM_PARTITIONS: 2, STATE_DIR: str(tmp_path)}
     return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(),
                    run_config=run_config)  # fmt: skip
 

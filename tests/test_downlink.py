@@ -14,7 +14,6 @@ from flwr.serverapp.strategy import FedAdam
 
 from feddm_flower.app.compat import SUPERLINK_NODE_ID, assign_message_id
 from feddm_flower.app.records import (
-    CHANGE_KEY,
     OUT_OF_SYNC,
     downlink_content,
     encode_uplink,
@@ -28,6 +27,7 @@ from feddm_flower.app.records import (
 from feddm_flower.app.strategy import FedDMStrategy
 from feddm_flower.fed.changes import ChangeCodec, decode_change
 from feddm_flower.fed.downlink import DOWNLINKS, Delivery, ModelChain, OutOfSync, digest
+from feddm_flower.protocol import CHANGE
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -160,13 +160,13 @@ def test_a_node_out_of_sync_is_refused_not_silently_drifting() -> None:
     wrong = _moved(START, 7)
     with pytest.raises(OutOfSync, match="holds model"):
         received_model(content, wrong)
-    [payload] = payloads_from(content[CHANGE_KEY])
+    [payload] = payloads_from(content[CHANGE])
     flipped = bytearray(payload)
     flipped[-1] ^= 0x40  # one level of the change
-    content[CHANGE_KEY] = payloads_record((bytes(flipped),))
+    content[CHANGE] = payloads_record((bytes(flipped),))
     with pytest.raises(OutOfSync, match="rebuilt model"):
         received_model(content, START)
-    content[CHANGE_KEY] = payloads_record((b"FDMQ",))
+    content[CHANGE] = payloads_record((b"FDMQ",))
     with pytest.raises(OutOfSync, match="does not decode"):
         received_model(content, START)
 
@@ -231,13 +231,13 @@ class SyncGrid(Grid):
         return reply
 
     def _answer_content(self, msg, node, kind, content, rnd) -> Message:
-        if (rnd, node, kind) in self.corrupt and CHANGE_KEY in content:
+        if (rnd, node, kind) in self.corrupt and CHANGE in content:
             self.corrupt.discard((rnd, node, kind))
-            payloads = payloads_from(content[CHANGE_KEY])
+            payloads = payloads_from(content[CHANGE])
             payloads[-1] = payloads[-1][:-1] + bytes([payloads[-1][-1] ^ 0x40])
-            content = RecordDict({**content, CHANGE_KEY: payloads_record(tuple(payloads))})
-        if CHANGE_KEY in content:
-            self.chains.append(len(content[CHANGE_KEY]))
+            content = RecordDict({**content, CHANGE: payloads_record(tuple(payloads))})
+        if CHANGE in content:
+            self.chains.append(len(content[CHANGE]))
         try:
             weights = received_model(content, self.copies[node] or START)
         except OutOfSync as exc:
@@ -305,7 +305,7 @@ def test_the_strategy_keeps_nodes_in_sync_and_resends_the_full_model_when_they_a
         if server_round == 3:
             grid.copies[12] = None  # node 12 restarts with an empty state
         for node, copy in grid.copies.items():
-            if copy is not None and strategy.held.get(node) == strategy.chain.digest:
+            if copy is not None and strategy.dispatch.held.get(node) == strategy.chain.digest:
                 assert _equal(copy, strategy.chain.ref), (server_round, node)
         rounds_seen.append(server_round)
 
@@ -321,7 +321,7 @@ def test_the_strategy_keeps_nodes_in_sync_and_resends_the_full_model_when_they_a
     assert all("rejected" not in history[r] and "missing" not in history[r] for r in history)
     assert max(grid.chains) >= 2  # a node that skipped rounds got a chain of changes
     for node, copy in grid.copies.items():  # every node answered its last message
-        assert copy is not None and strategy.held[node] == digest(copy)
+        assert copy is not None and strategy.dispatch.held[node] == digest(copy)
     # The 2 nodes sampled to evaluate in round 6 hold its new model; the others an older one.
     assert sum(_equal(c, strategy.chain.ref) for c in grid.copies.values()) == 2
     # The global model is not the reference, only within a quantization step of it.
@@ -336,7 +336,7 @@ def test_an_evaluate_message_after_training_carries_only_the_change() -> None:
                              seeded_start=True, poll_interval=0.0)  # fmt: skip
     strategy.start(grid, ArrayRecord(START), num_rounds=2)
     fp32 = to_record(START).count_bytes()
-    ledger = strategy.ledger
+    ledger = strategy.book.ledger
     for rnd in (1, 2):
         per_node = ledger.per_node(rnd, "down")
         # train: nothing but the config; evaluate: one int4 change (~1/8 of the model).
@@ -356,7 +356,7 @@ def test_sparse_both_ways_is_accounted_exactly_and_a_scaled_reply_is_bounded() -
                              seeded_start=True, poll_interval=0.0)  # fmt: skip
     result = strategy.start(grid, ArrayRecord(START), num_rounds=3)
     for (rnd, direction, node), size in grid.sizes.items():
-        assert strategy.ledger.per_node(rnd, direction)[node] == size, (rnd, direction, node)
+        assert strategy.book.ledger.per_node(rnd, direction)[node] == size, (rnd, direction, node)
     assert {k[:2] for k in grid.sizes} == {(r, d) for r in (1, 2, 3) for d in ("down", "up")}
     assert not grid.errors and max(grid.chains) == 1
     fp32 = to_record(START).count_bytes()
@@ -392,5 +392,5 @@ def test_a_node_that_always_claims_out_of_sync_gets_one_resend_per_phase() -> No
             ("11", "evaluate"),
         ]
     assert len(result.train_metrics_clientapp) == 2  # nodes 12 and 13 carried both rounds
-    assert 11 not in strategy.held
-    assert strategy.held[12] == strategy.held[13] == strategy.chain.digest
+    assert 11 not in strategy.dispatch.held
+    assert strategy.dispatch.held[12] == strategy.dispatch.held[13] == strategy.chain.digest

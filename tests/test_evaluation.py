@@ -113,13 +113,13 @@ def test_the_reporter_writes_in_the_background_what_the_round_was_when_it_ended(
     strategy = build_strategy(cfg)
     reporter = RoundReporter(cfg, run, strategy, build_unet("tiny", 28, 1, seed=0))
     strategy.history[1]["sampled-train"] = ["7"]
-    strategy.ledger.add(1, "down", 7, 100, 400)
+    strategy.book.ledger.add(1, "down", 7, 100, 400)
     reporter(0, ArrayRecord(build_unet("tiny", 28, 1, seed=0).state_dict()))
     w1 = build_unet("tiny", 28, 1, seed=1).state_dict()
     reporter(1, ArrayRecord(w1))
     strategy.history[1]["late"] = True  # round 2 goes on while round 1 is written
     strategy.history[2]["sampled-train"] = ["7"]
-    strategy.ledger.add(2, "down", 7, 100, 400)
+    strategy.book.ledger.add(2, "down", 7, 100, 400)
     reporter.close()
     (row,) = [json.loads(line) for line in run.metrics_file.read_text().splitlines()]
     assert row["round"] == 1 and row["sampled-train"] == ["7"] and "late" not in row

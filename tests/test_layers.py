@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "feddm_flower"
 # Bottom to top: a module imports from its own layer or from layers below it.
-LAYERS = ("feddm_flower", "config", "data", "task", "fed", "evaluation", "app", "tools")
+LAYERS = ("feddm_flower", "protocol", "config", "data", "task", "fed", "evaluation", "app", "tools")
 # Still to move (issue 21): the tools that build Flower messages for their in-process grids,
 # and the tests that import a tool's functions instead of running it.
 TOOLS_WITH_FLOWER = {"feddm_flower.tools.attack_table", "feddm_flower.tools.bench"}

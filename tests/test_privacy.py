@@ -26,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from feddm_flower.app.compat import KEY_CLIPPING_NORM
+from feddm_flower.app.privacy import DP_POPULATION
 from feddm_flower.app.records import (
     clipped_update,
     encode_uplink,
@@ -33,8 +34,9 @@ from feddm_flower.app.records import (
     payload_record,
     to_record,
 )
+from feddm_flower.app.resume import restore, strategy_state
 from feddm_flower.app.server_app import build_strategy
-from feddm_flower.app.strategy import DP_POPULATION, FedDMStrategy
+from feddm_flower.app.strategy import FedDMStrategy
 from feddm_flower.config import ConfigError, RunConfig
 from feddm_flower.fed import changes
 from feddm_flower.fed.aggregation import update_norm
@@ -223,7 +225,7 @@ def test_epsilon_grows_with_rounds_as_flowers_accountant_composes() -> None:
     assert 0 < epsilons[0] < epsilons[1] < epsilons[2]
     # The spent budget survives a restart with the rest of the strategy state.
     resumed = build_strategy(RunConfig.from_mapping(cfg))
-    resumed.restore(json.loads(json.dumps(strategy.state(3))), {})
+    restore(resumed, json.loads(json.dumps(strategy_state(strategy, 3))), {})
     assert resumed.privacy.privacy_spent().epsilon == pytest.approx(epsilons[-1])
 
 

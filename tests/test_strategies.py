@@ -23,16 +23,12 @@ from flwr.serverapp.strategy import FedAdam, FedTrimmedAvg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feddm_flower.app.compat import SUPERLINK_NODE_ID, ErrorCode, assign_message_id
+from feddm_flower.app.compat import STEP_STATE, SUPERLINK_NODE_ID, ErrorCode, assign_message_id
+from feddm_flower.app.presets import FedDMProx, FedDMQuant, FedDMVanilla
 from feddm_flower.app.records import payload_record, to_record
+from feddm_flower.app.resume import optimizer_arrays, restore, strategy_state
 from feddm_flower.app.server_app import build_strategy
-from feddm_flower.app.strategy import (
-    STEP_STATE,
-    FedDMProx,
-    FedDMQuant,
-    FedDMStrategy,
-    FedDMVanilla,
-)
+from feddm_flower.app.strategy import FedDMStrategy
 from feddm_flower.config import RunConfig
 from feddm_flower.fed.aggregation import (
     BoundedStream,
@@ -339,7 +335,7 @@ def test_any_mix_gives_the_weighted_mean_of_the_valid_or_no_change(mix, bounded)
 
 def test_min_replies_and_missing_nodes_are_reported() -> None:
     strategy = _strategy(min_replies=2)
-    strategy.sampled[4] = [1, 2, 3]
+    strategy.book.sampled[4] = [1, 2, 3]
     arrays, _ = strategy.aggregate_train(4, [_weights_reply(1, _random_state(1))])
     assert arrays is None  # one accepted reply < min-replies=2
     assert strategy.history[4]["missing"] == ["2", "3"]
@@ -349,11 +345,11 @@ def test_superlink_stand_in_errors_count_the_node_as_missing() -> None:
     """A dead node's "reply" is an error the SuperLink (node 1) makes in its place: it must
     name the node the message went to, as missing, not as a bad reply from node 1."""
     strategy = _strategy()
-    strategy.sampled[2] = [70, 80]
+    strategy.book.sampled[2] = [70, 80]
     sent = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in (70, 80)]
     for msg in sent:
         assign_message_id(msg, f"to-{msg.metadata.dst_node_id}")
-    strategy.sent = [msg.metadata for msg in sent]
+    strategy.dispatch.sent = [msg.metadata for msg in sent]
     gone = Error(code=ErrorCode.NODE_UNAVAILABLE, reason="gone")
     stand_in = _reply(SUPERLINK_NODE_ID, gone, reply_to="to-70")
     good = _random_state(3)
@@ -466,10 +462,10 @@ def test_fedadam_state_survives_a_restart() -> None:
     for rnd in (1, 2):
         stopped = _round(first, rnd, stopped)
     after_two = ArrayRecord(_weights(stopped))
-    state, moments = first.state(2), first.optimizer_state()
+    state, moments = strategy_state(first, 2), optimizer_arrays(first)
     assert {k.split("/")[0] for k in moments} == {"m_t", "v_t"}
     resumed = fresh()
-    resumed.restore(state, moments)
+    restore(resumed, state, moments)
     assert resumed.first_round == 3
     for rnd in (3, 4):
         stopped = _round(resumed, rnd, stopped)
@@ -477,7 +473,7 @@ def test_fedadam_state_survives_a_restart() -> None:
         torch.testing.assert_close(_weights(stopped)[k], v, rtol=0, atol=0)
     # Without the moments the resumed run would differ: the restore is what makes it equal.
     blank = fresh()
-    blank.restore(state, {})
+    restore(blank, state, {})
     for rnd in (3, 4):
         after_two = _round(blank, rnd, after_two)
     assert not torch.equal(_weights(after_two)["w"], _weights(arrays)["w"])

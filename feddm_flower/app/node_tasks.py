@@ -30,6 +30,22 @@ from feddm_flower.fed.changes import CODED, ChangeCodec
 from feddm_flower.fed.downlink import OutOfSync
 from feddm_flower.fed.node_store import NodeStore
 from feddm_flower.fed.timings import Stopwatch
+from feddm_flower.protocol import (
+    CONFIG,
+    EVAL_LOSS,
+    METRICS,
+    NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    NUM_THREADS,
+    PARTITION_ID,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    STATE_DIR,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    TRAIN_STEPS,
+    UPLINK,
+)
 from feddm_flower.task.diffusion import denoising_loss, train_local
 from feddm_flower.task.latents import DEFAULT_LATENT_CACHE, cached_encode, model_space
 from feddm_flower.task.models import build_scheduler, build_unet, compile_unet, resolve_device
@@ -37,7 +53,6 @@ from feddm_flower.task.models import build_scheduler, build_unet, compile_unet, 
 RESIDUAL_KEY = "quant-residual"  # the node's error-feedback residual, in its store
 MODEL_KEY = "global-model"  # the node's copy of the global model, in its store
 STORE_KEY = "node-store"  # context.state: the directory of the node's store
-STATE_DIR_KEY = "state-dir"  # node-config: where nodes' stores go ('' = node_store's default)
 Outcome = tuple[str, RecordDict | str]
 
 
@@ -47,9 +62,9 @@ def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict
     is first clipped to the ``clipping_norm`` the server's DP wrapper put in the config."""
     cfg, pid, train_inputs, _ = _setup(context)
     clock.mark("data")
-    config: ConfigRecord = content["config"]
-    server_round = int(config["server-round"])
-    uplink = str(config.get("uplink", "fp32"))
+    config: ConfigRecord = content[CONFIG]
+    server_round = int(config[SERVER_ROUND])
+    uplink = str(config.get(UPLINK, "fp32"))
     clip_norm = float(config.get(KEY_CLIPPING_NORM, 0.0))
     seed = _round_seed(cfg.seed, server_round, pid)
     node, weights = _node_model(cfg, content, context)
@@ -64,7 +79,7 @@ def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict
         **cfg.optimizer_options,
         epochs=cfg.local_epochs,
         steps=cfg.local_steps,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
         seed=seed,
         label=f"client {pid} round {server_round}",
     )
@@ -89,13 +104,13 @@ def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict
         store.save(RESIDUAL_KEY, {k: v - sent[k] for k, v in update.items()})
     clock.mark("encode")
     metrics = {
-        "num-examples": len(train_inputs),
-        "train-loss": result.mean_loss,
-        "train-steps": result.steps,
-        "train-seconds": result.seconds,
+        NUM_EXAMPLES: len(train_inputs),
+        TRAIN_LOSS: result.mean_loss,
+        TRAIN_STEPS: result.steps,
+        TRAIN_SECONDS: result.seconds,
         **clock.metrics(),
     }
-    return RecordDict({uplink_key(uplink): record, "metrics": MetricRecord(metrics)})
+    return RecordDict({uplink_key(uplink): record, METRICS: MetricRecord(metrics)})
 
 
 def uplink_codec(uplink: str, config: ConfigRecord) -> ChangeCodec:
@@ -111,19 +126,19 @@ def evaluate(content: RecordDict, context: Context, clock: Stopwatch) -> RecordD
     clock.mark("model")
     loss = denoising_loss(node.unet, build_scheduler(), eval_inputs, seed=cfg.seed)
     clock.mark("eval")
-    metrics = {"num-examples": len(eval_inputs), "eval-loss": loss, **clock.metrics()}
-    return RecordDict({"metrics": MetricRecord(metrics)})
+    metrics = {NUM_EXAMPLES: len(eval_inputs), EVAL_LOSS: loss, **clock.metrics()}
+    return RecordDict({METRICS: MetricRecord(metrics)})
 
 
 def _setup(context: Context) -> tuple[RunConfig, int, torch.Tensor, torch.Tensor]:
     """Config, partition id and this node's (train, held-out) model inputs; node-config
     ``num-threads`` (> 0) sets torch's CPU threads, the node's share of the machine."""
     cfg = RunConfig.from_mapping(context.run_config)
-    threads = int(context.node_config.get("num-threads", 0))
+    threads = int(context.node_config.get(NUM_THREADS, 0))
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    pid = int(context.node_config["partition-id"])
-    num = int(context.node_config["num-partitions"])
+    pid = int(context.node_config[PARTITION_ID])
+    num = int(context.node_config[NUM_PARTITIONS])
     return (cfg, pid, *_model_inputs(cfg, pid, num))
 
 
@@ -215,7 +230,7 @@ def node_store(context: Context) -> NodeStore:
     record = context.state.get(STORE_KEY)
     if isinstance(record, ConfigRecord) and isinstance(record.get("dir"), str):
         return NodeStore(Path(str(record["dir"])))
-    base = str(context.node_config.get(STATE_DIR_KEY, ""))
+    base = str(context.node_config.get(STATE_DIR, ""))
     store = NodeStore.create(base, prefix=f"run{context.run_id}-node{context.node_id}-")
     context.state[STORE_KEY] = ConfigRecord({"dir": str(store.root)})
     return store

@@ -26,10 +26,10 @@ from feddm_flower.fed.changes import CODED, ChangeCodec, decode_change
 from feddm_flower.fed.codecs import CodecError, schema_of
 from feddm_flower.fed.downlink import Delivery, OutOfSync, apply_changes, digest
 from feddm_flower.fed.sparse import is_sparse
+from feddm_flower.protocol import ARRAYS, CHANGE, CONFIG, MODEL_BASE, MODEL_DIGEST, UPDATE
 
 # The stype of an Array that carries a codec payload (see codecs.py) instead of a tensor.
 PAYLOAD_STYPE = "feddm.codec"
-CHANGE_KEY = "model-change"
 # The error code of a node's reply when it cannot rebuild the model a message describes
 # (Flower's own codes are 0-8); the server then resends the full model.
 OUT_OF_SYNC = 409
@@ -163,35 +163,35 @@ def downlink_content(
 ) -> RecordDict:
     """The message content that brings a node to the weights with digest ``target``
     (``full``: the whole model, needed for a "full" delivery only)."""
-    config = ConfigRecord({**config, "model-digest": target})
+    config = ConfigRecord({**config, MODEL_DIGEST: target})
     if delivery.kind == "full":
         if full is None:
             raise ValueError("a full delivery needs the full model record")
-        return RecordDict({"arrays": full, "config": config})
-    config["model-base"] = delivery.base  # (not for a full model: Flower counts no '' values)
+        return RecordDict({ARRAYS: full, CONFIG: config})
+    config[MODEL_BASE] = delivery.base  # (not for a full model: Flower counts no '' values)
     if delivery.kind == "change":
-        return RecordDict({CHANGE_KEY: payloads_record(delivery.payloads), "config": config})
-    return RecordDict({"config": config})
+        return RecordDict({CHANGE: payloads_record(delivery.payloads), CONFIG: config})
+    return RecordDict({CONFIG: config})
 
 
 def received_model(content: RecordDict, held: State) -> State:
     """The fp32 weights a downlink message describes, from the full model it carries or from
     ``held`` (the node's copy) and the changes; :class:`OutOfSync` if they cannot be rebuilt
     exactly (``held`` is not the base, a change does not decode, the digest differs)."""
-    config = content["config"]
-    target = str(config.get("model-digest", ""))
+    config = content[CONFIG]
+    target = str(config.get(MODEL_DIGEST, ""))
     if "arrays" in content:
         try:
             weights = {k: v.float() if v.is_floating_point() else v
-                       for k, v in from_record(content["arrays"]).items()}  # fmt: skip
+                       for k, v in from_record(content[ARRAYS]).items()}  # fmt: skip
         except ValueError as exc:
             raise OutOfSync(f"full model: {exc}") from exc
     else:
-        base, have = str(config.get("model-base", "")), digest(held)
+        base, have = str(config.get(MODEL_BASE, "")), digest(held)
         if have != base:
             raise OutOfSync(f"the node holds model {have}, the message changes model {base}")
         try:
-            payloads = payloads_from(content[CHANGE_KEY]) if CHANGE_KEY in content else []
+            payloads = payloads_from(content[CHANGE]) if CHANGE in content else []
         except ValueError as exc:
             raise OutOfSync(f"model change: {exc}") from exc
         weights = apply_changes(held, payloads)
@@ -202,7 +202,7 @@ def received_model(content: RecordDict, held: State) -> State:
 
 def uplink_key(uplink: str) -> str:
     """Name of the ArrayRecord that carries the model contribution under ``uplink``."""
-    return "update" if uplink in CODED else "arrays"
+    return UPDATE if uplink in CODED else ARRAYS
 
 
 def clipped_update(local: State, received: State, clip_norm: float = 0.0) -> State:

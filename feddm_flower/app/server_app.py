@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import (
 )
 
 from feddm_flower import configure_logging
+from feddm_flower.app.resume import optimizer_arrays, restore, strategy_state
 from feddm_flower.app.strategy import FedDMStrategy
 from feddm_flower.config import RunConfig
 from feddm_flower.data.loading import IMAGE_SHAPES
@@ -42,6 +43,7 @@ from feddm_flower.evaluation.quality import (
 )
 from feddm_flower.fed.aggregation import InfluenceBound, LossCheck, State
 from feddm_flower.fed.timings import OVERHEAD_KEY, overhead_share
+from feddm_flower.protocol import EVAL_LOSS, TRAIN_LOSS, TRAIN_SECONDS
 from feddm_flower.task.diffusion import sample
 from feddm_flower.task.latents import model_space
 from feddm_flower.task.models import build_scheduler, build_unet, count_parameters, resolve_device
@@ -80,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
         )
     strategy = build_strategy(cfg, seeded_start=state is None)
     if state is not None:
-        strategy.restore(state, run.load_optimizer_state())
+        restore(strategy, state, run.load_optimizer_state())
         log.info("Resuming after round %d of %d", state["round"], cfg.num_server_rounds)
     initial_arrays = ArrayRecord(unet.state_dict())  # before the reporter moves it to a GPU
     ema = run.load_ema() if state is not None else None
@@ -294,18 +296,18 @@ class RoundReporter:
             "round": server_round,
             "strategy": self.cfg.label,
             **copy.deepcopy(history),
-            **self.strategy.ledger.round_summary(server_round),
+            **self.strategy.book.ledger.round_summary(server_round),
             **self.initial,
             **losses,
             "round-seconds": round(round_seconds, 3),
             # The share of the round its clients did not spend training (mean over clients).
-            OVERHEAD_KEY: overhead_share(history.get("train-seconds", 0.0), round_seconds),
+            OVERHEAD_KEY: overhead_share(history.get(TRAIN_SECONDS, 0.0), round_seconds),
             "wall-seconds": round(now - self.start, 3),
         }
         self.initial, self.round_start = {}, now
         checkpoint = (
-            copy.deepcopy(self.strategy.state(server_round)),
-            {k: v.copy() for k, v in self.strategy.optimizer_state().items()},
+            copy.deepcopy(strategy_state(self.strategy, server_round)),
+            {k: v.copy() for k, v in optimizer_arrays(self.strategy).items()},
             self.ema.state_dict() if self.ema is not None else None,
         )
         self.pending = self.writer.submit(self._write, server_round, record, checkpoint)
@@ -344,8 +346,8 @@ class RoundReporter:
             "Round %d: train-loss %s, eval-loss %s, global-loss %s, %d B down, %d B up, %.1f s"
             " (%s outside training)",
             server_round,
-            _fmt(record.get("train-loss")),
-            _fmt(record.get("eval-loss")),
+            _fmt(record.get(TRAIN_LOSS)),
+            _fmt(record.get(EVAL_LOSS)),
             _fmt(record.get("global-loss")),
             record["bytes-down"],
             record["bytes-up"],

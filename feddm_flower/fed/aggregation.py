@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import statistics
+import tempfile
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,3 +291,53 @@ class LossCheck:
         if reason is None:
             self.current = loss
         return reason
+
+
+def refusal(new: State, current: State, loss_check: LossCheck | None) -> str | None:
+    """Why the candidate global model ``new`` must not replace ``current``, if so: a missing
+    or misshapen tensor, a non-finite value, or (with ``loss_check``) its global-loss."""
+    for name, g in current.items():
+        value = new.get(name)
+        if value is None or value.shape != g.shape:
+            return f"{name}: misshapen or missing"
+        if g.is_floating_point() and not value.isfinite().all():
+            return f"{name}: not finite"
+    return loss_check.refusal(new, current) if loss_check is not None else None
+
+
+class Intake:
+    """One round's accepted updates: bounded as they arrive (:class:`BoundedStream`), then
+    folded into a :class:`RunningMean` and dropped (``streamed``), or held for a rule that
+    needs every reply at once. The streamed mean bounds by the previous round's ``reference``
+    or, without one, holds the round's updates on disk until :meth:`close`; a rule that holds
+    every reply bounds them by the round's own medians."""
+
+    def __init__(
+        self, bound: InfluenceBound, reference: Reference | None, like: State, streamed: bool
+    ) -> None:
+        self.mean = RunningMean(like) if streamed else None
+        self._spill = tempfile.TemporaryDirectory(prefix="feddm-held-") if streamed else None
+        spill = Path(self._spill.name) if self._spill else None
+        self.stream = BoundedStream(bound, reference if streamed else None, spill)
+        self.held: list[Contribution] = []
+        self.accepted: list[tuple[dict[str, float], float]] = []  # (metrics, weight)
+        self.drift = Spread()  # ‖update‖ of the accepted replies, as decoded, before bounds
+
+    def add(self, c: Contribution) -> None:
+        self.drift.add(c.norm)
+        self._fold(self.stream.push(c))
+
+    def close(self) -> Reference | None:
+        """Fold what is held; the round's medians (None without replies)."""
+        self._fold(self.stream.flush())
+        if self._spill is not None:
+            self._spill.cleanup()
+        return self.stream.reference()
+
+    def _fold(self, ready: Iterable[Contribution]) -> None:
+        for c in ready:
+            self.accepted.append((c.metrics, c.weight))
+            if self.mean is not None:
+                self.mean.add(c.update, c.weight)  # and the update is dropped
+            else:
+                self.held.append(c)

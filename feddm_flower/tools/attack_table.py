@@ -158,7 +158,7 @@ def run_cell(
         return global_loss(unet, inputs, cfg.seed)
 
     strategy = build_strategy(cfg, seeded_start=True)
-    strategy.poll_interval = 0.0
+    strategy.dispatch.poll_interval = 0.0
     strategy.loss_check = last_check(cfg, loss_of)
     grid = LocalGrid(run_config, nodes, attack, colluders, cache)
     result: Result = strategy.start(grid, ArrayRecord(initial), cfg.num_server_rounds)

@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
 
     pack = commands.add_parser("pack", help="wheels + FashionMNIST for the GPU machine")
     pack.add_argument("--kit", type=Path, default=repo / "gpu-kit", help="kit folder (replaced)")

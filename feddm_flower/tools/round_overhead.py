@@ -28,7 +28,7 @@ from typing import Any
 from feddm_flower.app.launch import flwr_executable, stop_local_superlink
 from feddm_flower.fed.timings import OVERHEAD_KEY, PHASES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "scripts" / "deploy"
 # The CPU target of issue 18, rounds 2 and later: deployment overhead share <= 10% and a
 # deployment round <= 1.15x the simulation round of the same run-config on the same machine.

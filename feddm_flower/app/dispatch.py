@@ -1,0 +1,156 @@
+"""Getting the model to the nodes and their replies back: seeded sampling, one message per
+node with what it lacks of the current model, replies streamed one at a time, the full model
+resent to a node that is out of sync."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from feddm_flower.app.compat import SUPERLINK_NODE_ID
+from feddm_flower.app.records import OUT_OF_SYNC, downlink_content, fedavg_record_bytes, to_record
+from feddm_flower.app.round_book import RoundBook
+from feddm_flower.fed.aggregation import State
+from feddm_flower.fed.downlink import Delivery, ModelChain
+from feddm_flower.protocol import SERVER_ROUND
+
+
+def sample_nodes(grid: Grid, key: str, fraction: float, min_nodes: int) -> list[int]:
+    """A ``fraction`` of the sorted node ids (at least ``min_nodes``; none for fraction 0),
+    drawn with ``random.Random(key)``; waits until ``min_nodes`` are connected."""
+    if fraction == 0:
+        return []
+    while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
+        log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), min_nodes)
+        time.sleep(1)
+    size = min(len(nodes), max(int(len(nodes) * fraction), min_nodes))
+    return sorted(random.Random(key).sample(nodes, size))
+
+
+class Dispatch:
+    """Messages out and replies in for one strategy.
+
+    ``held`` is what each node holds, as last confirmed (a digest of ``chain``'s); ``sent``
+    the metadata of this phase's messages (no weights), to name the node behind an error the
+    SuperLink writes in its place.
+    """
+
+    def __init__(
+        self,
+        chain: ModelChain,
+        book: RoundBook,
+        *,
+        seeded_start: bool = False,
+        poll_interval: float = 0.5,
+    ) -> None:
+        self.chain, self.book = chain, book
+        self.seeded_start, self.poll_interval = seeded_start, poll_interval
+        self.held: dict[int, str] = {}
+        self.sent: list[Metadata] = []
+        self.phase: tuple[int, ConfigRecord, str] = (0, ConfigRecord(), MessageType.TRAIN)
+        self.fp32_model = 0  # bytes of the global model as an fp32 ArrayRecord (FedAvg's)
+
+    def messages(
+        self, server_round: int, nodes: list[int], config: ConfigRecord, kind: str, model: State
+    ) -> list[Message]:
+        """One message per node with what it lacks of ``model`` (one content per distinct
+        delivery: nodes that hold the same model share it)."""
+        config[SERVER_ROUND] = server_round
+        self.fp32_model = fedavg_record_bytes(model)
+        if not self.chain.ref:
+            self.chain.start(model, nodes_have_it=self.seeded_start)
+        elif self.chain.update(model):
+            log(INFO, "Round %d: model version %d (%s downlink)", server_round,
+                self.chain.version, self.chain.downlink)  # fmt: skip
+        self.phase = (server_round, config, kind)
+        contents: dict[str, RecordDict] = {}
+        messages, kinds = [], defaultdict(list)
+        for node in nodes:
+            delivery = self.chain.plan(self.held.get(node))
+            kinds[delivery.kind].append(node)
+            key = f"{delivery.kind}/{delivery.base}"
+            if key not in contents:
+                full = self._full() if delivery.kind == "full" else None
+                contents[key] = downlink_content(delivery, self.chain.digest, config, full)
+            messages.append(Message(contents[key], dst_node_id=node, message_type=kind))
+        self.book.deliveries(server_round, _phase_name(kind), kinds)
+        self.book.count_down(server_round, messages, self.fp32_model)
+        self.sent = [m.metadata for m in messages]
+        return messages
+
+    def replies(self, grid: Grid, messages: list[Message], timeout: float) -> Iterator[Message]:
+        """Push ``messages``, then yield each reply as soon as it is pulled, one at a time,
+        until all have answered or ``timeout`` seconds have passed.
+
+        A node's confirmation (any reply that is not an error) records the model it now holds.
+        A node that answers :data:`OUT_OF_SYNC` is resent the full model, once per phase.
+        """
+        pending = {i for i in grid.push_messages(messages) if i}
+        del messages
+        resent: set[int] = set()
+        end = time.monotonic() + timeout
+        while pending and time.monotonic() < end:
+            pulled = False
+            for message_id in sorted(pending):
+                for reply in grid.pull_messages([message_id]):
+                    pending.discard(reply.metadata.reply_to_message_id)
+                    pulled = True
+                    node = self.node_of(reply)
+                    if not reply.has_error():
+                        self.held[node] = self.chain.digest
+                        yield reply
+                        continue
+                    self.held.pop(node, None)
+                    if reply.error.code == OUT_OF_SYNC and node not in resent:
+                        resent.add(node)
+                        pending.update(self._resend(grid, node, reply.error.reason))
+                        continue
+                    yield reply
+            if pending and not pulled:
+                time.sleep(self.poll_interval)
+        for metadata in self.sent:  # unanswered: what the node holds is unknown
+            if metadata.message_id in pending:
+                self.held.pop(metadata.dst_node_id, None)
+
+    def node_of(self, msg: Message) -> int:
+        """The node a reply answers for: its sender, or for an error that the SuperLink sent
+        in a node's place, the node the answered message went to."""
+        if msg.metadata.src_node_id != SUPERLINK_NODE_ID:
+            return msg.metadata.src_node_id
+        sent_to = {m.message_id: m.dst_node_id for m in self.sent}
+        return sent_to.get(msg.metadata.reply_to_message_id, SUPERLINK_NODE_ID)
+
+    def stand_in(self, server_round: int, phase: str, msg: Message) -> bool:
+        """Whether ``msg`` is the SuperLink's error for an unavailable node (logged)."""
+        if not (msg.has_error() and msg.metadata.src_node_id == SUPERLINK_NODE_ID):
+            return False
+        log(WARNING, "Round %d: no %s reply from node %d (%s)",
+            server_round, phase, self.node_of(msg), msg.error.reason)  # fmt: skip
+        return True
+
+    def _full(self) -> ArrayRecord:
+        """The reference as a full-model record (fp16 under an fp16 downlink, else fp32)."""
+        return to_record(self.chain.ref, "fp16" if self.chain.downlink == "fp16" else "fp32")
+
+    def _resend(self, grid: Grid, node: int, reason: str | None) -> set[str]:
+        """Push the full model to ``node`` again, in the phase's message; its message ids."""
+        server_round, config, kind = self.phase
+        self.book.out_of_sync(server_round, node, reason)
+        content = downlink_content(Delivery("full"), self.chain.digest, config, self._full())
+        msg = Message(content, dst_node_id=node, message_type=kind)
+        self.book.deliveries(server_round, _phase_name(kind), {"current": [], "change": [],
+                                                              "full": [node]})  # fmt: skip
+        self.book.count_down(server_round, [msg], self.fp32_model)
+        self.sent.append(msg.metadata)
+        return {i for i in grid.push_messages([msg]) if i}
+
+
+def _phase_name(kind: str) -> str:
+    return "train" if kind == MessageType.TRAIN else "evaluate"

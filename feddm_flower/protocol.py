@@ -1,0 +1,32 @@
+"""The protocol between the ServerApp and the nodes: every record name and key of a message,
+written once for the server, the nodes, the tools and the tests.
+
+The run-config keys are :class:`~feddm_flower.config.RunConfig`'s; the per-phase timings are
+:mod:`feddm_flower.fed.timings`'.
+"""
+
+# Records of a message's content.
+CONFIG = "config"  # ConfigRecord: what the server tells the node
+METRICS = "metrics"  # MetricRecord: a reply's numbers
+ARRAYS = "arrays"  # ArrayRecord: a whole model (Flower's strategies' name)
+UPDATE = "update"  # ConfigRecord of bytes: a coded update (int8/int4/sparse uplink)
+CHANGE = "model-change"  # ConfigRecord of bytes: coded changes of the model (downlink)
+
+# Keys of the config the server sends (besides the codec's run-config keys).
+SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"
+UPLINK = "uplink"
+MODEL_DIGEST = "model-digest"  # the model the node must hold after applying the message
+MODEL_BASE = "model-base"  # the model the changes apply to
+
+# Keys of a reply's metrics.
+NUM_EXAMPLES = "num-examples"  # the reply's weight
+TRAIN_LOSS, TRAIN_STEPS, TRAIN_SECONDS = "train-loss", "train-steps", "train-seconds"
+EVAL_LOSS = "eval-loss"
+TRAIN_METRICS = (TRAIN_LOSS, TRAIN_STEPS, TRAIN_SECONDS)
+EVAL_METRICS = (EVAL_LOSS,)
+
+# Node-config keys (flower-supernode --node-config, or the simulation's).
+PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
+NUM_THREADS = "num-threads"
+STATE_DIR = "state-dir"
