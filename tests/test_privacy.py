@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_RUN
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import (
     GaussianPrivacyEvent,
     NeighboringRelation,
@@ -26,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from feddm_flower.app.compat import KEY_CLIPPING_NORM
+from feddm_flower.app.local_grid import node_reply, train_metrics
 from feddm_flower.app.privacy import DP_POPULATION
 from feddm_flower.app.records import (
     clipped_update,
@@ -42,6 +42,7 @@ from feddm_flower.fed import changes
 from feddm_flower.fed.aggregation import update_norm
 from feddm_flower.fed.changes import CODED, ChangeCodec
 from feddm_flower.fed.codecs import encode_update
+from feddm_flower.protocol import ARRAYS, METRICS, UPDATE
 
 # What a ServerApp process has set before a strategy builds its messages.
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -134,27 +135,16 @@ def test_fp_uplinks_send_received_plus_the_clipped_update() -> None:
 GLOBAL = {"w": torch.zeros(400, 500), "b": torch.zeros(10), "steps": torch.tensor([7])}
 
 
-def _reply(node: int, content: RecordDict) -> Message:
-    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
-                    reply_to_message_id="i", group_id="1", created_at=time.time(), ttl=60.0,
-                    message_type="train")  # fmt: skip
-    return Message(metadata=meta, content=content)
-
-
-def _metrics(n: float) -> MetricRecord:
-    return MetricRecord(
-        {"num-examples": n, "train-loss": 0.5, "train-steps": 2, "train-seconds": 1.0}
-    )
-
-
 def _weights_reply(node: int, update: dict[str, torch.Tensor], n: float = 10) -> Message:
     weights = {k: GLOBAL[k] + update[k] if k in update else GLOBAL[k] for k in GLOBAL}
-    return _reply(node, RecordDict({"arrays": to_record(weights), "metrics": _metrics(n)}))
+    return node_reply(node, RecordDict({ARRAYS: to_record(weights), METRICS: train_metrics(n)}))
 
 
 def _update_reply(node: int, update: dict[str, torch.Tensor], n: float = 10) -> Message:
     payload = encode_update({**update, "steps": torch.tensor([0])}, bits=8, block_size=64)
-    return _reply(node, RecordDict({"update": payload_record(payload), "metrics": _metrics(n)}))
+    return node_reply(
+        node, RecordDict({UPDATE: payload_record(payload), METRICS: train_metrics(n)})
+    )
 
 
 def _direction(seed: int, norm: float) -> dict[str, torch.Tensor]:

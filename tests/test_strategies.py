@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +14,6 @@ from flwr.app import (
     ConfigRecord,
     Error,
     Message,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -24,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from feddm_flower.app.compat import STEP_STATE, SUPERLINK_NODE_ID, ErrorCode, assign_message_id
+from feddm_flower.app.local_grid import node_reply, train_metrics
 from feddm_flower.app.presets import FedDMProx, FedDMQuant, FedDMVanilla
 from feddm_flower.app.records import payload_record, to_record
 from feddm_flower.app.resume import optimizer_arrays, restore, strategy_state
@@ -39,6 +38,7 @@ from feddm_flower.fed.aggregation import (
     RunningMean,
 )
 from feddm_flower.fed.codecs import decode_update, encode_update
+from feddm_flower.protocol import ARRAYS, METRICS, UPDATE
 
 # What a ServerApp process has set before a strategy builds its messages.
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -48,33 +48,8 @@ GLOBAL = {"w": torch.zeros(3, 4), "b": torch.ones(5), "steps": torch.tensor([7])
 OFF = InfluenceBound(norm_bound=0, weight_bound=0)
 
 
-def _reply(
-    node: int, content: RecordDict | Error, kind: str = "train", reply_to: str = "i"
-) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id=reply_to,
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=kind,
-    )
-    if isinstance(content, Error):
-        return Message(metadata=meta, error=content)
-    return Message(metadata=meta, content=content)
-
-
-def _metrics(n: float, **extra: float) -> MetricRecord:
-    return MetricRecord(
-        {"num-examples": n, "train-loss": 0.5, "train-steps": 2, "train-seconds": 1.0, **extra}
-    )
-
-
 def _weights_reply(node: int, state: dict[str, torch.Tensor], n: float = 10) -> Message:
-    return _reply(node, RecordDict({"arrays": to_record(state), "metrics": _metrics(n)}))
+    return node_reply(node, RecordDict({ARRAYS: to_record(state), METRICS: train_metrics(n)}))
 
 
 def _random_state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -105,7 +80,7 @@ def test_vanilla_aggregates_the_weighted_mean_of_replies() -> None:
     expected = 0.1 * states[0]["w"] + 0.2 * states[1]["w"] + 0.7 * states[2]["w"]
     torch.testing.assert_close(result["w"], expected)
     assert torch.equal(result["steps"], GLOBAL["steps"])  # non-float tensors stay the global's
-    assert metrics["train-loss"] == pytest.approx(0.5)
+    assert metrics["train-loss"] == pytest.approx(0.1)  # every reply says 0.1
 
 
 def test_client_drift_is_the_spread_of_update_norms_across_clients() -> None:
@@ -113,7 +88,7 @@ def test_client_drift_is_the_spread_of_update_norms_across_clients() -> None:
     replies of ‖w_local − w_received‖, whatever the bounds then do with them."""
     states = [_random_state(s, scale=s) for s in (1, 2, 3)]
     replies = [_weights_reply(i, s) for i, s in enumerate(states)] + [
-        _reply(9, RecordDict({"metrics": _metrics(10)}))  # rejected: not counted
+        node_reply(9, RecordDict({METRICS: train_metrics(10)}))  # rejected: not counted
     ]
     strategy = _strategy(bound=InfluenceBound())
     strategy.aggregate_train(1, replies)
@@ -137,7 +112,11 @@ def _bad_replies() -> dict[str, Message]:
     fp16 = {**good, "w": good["w"].half()}
     raw = ArrayRecord({"w": Array(dtype="x", shape=(1,), stype="?", data=b"z")})
     two_metrics = RecordDict(
-        {"extra": MetricRecord({"x": 1.0}), "arrays": to_record(good), "metrics": _metrics(5)}
+        {
+            "extra": MetricRecord({"x": 1.0}),
+            ARRAYS: to_record(good),
+            METRICS: train_metrics(5),
+        }
     )
     return {
         "missing": _weights_reply(11, missing),
@@ -146,23 +125,26 @@ def _bad_replies() -> dict[str, Message]:
         "nan": _weights_reply(14, nan),
         "inf": _weights_reply(15, inf),
         "zero-examples": _weights_reply(16, good, n=0),
-        "no-metrics": _reply(17, RecordDict({"arrays": to_record(good)})),
-        "no-arrays": _reply(18, RecordDict({"metrics": _metrics(5)})),
-        "undecodable": _reply(19, RecordDict({"arrays": raw, "metrics": _metrics(5)})),
-        "client-error": _reply(20, Error(code=1, reason="out of memory")),
+        "no-metrics": node_reply(17, RecordDict({ARRAYS: to_record(good)})),
+        "no-arrays": node_reply(18, RecordDict({METRICS: train_metrics(5)})),
+        "undecodable": node_reply(19, RecordDict({ARRAYS: raw, METRICS: train_metrics(5)})),
+        "client-error": node_reply(20, Error(code=1, reason="out of memory")),
         "int64-weights": _weights_reply(21, int64, n=10_000),
-        "fp16-in-fp32-uplink": _reply(
-            22, RecordDict({"arrays": to_record(fp16, "fp16"), "metrics": _metrics(10)})
+        "fp16-in-fp32-uplink": node_reply(
+            22, RecordDict({ARRAYS: to_record(fp16, "fp16"), METRICS: train_metrics(10)})
         ),
         "huge-examples": _weights_reply(23, good, n=1.7e308),
         "nan-examples": _weights_reply(24, good, n=float("nan")),
-        "nan-loss": _reply(
+        "nan-loss": node_reply(
             25,
             RecordDict(
-                {"arrays": to_record(good), "metrics": _metrics(5, **{"train-loss": math.nan})}
+                {
+                    ARRAYS: to_record(good),
+                    METRICS: train_metrics(5, **{"train-loss": math.nan}),
+                }
             ),
         ),
-        "second-metric-record-first": _reply(26, two_metrics),
+        "second-metric-record-first": node_reply(26, two_metrics),
     }
 
 
@@ -198,10 +180,10 @@ def test_the_running_mean_does_not_overflow_at_the_largest_allowed_counts() -> N
 def test_evaluate_metrics_with_extra_or_differing_keys_do_not_end_the_round() -> None:
     def eval_reply(node: int, **metrics: float) -> Message:
         record = MetricRecord({"num-examples": 10, "eval-loss": 0.2, **metrics})
-        return _reply(node, RecordDict({"metrics": record}), kind="evaluate")
+        return node_reply(node, RecordDict({METRICS: record}), kind="evaluate")
 
     strategy = _strategy()
-    no_loss = _reply(4, RecordDict({"metrics": MetricRecord({"num-examples": 3})}), "evaluate")
+    no_loss = node_reply(4, RecordDict({METRICS: MetricRecord({"num-examples": 3})}), "evaluate")
     replies = [eval_reply(1), eval_reply(2, extra=5.0), eval_reply(3, other=1, more=2), no_loss]
     metrics = strategy.aggregate_evaluate(1, replies)
     assert dict(metrics) == {"eval-loss": pytest.approx(0.2)}
@@ -218,7 +200,9 @@ def test_with_nothing_valid_the_global_model_stays() -> None:
 
 def _update_reply(node: int, update: dict[str, torch.Tensor], n: float, **codec: int) -> Message:
     payload = encode_update(update, **codec)
-    return _reply(node, RecordDict({"update": payload_record(payload), "metrics": _metrics(n)}))
+    return node_reply(
+        node, RecordDict({UPDATE: payload_record(payload), METRICS: train_metrics(n)})
+    )
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -254,10 +238,12 @@ def test_quant_rejects_bad_payloads_and_keeps_the_good_one() -> None:
         37: int_weights,
     }
     replies = [
-        _reply(node, RecordDict({"update": payload_record(p), "metrics": _metrics(5)}))
+        node_reply(node, RecordDict({UPDATE: payload_record(p), METRICS: train_metrics(5)}))
         for node, p in bad.items()
     ]
-    replies.append(_reply(36, RecordDict({"arrays": to_record(update), "metrics": _metrics(5)})))
+    replies.append(
+        node_reply(36, RecordDict({ARRAYS: to_record(update), METRICS: train_metrics(5)}))
+    )
     replies.append(_update_reply(1, update, 5, **codec))
     strategy = _strategy(FedDMQuant, **codec)
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -351,7 +337,7 @@ def test_superlink_stand_in_errors_count_the_node_as_missing() -> None:
         assign_message_id(msg, f"to-{msg.metadata.dst_node_id}")
     strategy.dispatch.sent = [msg.metadata for msg in sent]
     gone = Error(code=ErrorCode.NODE_UNAVAILABLE, reason="gone")
-    stand_in = _reply(SUPERLINK_NODE_ID, gone, reply_to="to-70")
+    stand_in = node_reply(SUPERLINK_NODE_ID, gone, reply_to_id="to-70")
     good = _random_state(3)
     arrays, _ = strategy.aggregate_train(2, [stand_in, _weights_reply(80, good)])
     torch.testing.assert_close(_weights(arrays)["w"], good["w"])
@@ -391,12 +377,12 @@ def test_the_clients_phase_times_are_averaged_and_hostile_ones_ignored() -> None
     """time-<phase> of the accepted replies, averaged per phase into the round's history; a
     reply's unbelievable times are left out, and never cost it its place in the mean."""
     timed = [
-        _metrics(10, **{"time-startup": 1.0, "time-train": 8.0}),
-        _metrics(10, **{"time-startup": 3.0, "time-train": float("nan"), "time-data": -1.0}),
-        _metrics(10, **{"time-train": 1e300}),
+        train_metrics(10, **{"time-startup": 1.0, "time-train": 8.0}),
+        train_metrics(10, **{"time-startup": 3.0, "time-train": float("nan"), "time-data": -1.0}),
+        train_metrics(10, **{"time-train": 1e300}),
     ]
     replies = [
-        _reply(i, RecordDict({"arrays": to_record(_random_state(i)), "metrics": m}))
+        node_reply(i, RecordDict({ARRAYS: to_record(_random_state(i)), METRICS: m}))
         for i, m in enumerate(timed)
     ]
     strategy = _strategy(bound=OFF)

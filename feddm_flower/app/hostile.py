@@ -1,19 +1,29 @@
-"""A hostile node's reply, as Flower records: the attacks of :mod:`feddm_flower.fed.attacks`
-wrapped around an honest node's task (the attack table's nodes and the test app's)."""
+"""Hostile nodes, as Flower records: the attacks of :mod:`feddm_flower.fed.attacks` wrapped
+around an honest node's task (the test app's nodes), and a federation of real nodes in this
+process with colluders among them (the attack table's)."""
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
+import json
+import time
+from typing import Any
 
-from feddm_flower.app.node_tasks import held_model, receive, uplink_codec
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+from feddm_flower.app.local_grid import LocalGrid
+from feddm_flower.app.node_tasks import held_model, receive, run_task, uplink_codec
 from feddm_flower.app.records import encode_uplink, from_record, payload_from, to_record, uplink_key
-from feddm_flower.fed.attacks import claimed_examples, hostile_weights
+from feddm_flower.fed.attacks import answers, claimed_examples, hostile_weights, skips_training
 from feddm_flower.fed.changes import CODED, decode_change
 from feddm_flower.fed.codecs import schema_of
+from feddm_flower.fed.timings import Stopwatch
 from feddm_flower.protocol import (
     CONFIG,
     METRICS,
+    MODEL_DIGEST,
     NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    PARTITION_ID,
     SERVER_ROUND,
     TRAIN_LOSS,
     TRAIN_SECONDS,
@@ -54,3 +64,58 @@ def hostile_reply(attack: str, content: RecordDict, context: Context, honest: Re
     record, _ = encode_uplink(weights, received, uplink, codec=codec)
     metrics[NUM_EXAMPLES] = claimed_examples(attack, examples)
     return RecordDict({key: record, METRICS: MetricRecord(metrics)})
+
+
+class AttackGrid(LocalGrid):
+    """``num_nodes`` real nodes in this process (:func:`run_task` on their partitions); the
+    first ``colluders`` run ``attack``. Replies come in the attack's order: fast attackers
+    first, then the honest nodes, slow attackers last. Honest replies are cached in ``cache``
+    by (node, model digest, round, run-config): a cell that sends a node the same model as an
+    earlier cell (every cell's round 1) gets the same reply without training again."""
+
+    ordered = True
+    _RANKS = {"first": 0, "in-turn": 1, "last": 2}
+
+    def __init__(
+        self, run_config: dict[str, Any], num_nodes: int, attack: str, colluders: int,
+        cache: dict[tuple, RecordDict],
+    ) -> None:  # fmt: skip
+        super().__init__(range(10, 10 + num_nodes))
+        self.contexts = {
+            node: Context(
+                1,
+                node,
+                {PARTITION_ID: i, NUM_PARTITIONS: num_nodes},
+                RecordDict(),
+                dict(run_config),
+            )  # fmt: skip
+            for i, node in enumerate(self.node_ids)
+        }
+        self.hostile = set(self.node_ids[:colluders]) if attack != "none" else set()
+        self.attack, self.cache = attack, cache
+
+    def rank(self, msg: Message) -> int:
+        hostile = msg.metadata.dst_node_id in self.hostile
+        return self._RANKS[answers(self.attack) if hostile else "in-turn"]
+
+    def answer(self, msg: Message) -> RecordDict:
+        node = msg.metadata.dst_node_id
+        context = self.contexts[node]
+        honest = None
+        if node not in self.hostile or not skips_training(self.attack):
+            honest = self._honest(msg, context)
+        if node not in self.hostile:
+            return honest
+        return hostile_reply(self.attack, msg.content, context, honest)
+
+    def _honest(self, msg: Message, context: Context) -> RecordDict:
+        config = msg.content[CONFIG]
+        key = (context.node_id, str(config[MODEL_DIGEST]), int(config[SERVER_ROUND]),
+               json.dumps(context.run_config, sort_keys=True))  # fmt: skip
+        if key in self.cache:
+            receive(msg.content, context)  # the node still keeps the model as its copy
+            return self.cache[key]
+        status, content = run_task("train", msg.content, context, Stopwatch(time.time()))
+        assert status == "ok", content
+        self.cache[key] = content
+        return content

@@ -3,11 +3,12 @@ docs/robustness.md.
 
 Each cell is one federation run in this process: the real :class:`FedDMStrategy` with its
 real round loop, guard, bounds and last check, built from the run-config as the ServerApp
-builds it, and real nodes (:mod:`feddm_flower.app.node_tasks` on FashionMNIST partitions) behind
-a :class:`LocalGrid` that delivers their replies in the order the attack chooses. K of the N
-nodes are hostile (:mod:`feddm_flower.fed.attacks`). A cell reports the final ``global-loss``
-relative to the all-honest run under the same defence and seed, and how far the final model
-is from the all-honest one, in units of the honest training distance.
+builds it, and real nodes (:mod:`feddm_flower.app.node_tasks` on FashionMNIST partitions)
+behind an :class:`~feddm_flower.app.hostile.AttackGrid` that delivers their replies in the
+order the attack chooses. K of the N nodes are hostile (:mod:`feddm_flower.fed.attacks`). A
+cell reports the final ``global-loss`` relative to the all-honest run under the same defence
+and seed, and how far the final model is from the all-honest one, in units of the honest
+training distance.
 """
 
 from __future__ import annotations
@@ -17,28 +18,21 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
 
 from feddm_flower import configure_logging
-from feddm_flower.app.compat import SUPERLINK_NODE_ID, act_as_server_app, assign_message_id
-from feddm_flower.app.hostile import hostile_reply
-from feddm_flower.app.node_tasks import receive, run_task
+from feddm_flower.app.hostile import AttackGrid
+from feddm_flower.app.local_grid import run_rounds
 from feddm_flower.app.server_app import build_strategy, last_check
 from feddm_flower.config import RunConfig
 from feddm_flower.evaluation.quality import global_loss, load_eval_inputs
 from feddm_flower.fed.attacks import (
     ATTACKS,
-    answers,
-    skips_training,
 )
-from feddm_flower.fed.timings import Stopwatch
 from feddm_flower.task.models import build_unet
 
 DEFENCES = {
@@ -52,103 +46,12 @@ BOUNDS = {"on": {}, "off": {"norm-bound": 0.0, "weight-bound": 0.0, "max-loss-ra
 BASE = {"fraction-evaluate": 0.0}
 
 
-class LocalGrid(Grid):
-    """N real nodes in this process; nodes ``0..colluders-1`` run ``attack``.
-
-    ``pull_messages`` answers only the message whose turn it is: fast attackers first, then
-    the honest nodes, slow attackers last, so the strategy sees the replies in that order.
-    Honest replies are cached by (node, model digest, round): a cell that sends a node the same
-    model as an earlier cell (every cell's round 1) gets the same reply without training again.
-    """
-
-    def __init__(self, run_config: dict[str, Any], num_nodes: int, attack: str, colluders: int,
-                 cache: dict[tuple, RecordDict]) -> None:  # fmt: skip
-        self.node_ids = list(range(10, 10 + num_nodes))
-        self.contexts = {
-            node: Context(
-                1,
-                node,
-                {"partition-id": i, "num-partitions": num_nodes},
-                RecordDict(),
-                dict(run_config),
-            )  # fmt: skip
-            for i, node in enumerate(self.node_ids)
-        }
-        self.hostile = set(self.node_ids[:colluders]) if attack != "none" else set()
-        self.attack, self.cache = attack, cache
-        self.pushed: dict[str, Message] = {}
-        self.turns: list[str] = []
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        first, middle, last = [], [], []
-        for msg in messages:
-            message_id = f"m{len(self.pushed)}"
-            assign_message_id(msg, message_id)
-            self.pushed[message_id] = msg
-            when = answers(self.attack) if msg.metadata.dst_node_id in self.hostile else ""
-            {"first": first, "last": last}.get(when, middle).append(message_id)
-        self.turns = first + self.turns + middle + last
-        return first + middle + last
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        if not self.turns or self.turns[0] not in set(message_ids):
-            return []
-        msg = self.pushed.pop(self.turns.pop(0))
-        return [self._reply(msg)]
-
-    def _reply(self, msg: Message) -> Message:
-        node = msg.metadata.dst_node_id
-        context = self.contexts[node]
-        honest = None
-        if node not in self.hostile or not skips_training(self.attack):
-            honest = self._honest(msg, context)
-        content = honest if node not in self.hostile else (
-            hostile_reply(self.attack, msg.content, context, honest))  # fmt: skip
-        metadata = Metadata(
-            run_id=1, message_id=f"r-{msg.metadata.message_id}", src_node_id=node,
-            dst_node_id=SUPERLINK_NODE_ID, reply_to_message_id=msg.metadata.message_id,
-            group_id=msg.metadata.group_id, created_at=time.time(), ttl=60.0,
-            message_type=msg.metadata.message_type,
-        )  # fmt: skip
-        return Message(metadata=metadata, content=content)
-
-    def _honest(self, msg: Message, context: Context) -> RecordDict:
-        config = msg.content["config"]
-        key = (context.node_id, str(config["model-digest"]), int(config["server-round"]),
-               json.dumps(context.run_config, sort_keys=True))  # fmt: skip
-        if key in self.cache:
-            receive(msg.content, context)  # the node still keeps the model as its copy
-            return self.cache[key]
-        status, content = run_task("train", msg.content, context, Stopwatch(time.time()))
-        assert status == "ok", content
-        self.cache[key] = content
-        return content
-
-    # Unused by FedDMStrategy's round loop; Grid's abstract interface.
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
-
-    def send_and_receive(self, *args: Any, **kwargs: Any) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def set_run(self, run_id: int) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Any:
-        raise NotImplementedError
-
-
 def run_cell(
     run_config: dict[str, Any], nodes: int, attack: str, colluders: int,
-    cache: dict[tuple, RecordDict],
+    cache: dict[tuple, object],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:  # fmt: skip
     """One federation run: its initial and final global weights and final ``global-loss``."""
     cfg = RunConfig.from_mapping(run_config)
-    act_as_server_app()  # as a ServerApp process, before the strategy builds messages
     unet = build_unet(cfg.model_preset, 28, 1, seed=cfg.seed)
     initial = {k: v.clone() for k, v in unet.state_dict().items()}
     inputs = load_eval_inputs(cfg, None)
@@ -160,9 +63,8 @@ def run_cell(
     strategy = build_strategy(cfg, seeded_start=True)
     strategy.dispatch.poll_interval = 0.0
     strategy.loss_check = last_check(cfg, loss_of)
-    grid = LocalGrid(run_config, nodes, attack, colluders, cache)
-    result: Result = strategy.start(grid, ArrayRecord(initial), cfg.num_server_rounds)
-    final = result.arrays.to_torch_state_dict() if len(result.arrays) else initial
+    grid = AttackGrid(run_config, nodes, attack, colluders, cache)
+    final = run_rounds(strategy, grid, initial, cfg.num_server_rounds)
     return initial, final, loss_of(final)
 
 
@@ -175,7 +77,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One row per (defence, bounds, attack, seed), written to ``--out`` as it completes."""
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
-        cache: dict[tuple, RecordDict] = {}
+        cache: dict[tuple, object] = {}
         for defence in args.defences:
             for bounds in args.bounds:
                 config = {**BASE, **args.set, **DEFENCES[defence], **BOUNDS[bounds], "seed": seed}

@@ -26,29 +26,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from torch.utils.flop_counter import FlopCounterMode
 
-from feddm_flower.app.compat import (
-    SUPERLINK_NODE_ID,
-    Run,
-    act_as_server_app,
-    assign_message_id,
-    empty_run,
-)
-from feddm_flower.app.records import decode_uplink, encode_uplink, received_model, uplink_key
+from feddm_flower.app.local_grid import ReplyingGrid, run_rounds
+from feddm_flower.app.records import decode_uplink, uplink_key
 from feddm_flower.config import AGGREGATIONS, UPLINKS
 from feddm_flower.data.loading import load_dataset
-from feddm_flower.fed.changes import CODED, ChangeCodec, decode_change
+from feddm_flower.fed.changes import ChangeCodec, decode_change
 from feddm_flower.fed.codecs import (
     DEFAULT_ZSTD_LEVEL,
     FLAG_ZSTD,
@@ -57,6 +48,7 @@ from feddm_flower.fed.codecs import (
     fp32_bytes,
     schema_of,
 )
+from feddm_flower.protocol import EVAL_METRICS, TRAIN_LOSS, TRAIN_METRICS
 from feddm_flower.task.diffusion import AMP_DTYPES, train_local
 from feddm_flower.task.models import (
     NUM_TRAIN_TIMESTEPS,
@@ -423,130 +415,6 @@ STREAMED_AGGREGATIONS = ("mean",)
 MIB = 2**20
 
 
-class ReplyingGrid(Grid):
-    """A Grid whose ``num_nodes`` nodes answer every message at once, as
-    :mod:`feddm_flower.app.client_app` would, without training.
-
-    It keeps no message content: ``push_messages`` records each message's id, destination,
-    type and round, and keeps one copy of the global weights (from the first training message
-    of a push) to answer from; ``pull_messages`` builds each reply when it is pulled, so that
-    no more replies exist at once than the strategy itself holds. A training reply carries
-    what ``client_app.train`` sends under ``uplink``: received weights + seeded noise of
-    standard deviation ``noise`` (fp32/fp16), or that update encoded (int8/int4), plus its
-    metrics; an evaluation reply carries metrics only.
-    """
-
-    def __init__(
-        self, num_nodes: int, uplink: str, *, block_size: int = 256, noise: float = 1e-3
-    ) -> None:
-        self.node_ids = [1000 + i for i in range(num_nodes)]  # SUPERLINK_NODE_ID is 1
-        self.uplink, self.block_size, self.noise = uplink, block_size, noise
-        self._run = empty_run()
-        self._pending: dict[str, tuple[int, str, str, int]] = {}  # id -> node, type, group, round
-        self._received: dict[str, torch.Tensor] = {}
-        self._pushed = self._rounds = 0  # messages pushed, pushes of training messages
-        self.served: Counter[str] = Counter()  # replies built, by message type
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        first = True
-        for msg in messages:
-            meta = msg.metadata
-            if first:  # every message of a push brings a node to the same model
-                self.receive(msg.content)
-                self._rounds += meta.message_type == MessageType.TRAIN
-                first = False
-            self._pushed += 1
-            message_id = f"instruction-{self._pushed}"
-            assign_message_id(msg, message_id)
-            self._pending[message_id] = (
-                meta.dst_node_id, meta.message_type, meta.group_id, self._rounds
-            )  # fmt: skip
-            ids.append(message_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = []
-        for message_id in message_ids:
-            if message_id in self._pending:
-                replies.append(self._reply(message_id, *self._pending.pop(message_id)))
-        return replies
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        return self.pull_messages(list(self.push_messages(messages)))
-
-    def receive(self, content: RecordDict) -> None:
-        """Keep the weights the nodes answer from: one copy, rebuilt from a downlink message
-        as a client rebuilds its own (records.received_model)."""
-        self.hold(received_model(content, self._received))
-
-    def hold(self, weights: dict[str, torch.Tensor]) -> None:
-        """Answer from ``weights`` (the previous copy is dropped first)."""
-        self._received = {}
-        self._received = weights
-
-    def train_content(self, node: int, seed: int) -> RecordDict:
-        """What ``client_app.train`` of ``node`` would send back."""
-        gen = torch.Generator().manual_seed(seed)
-        local = {}
-        for name, value in self._received.items():  # tensor by tensor: one noise at a time
-            if value.is_floating_point():
-                noise = torch.randn(value.shape, generator=gen).mul_(self.noise)
-                local[name] = noise.add_(value)
-            else:
-                local[name] = value.clone()
-        codec = ChangeCodec(self.uplink, self.block_size) if self.uplink in CODED else None
-        record, _ = encode_uplink(local, self._received, self.uplink, codec=codec, seed=seed)
-        del local
-        metrics = MetricRecord(
-            {"num-examples": 100, "train-loss": 0.1, "train-steps": 1, "train-seconds": 1.0}
-        )
-        return RecordDict({uplink_key(self.uplink): record, "metrics": metrics})
-
-    def _reply(
-        self, message_id: str, node: int, kind: str, group_id: str, server_round: int
-    ) -> Message:
-        if kind == MessageType.TRAIN:
-            content = self.train_content(node, seed=server_round * 100_003 + node)
-        else:
-            content = RecordDict({"metrics": MetricRecord({"num-examples": 100, "eval-loss": 0.1})})
-        self.served[kind] += 1
-        metadata = Metadata(
-            run_id=self._run.run_id,
-            message_id=f"reply-{message_id}",
-            src_node_id=node,
-            dst_node_id=SUPERLINK_NODE_ID,
-            reply_to_message_id=message_id,
-            group_id=group_id,
-            created_at=time.time(),
-            ttl=60.0,
-            message_type=kind,
-        )
-        return Message(metadata=metadata, content=content)
-
-
 def _proc_status_kib(field: str) -> int:
     """A ``/proc/self/status`` field in KiB (VmRSS: resident now, VmHWM: its high-water mark)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -613,10 +481,9 @@ def measure_server_round(model: str, uplink: str, aggregation: str, replies: int
     from feddm_flower.app.server_app import build_strategy
     from feddm_flower.config import RunConfig
 
-    act_as_server_app()  # the strategy's messages take their run and sender from it
     preset, image_size, channels = SERVER_MODELS[model]
     state = build_unet(preset, image_size, channels, seed=0).state_dict()
-    initial = ArrayRecord(state)
+    initial = {k: v.clone() for k, v in state.items()}
     model_bytes = fp32_bytes(state)
     parameters = sum(v.numel() for v in state.values())
     cfg = RunConfig.from_mapping(
@@ -626,7 +493,7 @@ def measure_server_round(model: str, uplink: str, aggregation: str, replies: int
     grid = ReplyingGrid(replies, uplink, block_size=cfg.quant_block_size)
     # Warm-up: one reply built and decoded, so codec layouts and allocator pools exist.
     grid.hold(state)
-    warm = grid.train_content(grid.node_ids[0], seed=12345)
+    warm = grid.train_content(seed=12345)
     decode_uplink(warm[uplink_key(uplink)], uplink, state)
     del warm, state
     grid.hold({})
@@ -637,15 +504,7 @@ def measure_server_round(model: str, uplink: str, aggregation: str, replies: int
     hiwater_reset = _reset_hiwater()
     sampler = RssSampler()
     sampler.start()
-    seconds, result = _timed(
-        time.perf_counter,
-        strategy.start,
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=1,
-        timeout=3600.0,
-        evaluate_fn=None,
-    )
+    seconds, new = _timed(time.perf_counter, run_rounds, strategy, grid, initial, 1)
     sampled_peak = sampler.stop()
     hwm = _proc_status_kib("VmHWM") * 1024
     maxrss_after = _maxrss_bytes()
@@ -655,15 +514,14 @@ def measure_server_round(model: str, uplink: str, aggregation: str, replies: int
     kernel_peak = max(hwm, maxrss_after) if hiwater_reset else maxrss_after
     peak = max(kernel_peak, sampled_peak) if kernel_valid else sampled_peak
     rejected = [r for r in strategy.history[1].get("rejected", []) if r["phase"] == "train"]
-    aggregated = 1 in result.train_metrics_clientapp and len(result.arrays) > 0
+    round_one = strategy.history[1]
+    aggregated = TRAIN_LOSS in round_one  # the round's aggregated train metrics
     update_norm = math.nan
     if aggregated:
-        new = result.arrays.to_torch_state_dict()
-        old = initial.to_torch_state_dict()
         update_norm = math.sqrt(
             sum(
                 float(torch.linalg.vector_norm(new[k].double() - v.double())) ** 2
-                for k, v in old.items()
+                for k, v in initial.items()
                 if v.is_floating_point()
             )
         )
@@ -681,15 +539,15 @@ def measure_server_round(model: str, uplink: str, aggregation: str, replies: int
         "maxrss_delta_bytes": maxrss_after - rss_before if kernel_valid else None,
         "hiwater_reset": hiwater_reset,
         "seconds": seconds,
-        "train_replies_served": grid.served[MessageType.TRAIN],
-        "evaluate_replies_served": grid.served[MessageType.EVALUATE],
+        "train_replies_served": grid.served["train"],
+        "evaluate_replies_served": grid.served["evaluate"],
         "rejected_train_replies": len(rejected),
-        "accepted_train_replies": grid.served[MessageType.TRAIN] - len(rejected),
+        "accepted_train_replies": grid.served["train"] - len(rejected),
         "aggregated": aggregated,
         "noise_std": grid.noise,
         "global_update_norm": update_norm,
-        "train_metrics": dict(result.train_metrics_clientapp.get(1, {})),
-        "evaluate_metrics": dict(result.evaluate_metrics_clientapp.get(1, {})),
+        "train_metrics": {k: v for k, v in round_one.items() if k in TRAIN_METRICS},
+        "evaluate_metrics": {k: v for k, v in round_one.items() if k in EVAL_METRICS},
     }
 
 
