@@ -3,16 +3,14 @@ missed, and a node that cannot rebuild it is resent the full model."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp.strategy import FedAdam
 
-from feddm_flower.app.compat import SUPERLINK_NODE_ID, assign_message_id
+from feddm_flower.app.local_grid import LocalGrid, eval_metrics, train_metrics
 from feddm_flower.app.records import (
     OUT_OF_SYNC,
     downlink_content,
@@ -27,7 +25,7 @@ from feddm_flower.app.records import (
 from feddm_flower.app.strategy import FedDMStrategy
 from feddm_flower.fed.changes import ChangeCodec, decode_change
 from feddm_flower.fed.downlink import DOWNLINKS, Delivery, ModelChain, OutOfSync, digest
-from feddm_flower.protocol import CHANGE
+from feddm_flower.protocol import CHANGE, CONFIG, METRICS, SERVER_ROUND
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -174,63 +172,36 @@ def test_a_node_out_of_sync_is_refused_not_silently_drifting() -> None:
 # --------------------------------------------------- the strategy's real loop, fake nodes
 
 
-class SyncGrid(Grid):
+class SyncGrid(LocalGrid):
     """Nodes that rebuild the model from each message exactly as client_app does
     (records.received_model over their own copy, none: the seeded start) and answer with
     received + a small seeded update, or an OUT_OF_SYNC error. ``corrupt`` flips a level in
     the change a node is sent (once per entry); ``restart`` empties a node's copy."""
 
     def __init__(self, nodes: Iterable[int], uplink: str = "fp32") -> None:
+        super().__init__(nodes)
         self.uplink, self.scaled = uplink, set()  # nodes that scale their update a millionfold
         self.sizes: dict[tuple[int, str, int], int] = {}  # (round, direction, node) -> bytes
-        self.copies: dict[int, dict[str, torch.Tensor] | None] = dict.fromkeys(nodes)
+        self.copies: dict[int, dict[str, torch.Tensor] | None] = dict.fromkeys(self.node_ids)
         self.corrupt: set[tuple[int, int, str]] = set()  # (round, node, message type)
-        self.pending: dict[str, Message] = {}
-        self.pushed = 0
         self.errors: list[tuple[int, str]] = []
         self.chains: list[int] = []  # changes per message that carried changes
 
-    def set_run(self, run_id: int) -> None:  # pragma: no cover - not called
-        pass
-
-    @property
-    def run(self) -> None:  # pragma: no cover - not called
-        return None
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, *args: object, **kwargs: object) -> list[Message]:  # no cover
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.copies)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            self.pushed += 1
-            assign_message_id(msg, f"m{self.pushed}")
-            self.pending[f"m{self.pushed}"] = msg
-            ids.append(f"m{self.pushed}")
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [self._answer(self.pending.pop(i)) for i in message_ids if i in self.pending]
-
-    def _answer(self, msg: Message) -> Message:
+    def answer(self, msg: Message) -> RecordDict | Error:
         node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
         content = msg.content
-        rnd = int(content["config"]["server-round"])
+        rnd = int(content[CONFIG][SERVER_ROUND])
         down = (rnd, "down", node)
         self.sizes[down] = self.sizes.get(down, 0) + message_bytes(content)
-        reply = self._answer_content(msg, node, kind, content, rnd)
-        if not reply.has_error():
+        reply = self._answer_content(node, kind, content, rnd)
+        if not isinstance(reply, Error):
             up = (rnd, "up", node)
-            self.sizes[up] = self.sizes.get(up, 0) + message_bytes(reply.content)
+            self.sizes[up] = self.sizes.get(up, 0) + message_bytes(reply)
         return reply
 
-    def _answer_content(self, msg, node, kind, content, rnd) -> Message:
+    def _answer_content(
+        self, node: int, kind: str, content: RecordDict, rnd: int
+    ) -> RecordDict | Error:
         if (rnd, node, kind) in self.corrupt and CHANGE in content:
             self.corrupt.discard((rnd, node, kind))
             payloads = payloads_from(content[CHANGE])
@@ -243,12 +214,10 @@ class SyncGrid(Grid):
         except OutOfSync as exc:
             self.copies[node] = None
             self.errors.append((node, str(exc)))
-            return self._reply(msg, error=Error(OUT_OF_SYNC, str(exc)))
+            return Error(OUT_OF_SYNC, str(exc))
         self.copies[node] = weights
-        metrics = {"num-examples": 10, "train-loss": 0.1, "train-steps": 1, "train-seconds": 1.0}
         if kind != "train":
-            return self._reply(msg, RecordDict({"metrics": MetricRecord(
-                {"num-examples": 10, "eval-loss": 0.1})}))  # fmt: skip
+            return RecordDict({METRICS: eval_metrics(10)})
         local = _moved(weights, 1000 * rnd + node)
         local["steps"] = weights["steps"]
         if node in self.scaled:
@@ -259,25 +228,7 @@ class SyncGrid(Grid):
         else:
             codec = ChangeCodec(self.uplink, 16, fraction=0.1, sparse_bits=4)
             record, _ = encode_uplink(local, weights, self.uplink, codec=codec)
-        return self._reply(msg, RecordDict({uplink_key(self.uplink): record,
-                                            "metrics": MetricRecord(metrics)}))  # fmt: skip
-
-    @staticmethod
-    def _reply(msg: Message, content: RecordDict | None = None, error: Error | None = None):
-        meta = Metadata(
-            run_id=1,
-            message_id=f"r-{msg.metadata.message_id}",
-            src_node_id=msg.metadata.dst_node_id,
-            dst_node_id=SUPERLINK_NODE_ID,
-            reply_to_message_id=msg.metadata.message_id,
-            group_id="",
-            created_at=time.time(),
-            ttl=60.0,
-            message_type=msg.metadata.message_type,
-        )
-        if error is not None:
-            return Message(metadata=meta, error=error)
-        return Message(metadata=meta, content=content)
+        return RecordDict({uplink_key(self.uplink): record, METRICS: train_metrics(10)})
 
 
 def test_the_strategy_keeps_nodes_in_sync_and_resends_the_full_model_when_they_are_not() -> None:
@@ -369,11 +320,11 @@ def test_sparse_both_ways_is_accounted_exactly_and_a_scaled_reply_is_bounded() -
 class AlwaysOutOfSync(SyncGrid):
     """Node 11 answers every message with OUT_OF_SYNC, full model or not (a hostile node)."""
 
-    def _answer(self, msg: Message) -> Message:
+    def answer(self, msg: Message) -> RecordDict | Error:
         if msg.metadata.dst_node_id == 11:
             self.errors.append((11, "always"))
-            return self._reply(msg, error=Error(OUT_OF_SYNC, "model out of sync: always"))
-        return super()._answer(msg)
+            return Error(OUT_OF_SYNC, "model out of sync: always")
+        return super().answer(msg)
 
 
 def test_a_node_that_always_claims_out_of_sync_gets_one_resend_per_phase() -> None:
