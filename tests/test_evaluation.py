@@ -11,7 +11,8 @@ import torch
 from flwr.app import ArrayRecord
 from formats import write_celeba
 
-from feddm_flower.app.server_app import RoundReporter, build_strategy
+from feddm_flower.app.report import RoundReporter
+from feddm_flower.app.server_app import build_strategy
 from feddm_flower.config import RunConfig
 from feddm_flower.data.datasets import open_source, resolve_root
 from feddm_flower.data.loading import load_dataset
@@ -68,6 +69,12 @@ def test_ema_update_mixes_floats_and_copies_the_rest() -> None:
     assert ema_decay(0.9, 2) == pytest.approx(0.9 / 1.9)
 
 
+def _round(reporter: RoundReporter, server_round: int, arrays: ArrayRecord) -> None:
+    """What the strategy does after a round: evaluate_fn, then end_round."""
+    reporter.evaluate(server_round, arrays)
+    reporter.end_round(server_round)
+
+
 def test_reporter_ema_is_the_bias_corrected_average_of_the_rounds_and_survives_resume(
     tmp_path: Path,
 ) -> None:
@@ -81,7 +88,7 @@ def test_reporter_ema_is_the_bias_corrected_average_of_the_rounds_and_survives_r
     strategy = build_strategy(cfg)
     reporter = RoundReporter(cfg, run, strategy, build_unet("tiny", 28, 1, seed=0))
     for rnd in range(3):
-        reporter(rnd, ArrayRecord(w[rnd]))
+        _round(reporter, rnd, ArrayRecord(w[rnd]))
     reporter.close()
     expected = {k: (d * w[1][k] + w[2][k]) / (1 + d) for k in w[0]}
     torch.testing.assert_close(reporter.model.state_dict(), expected)
@@ -97,7 +104,7 @@ def test_reporter_ema_is_the_bias_corrected_average_of_the_rounds_and_survives_r
     assert "global-loss-initial" not in rows[1]
 
     resumed = RoundReporter(cfg, run, strategy, build_unet("tiny", 28, 1), ema=run.load_ema())
-    resumed(3, ArrayRecord(w[3]))
+    _round(resumed, 3, ArrayRecord(w[3]))
     resumed.close()
     expected = {k: (d * d * w[1][k] + d * w[2][k] + w[3][k]) / (1 + d + d * d) for k in w[0]}
     torch.testing.assert_close(resumed.model.state_dict(), expected)
@@ -114,9 +121,9 @@ def test_the_reporter_writes_in_the_background_what_the_round_was_when_it_ended(
     reporter = RoundReporter(cfg, run, strategy, build_unet("tiny", 28, 1, seed=0))
     strategy.history[1]["sampled-train"] = ["7"]
     strategy.book.ledger.add(1, "down", 7, 100, 400)
-    reporter(0, ArrayRecord(build_unet("tiny", 28, 1, seed=0).state_dict()))
+    _round(reporter, 0, ArrayRecord(build_unet("tiny", 28, 1, seed=0).state_dict()))
     w1 = build_unet("tiny", 28, 1, seed=1).state_dict()
-    reporter(1, ArrayRecord(w1))
+    _round(reporter, 1, ArrayRecord(w1))
     strategy.history[1]["late"] = True  # round 2 goes on while round 1 is written
     strategy.history[2]["sampled-train"] = ["7"]
     strategy.book.ledger.add(2, "down", 7, 100, 400)

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from feddm_flower.app.compat import STEP_STATE, SUPERLINK_NODE_ID, ErrorCode, assign_message_id
-from feddm_flower.app.local_grid import node_reply, train_metrics
+from feddm_flower.app.local_grid import ReplyingGrid, node_reply, train_metrics
 from feddm_flower.app.presets import FedDMProx, FedDMQuant, FedDMVanilla
 from feddm_flower.app.records import payload_record, to_record
 from feddm_flower.app.resume import optimizer_arrays, restore, strategy_state
@@ -371,6 +371,25 @@ def test_fraction_evaluate_zero_sends_no_evaluate_messages() -> None:
     grid = _grid([1, 2, 3])
     assert strategy.configure_evaluate(1, ArrayRecord(GLOBAL), ConfigRecord(), grid) == []
     assert len(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), grid)) == 3
+
+
+def test_after_every_round_and_before_the_first_evaluate_fn_then_end_round() -> None:
+    """What the run keeps of a round is an explicit step of the loop, after Flower's
+    ``evaluate_fn``, whose metrics land in the result under their round."""
+    calls: list[tuple[str, int]] = []
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        calls.append(("evaluate", server_round))
+        return MetricRecord({"global-loss": float(server_round)})
+
+    strategy = FedDMStrategy(fraction_evaluate=0.0, poll_interval=0.0)
+    result = strategy.start(ReplyingGrid(2, "fp32"), ArrayRecord(GLOBAL), num_rounds=2,
+                            evaluate_fn=evaluate,
+                            end_round=lambda rnd: calls.append(("end", rnd)))  # fmt: skip
+    assert calls == [(step, rnd) for rnd in (0, 1, 2) for step in ("evaluate", "end")]
+    assert {r: m["global-loss"] for r, m in result.evaluate_metrics_serverapp.items()} == {
+        0: 0.0, 1: 1.0, 2: 2.0
+    }  # fmt: skip
 
 
 def test_the_clients_phase_times_are_averaged_and_hostile_ones_ignored() -> None:

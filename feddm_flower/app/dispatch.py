@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, RecordDict
@@ -134,6 +134,18 @@ class Dispatch:
         log(WARNING, "Round %d: no %s reply from node %d (%s)",
             server_round, phase, self.node_of(msg), msg.error.reason)  # fmt: skip
         return True
+
+    def own_replies(
+        self, server_round: int, phase: str, replies: Iterable[Message], replied: set[int]
+    ) -> Iterator[Message]:
+        """The replies that are a node's own (not the SuperLink's stand-in), counted up;
+        their nodes added to ``replied``."""
+        for msg in replies:
+            if self.stand_in(server_round, phase, msg):
+                continue
+            replied.add(self.node_of(msg))
+            self.book.count_up(server_round, msg, self.fp32_model)
+            yield msg
 
     def _full(self) -> ArrayRecord:
         """The reference as a full-model record (fp16 under an fp16 downlink, else fp32)."""

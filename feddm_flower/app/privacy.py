@@ -13,7 +13,11 @@ from flwr.serverapp import (
     RdpAccountant,
     SamplingMethod,
 )
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
 
 from feddm_flower.app.guard import as_reply
 from feddm_flower.fed.aggregation import RunningMean, State
@@ -25,9 +29,11 @@ DP_POPULATION = 2**31 - 1
 Privacy = DifferentialPrivacyClientSideFixedClipping
 
 
-def fixed_clipping(clip: float, noise: float, delta: float) -> Privacy | None:
+def fixed_clipping(
+    clip: float, noise: float, delta: float, aggregator: Strategy | None = None
+) -> Privacy | None:
     """Flower's client-side fixed-clipping DP wrapper with Flower's RDP accountant; None when
-    both ``clip`` and ``noise`` are 0.
+    both ``clip`` and ``noise`` are 0. DP needs the streamed mean (no robust ``aggregator``).
 
     It wraps a FedAvg release stage, not the optimizer: Flower accounts only for a wrapped
     strategy that aggregates exactly as FedAvg does (FedAvgM/FedAdam/... do not), and the
@@ -40,6 +46,8 @@ def fixed_clipping(clip: float, noise: float, delta: float) -> Privacy | None:
     """
     if clip == 0 and noise == 0:
         return None
+    if aggregator is not None:
+        raise ValueError("DP needs the streamed mean: its sensitivity is clip / n")
     if not (clip > 0 and noise > 0):
         raise ValueError(f"DP needs dp_clip_norm={clip} and dp_noise_multiplier={noise} > 0")
     release_stage = FedAvg()

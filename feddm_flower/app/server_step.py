@@ -3,7 +3,8 @@ Flower's robust rule), Flower's optimizer stepped on the result, and the last ch
 
 from __future__ import annotations
 
-from logging import WARNING
+from logging import INFO, WARNING
+from typing import Protocol
 
 from flwr.common import log
 from flwr.serverapp.strategy import FedAvg, Krum, Strategy
@@ -11,7 +12,14 @@ from flwr.serverapp.strategy import FedAvg, Krum, Strategy
 from feddm_flower.app import privacy as dp
 from feddm_flower.app.compat import STEP_STATE, set_krum_byzantine
 from feddm_flower.app.guard import as_reply
-from feddm_flower.fed.aggregation import Intake, LossCheck, State, refusal
+from feddm_flower.fed.aggregation import (
+    InfluenceBound,
+    Intake,
+    InvalidReply,
+    LossCheck,
+    State,
+    refusal,
+)
 
 
 def with_update(model: State, update: State) -> State:
@@ -43,6 +51,34 @@ def combine(
     return arrays.to_torch_state_dict()
 
 
+class StepParts(Protocol):
+    """What the server's step needs of a strategy."""
+
+    aggregator: Strategy | None
+    privacy: dp.Privacy | None
+    optimizer: FedAvg
+    loss_check: LossCheck | None
+    min_replies: int
+
+
+def server_step(
+    server_round: int, intake: Intake, model: State, parts: StepParts, history: dict[str, object]
+) -> State | None:
+    """The new global weights: the replies combined, then the optimizer's step and the last
+    check; None (model unchanged) with fewer than ``min_replies`` accepted replies or if the
+    DP wrapper or the last check refused."""
+    if (accepted := len(intake.accepted)) < parts.min_replies:
+        log(WARNING, "Round %d: %d valid training replies, fewer than min-replies=%d; global "
+            "model unchanged", server_round, accepted, parts.min_replies)  # fmt: skip
+        dp.note_spent(parts.privacy, history)
+        return None
+    candidate = combine(server_round, intake, model, parts.aggregator, parts.privacy, history)
+    if candidate is None:
+        return None
+    return optimizer_step(parts.optimizer, server_round, candidate, model, parts.loss_check,
+                          history)  # fmt: skip
+
+
 def optimizer_step(
     optimizer: FedAvg,
     server_round: int,
@@ -66,3 +102,37 @@ def optimizer_step(
     for attr, value in before.items():
         setattr(optimizer, attr, value)
     return None
+
+
+def check_own_model(loss_check: LossCheck | None, model: State, update: State) -> None:
+    """:class:`InvalidReply` if ``model`` + one reply's ``update`` fails the last check."""
+    if loss_check is None:
+        return
+    _, reason = loss_check.judge(with_update(model, update), model)
+    if reason is not None:
+        raise InvalidReply(f"its model's {reason}")
+
+
+def describe(
+    uplink: str,
+    downlink: str,
+    proximal_mu: float,
+    optimizer: FedAvg,
+    aggregator: Strategy | None,
+    privacy: dp.Privacy | None,
+    bound: InfluenceBound,
+    loss_check: LossCheck | None,
+) -> None:
+    """Log the combination a strategy runs."""
+    log(INFO, "\t├──> FedDM: uplink %s, downlink %s, proximal-mu %g, optimizer %s, "
+        "aggregation %s", uplink, downlink, proximal_mu, type(optimizer).__name__,
+        type(aggregator).__name__ if aggregator else "mean (streamed)")  # fmt: skip
+    if privacy is not None:
+        log(INFO, "\t├──> DP: clip %g (clients, then server), noise multiplier %g (Flower's "
+            "wrapper and RDP accountant)", privacy.clipping_norm,
+            privacy.noise_multiplier)  # fmt: skip
+    else:
+        log(INFO, "\t├──> bounds: update norm %gx, num-examples %gx the previous round's "
+            "median (0 = off)", bound.norm_bound, bound.weight_bound)  # fmt: skip
+    ratio = loss_check.max_ratio if loss_check else 0.0
+    log(INFO, "\t└──> last check: finite, global-loss <= %gx the current (0 = off)", ratio)

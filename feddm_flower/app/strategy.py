@@ -2,10 +2,12 @@
 
 ``FedDMStrategy`` keeps the round loop and FedDM's decisions; its parts are small modules:
 delivery and replies (``dispatch.py``), the reply guard (``guard.py``), the ledger and history
-(``round_book.py``), DP through Flower's wrapper (``privacy.py``), resume state
-(``resume.py``). What Flower has it delegates: the server optimizer is a Flower
-``FedAvg``/``FedAvgM``/``FedAdam``/``FedYogi``/``FedAdagrad`` and a robust rule a Flower
-``FedMedian``/``FedTrimmedAvg``/``Krum``, given decoded fp32 weights. One training round::
+(``round_book.py``), the server's step (``server_step.py``), DP through Flower's wrapper
+(``privacy.py``), resume state (``resume.py``); what the run keeps of each round is an
+explicit step after it (``end_round``: ``report.py``). What Flower has it delegates: the
+server optimizer is a Flower ``FedAvg``/``FedAvgM``/``FedAdam``/``FedYogi``/``FedAdagrad``
+and a robust rule a Flower ``FedMedian``/``FedTrimmedAvg``/``Krum``, given decoded fp32
+weights. One training round::
 
     configure_train   seeded sample; per node what it lacks of the current model (nothing,
                       the changes since its copy, or the full model) + config
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from logging import INFO, WARNING
+from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
@@ -32,8 +34,7 @@ from feddm_flower.app import privacy as dp
 from feddm_flower.app.compat import remember_model
 from feddm_flower.app.dispatch import Dispatch, sample_nodes
 from feddm_flower.app.round_book import RoundBook
-from feddm_flower.app.server_step import combine, optimizer_step, with_update
-from feddm_flower.config import QUANT_BLOCK_SIZE, SPARSE_BITS, SPARSE_FRACTION
+from feddm_flower.app.server_step import check_own_model, describe, server_step
 from feddm_flower.fed.aggregation import (
     Contribution,
     InfluenceBound,
@@ -118,13 +119,7 @@ class FedDMStrategy(Strategy):
         self.aggregator = aggregator
         self.proximal_mu, self.uplink, self.downlink = proximal_mu, uplink, downlink
         self.codec, self.lossless = dict(codec or {}), lossless
-        self.chain = ModelChain(
-            downlink,
-            block_size=int(self.codec.get("quant-block-size", QUANT_BLOCK_SIZE)),
-            lossless=lossless,
-            fraction=float(self.codec.get("sparse-fraction", SPARSE_FRACTION)),
-            sparse_bits=int(self.codec.get("sparse-bits", SPARSE_BITS)),
-        )
+        self.chain = ModelChain.from_config(downlink, {**self.codec, "lossless": lossless})
         self.book = RoundBook()
         self.dispatch = Dispatch(
             self.chain, self.book, seeded_start=seeded_start, poll_interval=poll_interval
@@ -132,9 +127,7 @@ class FedDMStrategy(Strategy):
         self.bound = bound or InfluenceBound()
         self.reference: Reference | None = None  # medians of the last round with replies
         self.loss_check = loss_check
-        if (dp_clip_norm or dp_noise_multiplier) and aggregator is not None:
-            raise ValueError("DP needs the streamed mean: its sensitivity is clip / n")
-        self.privacy = dp.fixed_clipping(dp_clip_norm, dp_noise_multiplier, dp_delta)
+        self.privacy = dp.fixed_clipping(dp_clip_norm, dp_noise_multiplier, dp_delta, aggregator)
         if self.privacy is not None:  # the fixed clip is the norm bound; every weight is 1
             self.bound = InfluenceBound(norm_bound=0.0, weight_bound=0.0)
         self.fraction_train, self.fraction_evaluate = fraction_train, fraction_evaluate
@@ -149,19 +142,8 @@ class FedDMStrategy(Strategy):
 
     def summary(self) -> None:
         """Log the combination this strategy runs."""
-        log(INFO, "\t├──> FedDM: uplink %s, downlink %s, proximal-mu %g, optimizer %s, "
-            "aggregation %s", self.uplink, self.downlink, self.proximal_mu,
-            type(self.optimizer).__name__,
-            type(self.aggregator).__name__ if self.aggregator else "mean (streamed)")  # fmt: skip
-        if self.privacy is not None:
-            log(INFO, "\t├──> DP: clip %g (clients, then server), noise multiplier %g (Flower's "
-                "wrapper and RDP accountant)", self.privacy.clipping_norm,
-                self.privacy.noise_multiplier)  # fmt: skip
-        else:
-            log(INFO, "\t├──> bounds: update norm %gx, num-examples %gx the previous round's "
-                "median (0 = off)", self.bound.norm_bound, self.bound.weight_bound)  # fmt: skip
-        ratio = self.loss_check.max_ratio if self.loss_check else 0.0
-        log(INFO, "\t└──> last check: finite, global-loss <= %gx the current (0 = off)", ratio)
+        describe(self.uplink, self.downlink, self.proximal_mu, self.optimizer, self.aggregator,
+                 self.privacy, self.bound, self.loss_check)  # fmt: skip
 
     def start(
         self,
@@ -172,15 +154,17 @@ class FedDMStrategy(Strategy):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        end_round: Callable[[int], None] | None = None,
     ) -> Result:
         """Flower's round loop, from round ``self.first_round`` (after a resume) to
-        ``num_rounds``, with replies folded in as they arrive instead of gathered first."""
+        ``num_rounds``, with replies folded in as they arrive instead of gathered first.
+        After each round (and before the first): ``evaluate_fn``, then ``end_round``."""
         log(INFO, "Starting %s, rounds %d to %d:", type(self).__name__, self.first_round,
             num_rounds)  # fmt: skip
         self.summary()
         result, arrays = Result(), initial_arrays
-        if evaluate_fn and self.first_round == 1:
-            evaluate_fn(0, arrays)
+        if self.first_round == 1:
+            _close_round(0, arrays, result, evaluate_fn, end_round)
         for rnd in range(self.first_round, num_rounds + 1):
             log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
             begun = time.monotonic()
@@ -199,8 +183,7 @@ class FedDMStrategy(Strategy):
             # The server's view of the round: send, wait for and fold each phase's replies.
             self.history[rnd]["server-time-train"] = round(trained - begun, 3)
             self.history[rnd]["server-time-evaluate"] = round(time.monotonic() - trained, 3)
-            if evaluate_fn and (metrics := evaluate_fn(rnd, arrays)) is not None:
-                result.evaluate_metrics_serverapp[rnd] = metrics
+            _close_round(rnd, arrays, result, evaluate_fn, end_round)
         return result
 
     def configure_train(
@@ -238,10 +221,11 @@ class FedDMStrategy(Strategy):
         intake = Intake(self.bound, self.reference, self.global_state, self.aggregator is None)
         replied: set[int] = set()
         times = PhaseMeans()
-        for msg in self._answers(server_round, "training", replies, replied):
+        for msg in self.dispatch.own_replies(server_round, "training", replies, replied):
             try:
                 contribution = self.contribution(msg)
-                self._check_model(contribution)
+                if self.privacy is None:  # under DP a decision on one update is not noised
+                    check_own_model(self.loss_check, self.global_state, contribution.update)
             except InvalidReply as exc:
                 self.book.reject(server_round, "train", self.dispatch.node_of(msg), str(exc))
                 continue
@@ -254,18 +238,10 @@ class FedDMStrategy(Strategy):
         self.history[server_round].update(times.summary("train-time-"))
         self.book.missing(server_round, replied)
         log(INFO, "Round %d: %d training replies accepted", server_round, len(records))
-        if len(records) < self.min_replies:
-            log(WARNING, "Round %d: %d valid training replies, fewer than min-replies=%d; "
-                "global model unchanged", server_round, len(records), self.min_replies)  # fmt: skip
-            dp.note_spent(self.privacy, self.history[server_round])
-            return None, None
         history = self.history[server_round]
-        model, check = self.global_state, self.loss_check
-        candidate = combine(server_round, intake, model, self.aggregator, self.privacy, history)
-        if candidate is None:
-            return None, None
-        new_state = optimizer_step(self.optimizer, server_round, candidate, model, check, history)
-        if new_state is None:
+        if (
+            new_state := server_step(server_round, intake, self.global_state, self, history)
+        ) is None:
             return None, None
         metrics = self.optimizer.train_metrics_aggr_fn(records, NUM_EXAMPLES)
         self.book.remember(server_round, "train", metrics)
@@ -276,7 +252,7 @@ class FedDMStrategy(Strategy):
     ) -> MetricRecord | None:
         """Weighted mean of the evaluation metrics of the replies that pass the guard."""
         records, times = [], PhaseMeans()
-        for msg in self._answers(server_round, "evaluate", replies, set()):
+        for msg in self.dispatch.own_replies(server_round, "evaluate", replies, set()):
             try:
                 guard.check_records(msg, {METRICS})
                 weight, metrics = guard.read_metrics(msg.content, EVAL_METRICS)
@@ -298,31 +274,22 @@ class FedDMStrategy(Strategy):
         clip = self.privacy.clipping_norm if self.privacy is not None else None
         return guard.contribution(msg, self.uplink, self.chain.ref or self.global_state, clip)
 
-    def _answers(
-        self, server_round: int, phase: str, replies: Iterable[Message], replied: set[int]
-    ) -> Iterable[Message]:
-        """The replies that are a node's own (not the SuperLink's stand-in), counted up."""
-        for msg in replies:
-            if self.dispatch.stand_in(server_round, phase, msg):
-                continue
-            replied.add(self.dispatch.node_of(msg))
-            self.book.count_up(server_round, msg, self.dispatch.fp32_model)
-            yield msg
-
-    def _check_model(self, c: Contribution) -> None:
-        """:class:`InvalidReply` if the reply's own model fails the loss check (not under DP:
-        a decision on one client's update alone is not noised)."""
-        if self.loss_check is None or self.privacy is not None:
-            return
-        _, reason = self.loss_check.judge(
-            with_update(self.global_state, c.update), self.global_state
-        )
-        if reason is not None:
-            raise InvalidReply(f"its model's {reason}")
-
     def _sample(self, grid: Grid, server_round: int, phase: str, fraction: float) -> list[int]:
         key = f"{self.seed}/{server_round}/{phase}"
         return sample_nodes(grid, key, fraction, self.min_nodes)
+
+
+def _close_round(
+    server_round: int,
+    arrays: ArrayRecord,
+    result: Result,
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+    end_round: Callable[[int], None] | None,
+) -> None:
+    if evaluate_fn and (metrics := evaluate_fn(server_round, arrays)) is not None:
+        result.evaluate_metrics_serverapp[server_round] = metrics
+    if end_round:
+        end_round(server_round)
 
 
 def _metrics_record(metrics: dict[str, float], weight: float) -> RecordDict:

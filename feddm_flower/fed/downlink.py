@@ -26,7 +26,8 @@ and the fallback to a full model are FedDM's.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -131,6 +132,15 @@ class ModelChain:
         self._global: State = {}
         self._changes: list[tuple[str, bytes]] = []  # (digest applied to, payload), oldest first
         self.full_bytes = 0
+
+    @classmethod
+    def from_config(cls, downlink: str, config: Mapping[str, object]) -> ModelChain:
+        """``downlink`` with the codec options of a run-config or message config
+        (:meth:`ChangeCodec.from_config`); the downlink always rounds to nearest."""
+        chain = cls(downlink)
+        if chain.codec is not None:
+            chain.codec = replace(ChangeCodec.from_config(downlink, config), stochastic=False)
+        return chain
 
     def start(self, weights: State, *, nodes_have_it: bool) -> None:
         """Make ``weights`` the first reference. ``nodes_have_it``: every node can rebuild
