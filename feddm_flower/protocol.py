@@ -26,6 +26,16 @@ EVAL_LOSS = "eval-loss"
 TRAIN_METRICS = (TRAIN_LOSS, TRAIN_STEPS, TRAIN_SECONDS)
 EVAL_METRICS = (EVAL_LOSS,)
 
+# Fields of a run's metrics.jsonl line (one per round) and its summary.json, which the
+# server writes and the tools read. The traffic fields come from fed.accounting's ledger.
+ROUND = "round"
+GLOBAL_LOSS, GLOBAL_LOSS_EMA = "global-loss", "global-loss-ema"
+FID, KID, FID_NUM_FAKE = "fid", "kid", "fid-num-fake"
+DRIFT_MEAN = "drift-mean"  # the spread of clients' update norms: drift.summary("drift")
+ROUND_SECONDS, WALL_SECONDS = "round-seconds", "wall-seconds"
+BYTES_DOWN_CUMULATIVE, BYTES_UP_CUMULATIVE = "bytes-down-cumulative", "bytes-up-cumulative"
+COMPRESSION_DOWN, COMPRESSION_UP = "compression-down", "compression-up"
+
 # Node-config keys (flower-supernode --node-config, or the simulation's).
 PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
 NUM_THREADS = "num-threads"

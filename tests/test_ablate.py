@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import shutil
 import subprocess
@@ -12,6 +11,19 @@ from pathlib import Path
 import pytest
 
 from feddm_flower.config import ConfigError
+from feddm_flower.evaluation.artifacts import RunDirectory
+from feddm_flower.fed.accounting import CommLedger
+from feddm_flower.protocol import (
+    DRIFT_MEAN,
+    EVAL_LOSS,
+    FID,
+    FID_NUM_FAKE,
+    GLOBAL_LOSS,
+    GLOBAL_LOSS_EMA,
+    KID,
+    ROUND,
+    WALL_SECONDS,
+)
 from feddm_flower.tools import ablate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,24 +116,23 @@ class FakeRuns:
         mu, noise = config.get("proximal-mu", 0.0), SEED_NOISE.get(config.get("seed", 0), 0.0)
         fid = 100.0 + 10 * mu + self.spread * noise
         global_loss = 0.05 + 0.01 * mu + 0.001 * self.spread * noise
+        ledger = CommLedger()  # the server's own fields: bytes beside fp32 FedAvg's
+        ledger.add(1, "down", 1, down, fp32_bytes=8000)  # the model in train and evaluate
+        ledger.add(1, "up", 1, BYTES_UP[config.get("uplink", "fp32")], fp32_bytes=4000)
         line = {
-            "round": 1,
-            **({"fid": fid, "kid": fid / 1000, "fid-num-fake": 1000} if self.fid else {}),
-            "eval-loss": 0.1,
-            **({"global-loss": global_loss} if self.global_loss else {}),
+            ROUND: 1,
+            **({FID: fid, KID: fid / 1000, FID_NUM_FAKE: 1000} if self.fid else {}),
+            EVAL_LOSS: 0.1,
+            **({GLOBAL_LOSS: global_loss} if self.global_loss else {}),
             # the server's EMA scores 0.002 lower; drift grows with mu (as far as the plot cares)
-            **({"global-loss-ema": global_loss - 0.002} if config.get("server-ema") else {}),
-            "drift-mean": 1.0 + mu,
-            "bytes-down-cumulative": down,
-            "bytes-up-cumulative": BYTES_UP[config.get("uplink", "fp32")],
-            # FedAvg would have sent 8000 down (the fp32 model in train and evaluate messages)
-            "compression-down": 8000 / down,
-            "compression-up": 4000 / BYTES_UP[config.get("uplink", "fp32")],
-            "wall-seconds": 1.0,
+            **({GLOBAL_LOSS_EMA: global_loss - 0.002} if config.get("server-ema") else {}),
+            DRIFT_MEAN: 1.0 + mu,
+            **ledger.round_summary(1),
+            WALL_SECONDS: 1.0,
         }
-        cell_dir.mkdir(parents=True)
-        (cell_dir / "metrics.jsonl").write_text(json.dumps(line) + "\n")
-        (cell_dir / "summary.json").write_text(json.dumps(line))
+        run = RunDirectory(cell_dir)
+        run.append_metrics(line)
+        run.write_summary()
 
 
 @pytest.fixture()

@@ -26,7 +26,15 @@ from feddm_flower.evaluation.quality import (
 )
 from feddm_flower.fed.aggregation import State
 from feddm_flower.fed.timings import OVERHEAD_KEY, overhead_share
-from feddm_flower.protocol import EVAL_LOSS, TRAIN_LOSS, TRAIN_SECONDS
+from feddm_flower.protocol import (
+    EVAL_LOSS,
+    GLOBAL_LOSS,
+    GLOBAL_LOSS_EMA,
+    ROUND_SECONDS,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    WALL_SECONDS,
+)
 from feddm_flower.task.diffusion import sample
 from feddm_flower.task.models import build_scheduler, resolve_device
 
@@ -100,7 +108,7 @@ class RoundReporter:
         if server_round == 0:  # the starting point, recorded in round 1's line
             self.initial = {f"{k}-initial": v for k, v in losses.items()}
             if losses:
-                log.info("Round 0: global-loss %.4f", losses["global-loss"])
+                log.info("Round 0: global-loss %.4f", losses[GLOBAL_LOSS])
             self.pending = self.writer.submit(self._write, 0, None, None)
             return
         now = time.perf_counter()
@@ -113,10 +121,10 @@ class RoundReporter:
             **self.strategy.book.ledger.round_summary(server_round),
             **self.initial,
             **losses,
-            "round-seconds": round(round_seconds, 3),
+            ROUND_SECONDS: round(round_seconds, 3),
             # The share of the round its clients did not spend training (mean over clients).
             OVERHEAD_KEY: overhead_share(history.get(TRAIN_SECONDS, 0.0), round_seconds),
-            "wall-seconds": round(now - self.start, 3),
+            WALL_SECONDS: round(now - self.start, 3),
         }
         self.initial, self.round_start = {}, now
         checkpoint = (
@@ -161,10 +169,10 @@ class RoundReporter:
             server_round,
             _fmt(record.get(TRAIN_LOSS)),
             _fmt(record.get(EVAL_LOSS)),
-            _fmt(record.get("global-loss")),
+            _fmt(record.get(GLOBAL_LOSS)),
             record["bytes-down"],
             record["bytes-up"],
-            record["round-seconds"],
+            record[ROUND_SECONDS],
             _share(record[OVERHEAD_KEY]),
         )
 
@@ -186,9 +194,9 @@ class RoundReporter:
                 check.current = loss
         else:
             loss = check.current
-        losses = {"global-loss": loss}
+        losses = {GLOBAL_LOSS: loss}
         if ema and self.ema is not None:
-            losses["global-loss-ema"] = global_loss(self.ema, self.eval_inputs, self.cfg.seed)
+            losses[GLOBAL_LOSS_EMA] = global_loss(self.ema, self.eval_inputs, self.cfg.seed)
         return losses
 
     def _sample(self, num: int, seed: int) -> torch.Tensor:

@@ -31,6 +31,12 @@ from feddm_flower.config import RunConfig
 from feddm_flower.data.loading import IMAGE_SHAPES
 from feddm_flower.evaluation.artifacts import RunDirectory
 from feddm_flower.fed.aggregation import InfluenceBound, LossCheck, State
+from feddm_flower.protocol import (
+    BYTES_DOWN_CUMULATIVE,
+    BYTES_UP_CUMULATIVE,
+    COMPRESSION_DOWN,
+    COMPRESSION_UP,
+)
 from feddm_flower.task.latents import model_space
 from feddm_flower.task.models import build_scheduler, build_unet, count_parameters
 
@@ -95,10 +101,10 @@ def main(grid: Grid, context: Context) -> None:
     summary = run.write_summary()
     log.info(
         "Traffic: %d B down (%.2fx less than fp32 FedAvg), %d B up (%.2fx less)",
-        summary.get("bytes-down-cumulative", 0),
-        summary.get("compression-down") or 0,
-        summary.get("bytes-up-cumulative", 0),
-        summary.get("compression-up") or 0,
+        summary.get(BYTES_DOWN_CUMULATIVE, 0),
+        summary.get(COMPRESSION_DOWN) or 0,
+        summary.get(BYTES_UP_CUMULATIVE, 0),
+        summary.get(COMPRESSION_UP) or 0,
     )
     log.info("FedDM run finished; results in %s", run.path)
 

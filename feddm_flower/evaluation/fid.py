@@ -23,6 +23,8 @@ import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
 
+from feddm_flower.protocol import FID, KID
+
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "feddm-flower" / "inception"
 # The file torch-fidelity itself downloads into torch's hub cache (``<hub dir>/checkpoints/``).
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
@@ -247,8 +249,8 @@ def fid_kid(
         verbose=False,
     )
     return {
-        "fid": float(metrics[torch_fidelity.KEY_METRIC_FID]),
-        "kid": float(metrics[torch_fidelity.KEY_METRIC_KID_MEAN]),
+        FID: float(metrics[torch_fidelity.KEY_METRIC_FID]),
+        KID: float(metrics[torch_fidelity.KEY_METRIC_KID_MEAN]),
         "kid-std": float(metrics[torch_fidelity.KEY_METRIC_KID_STD]),
         "num-fake": n_fake,
         "num-real": n_real,

@@ -19,6 +19,11 @@ from feddm_flower.config import RunConfig
 from feddm_flower.data.datasets import open_source, resolve_root
 from feddm_flower.data.loading import load_dataset
 from feddm_flower.evaluation.fid import fid_kid, real_stats_name
+from feddm_flower.protocol import (
+    FID,
+    FID_NUM_FAKE,
+    KID,
+)
 from feddm_flower.task.diffusion import denoising_loss, sample
 from feddm_flower.task.latents import DEFAULT_LATENT_CACHE, cached_encode
 from feddm_flower.task.models import build_scheduler
@@ -96,16 +101,16 @@ def fid_scores(
     scores = fid_kid(fake, real.float() / 255, real_cache_name=name)
     log.info(
         "FID %.2f, KID %.4f (N=%d), %.0f s",
-        scores["fid"],
-        scores["kid"],
+        scores[FID],
+        scores[KID],
         n,
         time.perf_counter() - start,
     )
     return {
-        "fid": scores["fid"],
-        "kid": scores["kid"],
+        FID: scores[FID],
+        KID: scores[KID],
         "kid-std": scores["kid-std"],
-        "fid-num-fake": scores["num-fake"],
+        FID_NUM_FAKE: scores["num-fake"],
         "fid-num-real": scores["num-real"],
     }
 

@@ -55,6 +55,17 @@ from feddm_flower.app.launch import (  # noqa: E402
 )
 from feddm_flower.app.overrides import parse as parse_run_config  # noqa: E402
 from feddm_flower.config import ConfigError, RunConfig, Value  # noqa: E402
+from feddm_flower.protocol import (
+    BYTES_DOWN_CUMULATIVE,
+    BYTES_UP_CUMULATIVE,
+    DRIFT_MEAN,
+    FID,
+    FID_NUM_FAKE,
+    GLOBAL_LOSS,
+    GLOBAL_LOSS_EMA,
+    KID,
+    WALL_SECONDS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -347,31 +358,31 @@ def collect(
             s = json.loads(path.read_text())
             base_path = run_dir(out, _cell(cells, cell.baseline), seed) / "summary.json"
             b = json.loads(base_path.read_text()) if base_path.exists() else {}
-            total = s["bytes-down-cumulative"] + s["bytes-up-cumulative"]
+            total = s[BYTES_DOWN_CUMULATIVE] + s[BYTES_UP_CUMULATIVE]
             rows.append(
                 {
                     "cell": cell.name,
                     **cell.describe,
                     **({} if seed is None else {"seed": seed}),
                     "rounds": s["round"],
-                    "fid": s.get("fid"),
-                    "kid": s.get("kid"),
+                    "fid": s.get(FID),
+                    "kid": s.get(KID),
                     "kid_std": s.get("kid-std"),
-                    "fid_n": s.get("fid-num-fake"),
+                    "fid_n": s.get(FID_NUM_FAKE),
                     "eval_loss": s.get("eval-loss"),
-                    "global_loss": s.get("global-loss"),
-                    "global_loss_ema": s.get("global-loss-ema"),
-                    "drift": s.get("drift-mean"),
-                    "bytes_down": s["bytes-down-cumulative"],
-                    "bytes_up": s["bytes-up-cumulative"],
+                    "global_loss": s.get(GLOBAL_LOSS),
+                    "global_loss_ema": s.get(GLOBAL_LOSS_EMA),
+                    "drift": s.get(DRIFT_MEAN),
+                    "bytes_down": s[BYTES_DOWN_CUMULATIVE],
+                    "bytes_up": s[BYTES_UP_CUMULATIVE],
                     "bytes_total": total,
                     f"uplink_compression_vs_{base}": _ratio(
-                        b.get("bytes-up-cumulative"), s["bytes-up-cumulative"]
+                        b.get(BYTES_UP_CUMULATIVE), s[BYTES_UP_CUMULATIVE]
                     ),
                     f"traffic_compression_vs_{base}": _ratio(_total(b), total),
                     "traffic_compression_vs_fedavg": _ratio(_fedavg_total(s), total),
-                    f"fid_ratio_vs_{base}": _ratio(s.get("fid"), b.get("fid")),
-                    "wall_seconds": s["wall-seconds"],
+                    f"fid_ratio_vs_{base}": _ratio(s.get(FID), b.get(FID)),
+                    "wall_seconds": s[WALL_SECONDS],
                 }
             )
     return rows
@@ -438,7 +449,7 @@ def _fid_n(rows: list[dict[str, object]]) -> object:
 
 
 def _total(summary: dict[str, object]) -> int | None:
-    down, up = summary.get("bytes-down-cumulative"), summary.get("bytes-up-cumulative")
+    down, up = summary.get(BYTES_DOWN_CUMULATIVE), summary.get(BYTES_UP_CUMULATIVE)
     return down + up if isinstance(down, int) and isinstance(up, int) else None
 
 
@@ -604,8 +615,8 @@ def _delta_text(row: dict[str, object], metric: str, base: str) -> str:
 # Per-round curves plot() draws besides FID: {file: (y label, {metrics.jsonl key: line style},
 # log scale)}.
 ROUND_PLOTS = {
-    "global_loss_vs_round": ("global loss", {"global-loss": "-", "global-loss-ema": "--"}, False),
-    "drift_vs_round": ("client drift ‖w_local − w_global‖ (mean)", {"drift-mean": "-"}, True),
+    "global_loss_vs_round": ("global loss", {GLOBAL_LOSS: "-", GLOBAL_LOSS_EMA: "--"}, False),
+    "drift_vs_round": ("client drift ‖w_local − w_global‖ (mean)", {DRIFT_MEAN: "-"}, True),
 }
 
 
@@ -615,8 +626,8 @@ def plot(out: Path, cells: list[Cell], seeds: list[int] | None = None) -> None:
     cell's colour); with ``seeds`` each point is the mean over the seeds that reached it, with
     ± sd error bars."""
     panels = list(dict.fromkeys(c.panel for c in cells))
-    figures = {"fid_vs_round": ("round", "FID", {"fid": "-"}, False),
-               "fid_vs_bytes": ("cumulative bytes (MB)", "FID", {"fid": "-"}, False)}  # fmt: skip
+    figures = {"fid_vs_round": ("round", "FID", {FID: "-"}, False),
+               "fid_vs_bytes": ("cumulative bytes (MB)", "FID", {FID: "-"}, False)}  # fmt: skip
     figures |= {name: ("round", *spec) for name, spec in ROUND_PLOTS.items()}
     for name, (xlabel, ylabel, keys, log_scale) in figures.items():
         curves = {(c.name, key): _round_points(out, c, seeds, key) for c in cells for key in keys}
@@ -660,7 +671,7 @@ def _round_points(
             continue
         for r in map(json.loads, metrics.read_text().splitlines()):
             if key in r:
-                total = r["bytes-down-cumulative"] + r["bytes-up-cumulative"]
+                total = r[BYTES_DOWN_CUMULATIVE] + r[BYTES_UP_CUMULATIVE]
                 points.setdefault(r["round"], []).append((r[key], total))
     return dict(sorted(points.items()))
 

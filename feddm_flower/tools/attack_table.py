@@ -33,6 +33,9 @@ from feddm_flower.evaluation.quality import global_loss, load_eval_inputs
 from feddm_flower.fed.attacks import (
     ATTACKS,
 )
+from feddm_flower.protocol import (
+    GLOBAL_LOSS,
+)
 from feddm_flower.task.models import build_unet
 
 DEFENCES = {
@@ -89,7 +92,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                     rows.append({
                         "defence": defence, "bounds": bounds, "attack": attack, "seed": seed,
                         "nodes": args.nodes, "colluders": args.colluders,
-                        "global-loss": loss, "honest-global-loss": honest_loss,
+                        GLOBAL_LOSS: loss, "honest-global-loss": honest_loss,
                         "relative-loss": loss / honest_loss,
                         "distance-to-honest": _distance(final, honest) / moved,
                         "seconds": round(time.monotonic() - begun, 1),

@@ -29,6 +29,10 @@ from feddm_flower.config import ConfigError, RunConfig
 from feddm_flower.data.loading import IMAGE_SHAPES, load_dataset
 from feddm_flower.evaluation.artifacts import RunDirectory
 from feddm_flower.evaluation.quality import fid_scores, global_loss, load_eval_inputs
+from feddm_flower.protocol import (
+    FID,
+    GLOBAL_LOSS,
+)
 from feddm_flower.task.diffusion import train_local
 from feddm_flower.task.latents import DEFAULT_LATENT_CACHE, cached_encode, model_space
 from feddm_flower.task.models import build_scheduler, build_unet, resolve_device
@@ -70,7 +74,7 @@ def price_of_federation(run: dict[str, object], central: dict[str, object]) -> d
     """Federated ÷ centralized FID and global loss (above 1: federation costs quality)."""
     return {
         f"{key}-ratio": run[key] / central[key]
-        for key in ("fid", "global-loss")
+        for key in (FID, GLOBAL_LOSS)
         if isinstance(run.get(key), float) and isinstance(central.get(key), float)
     }
 
@@ -107,7 +111,7 @@ def train_and_measure(cfg: RunConfig, images: int, out: RunDirectory) -> dict[st
         "train-seconds": round(result.seconds, 3),
     }
     if cfg.server_eval_examples:
-        metrics["global-loss"] = global_loss(unet, load_eval_inputs(cfg, vae, device), cfg.seed)
+        metrics[GLOBAL_LOSS] = global_loss(unet, load_eval_inputs(cfg, vae, device), cfg.seed)
     if cfg.eval_every:
         metrics.update(fid_scores(unet, vae, cfg))
     out.save_pipeline(unet, build_scheduler(), vae)

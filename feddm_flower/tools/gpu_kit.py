@@ -35,6 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from feddm_flower.fed.timings import OVERHEAD_KEY
+from feddm_flower.protocol import (
+    BYTES_DOWN_CUMULATIVE,
+    BYTES_UP_CUMULATIVE,
+    COMPRESSION_UP,
+    GLOBAL_LOSS,
+    ROUND_SECONDS,
+    WALL_SECONDS,
+)
 
 MIB = 2**20
 CARRY_LIMIT = 64 * MIB  # what the GPU machine's transfer takes: the repository plus the kit
@@ -247,19 +255,19 @@ def cell_summary(cell: Path) -> dict[str, Any]:
         "round",
         "train-loss",
         "eval-loss",
-        "global-loss",
+        GLOBAL_LOSS,
         "global-loss-initial",
-        "bytes-down-cumulative",
-        "bytes-up-cumulative",
-        "compression-up",
+        BYTES_DOWN_CUMULATIVE,
+        BYTES_UP_CUMULATIVE,
+        COMPRESSION_UP,
         "train-steps",
         "train-seconds",
-        "wall-seconds",
+        WALL_SECONDS,
     )
     summary: dict[str, Any] = {"cell": cell.name, "finished": (run / "summary.json").exists()}
     summary |= {k: last[k] for k in keep if k in last}
-    summary["global-loss-by-round"] = [r.get("global-loss") for r in rows]
-    summary["round-seconds-by-round"] = [r.get("round-seconds") for r in rows]
+    summary["global-loss-by-round"] = [r.get(GLOBAL_LOSS) for r in rows]
+    summary["round-seconds-by-round"] = [r.get(ROUND_SECONDS) for r in rows]
     summary["overhead-share-by-round"] = [r.get(OVERHEAD_KEY) for r in rows]
     # Where the clients' time went, per round: mean seconds per phase of a message.
     summary["client-phases-by-round"] = [
@@ -390,12 +398,12 @@ def _cell_columns(cell: dict[str, Any]) -> dict[str, Any]:
     speeds = [c["img-per-s-median"] for c in cell.get("clients", {}).values()]
     return {
         "rounds": cell.get("round"),
-        "global-loss": cell.get("global-loss"),
-        "bytes-up": cell.get("bytes-up-cumulative"),
+        GLOBAL_LOSS: cell.get(GLOBAL_LOSS),
+        "bytes-up": cell.get(BYTES_UP_CUMULATIVE),
         "client-img-per-s": round(statistics.mean(speeds)) if speeds else None,
         # Rounds 2 and later: round 1 also starts the workers' CUDA and loads the data.
         "overhead-share": _mean_later(cell.get("overhead-share-by-round", [])),
-        "round-seconds": _mean_later(cell.get("round-seconds-by-round", [])),
+        ROUND_SECONDS: _mean_later(cell.get("round-seconds-by-round", [])),
     }
 
 

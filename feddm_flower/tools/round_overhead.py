@@ -27,6 +27,9 @@ from typing import Any
 
 from feddm_flower.app.launch import flwr_executable, stop_local_superlink
 from feddm_flower.fed.timings import OVERHEAD_KEY, PHASES
+from feddm_flower.protocol import (
+    ROUND_SECONDS,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "scripts" / "deploy"
@@ -164,7 +167,7 @@ def round_rows(run_dir: Path) -> list[dict[str, Any]]:
         m = json.loads(line)
         row = {
             "round": m["round"],
-            "round_seconds": m["round-seconds"],
+            "round_seconds": m[ROUND_SECONDS],
             "train_seconds": m.get("train-seconds"),
             "overhead_share": m.get(OVERHEAD_KEY),
         }
