@@ -10,13 +10,8 @@ import pytest
 from diffusers import DDPMPipeline
 
 from feddm_flower.config import ConfigError, RunConfig
-from feddm_flower.tools.centralized import (
-    central_steps,
-    config_images,
-    main,
-    price_of_federation,
-    run_images,
-)
+from feddm_flower.evaluation.budget import central_steps, config_images, run_images
+from feddm_flower.tools.centralized import main, price_of_federation
 
 
 def test_config_images_count_every_sampled_client_of_every_round() -> None:

@@ -14,8 +14,8 @@ from diffusers import DDPMPipeline, UNet2DModel
 from formats import write_celeba, write_cifar
 
 from feddm_flower.config import RunConfig
+from feddm_flower.evaluation.budget import config_images, run_images
 from feddm_flower.task.models import build_unet
-from feddm_flower.tools.centralized import config_images, run_images
 
 
 def test_two_rounds_write_metrics_samples_and_a_loadable_pipeline(flwr_run, tmp_path: Path):

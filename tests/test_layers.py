@@ -1,5 +1,6 @@
 """The package's layers (docs/architecture.md, "Layers"): imports point one way, down; no
-module imports itself back; Flower is imported by the app layer only; nothing imports a tool."""
+module imports itself back; Flower is imported by the app layer only; a tool is imported by
+nothing but its own test (tests/test_<tool>.py runs it; no other test leans on its code)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,6 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "feddm_flower"
 # Bottom to top: a module imports from its own layer or from layers below it.
 LAYERS = ("feddm_flower", "protocol", "config", "data", "task", "fed", "evaluation", "app", "tools")
-# Still to move (issue 21): the tools that build Flower messages for their in-process grids,
-# and the tests that import a tool's functions instead of running it.
-TOOLS_WITH_FLOWER: set[str] = set()
-TESTS_WITH_TOOLS = {
-    "test_ablate.py",
-    "test_attack_table.py",
-    "test_bench.py",
-    "test_centralized.py",
-    "test_e2e.py",
-    "test_gpu_script.py",
-    "test_round_overhead.py",
-}
 
 
 def module_name(path: Path) -> str:
@@ -85,21 +74,20 @@ def test_no_import_cycle_between_modules() -> None:
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_only_the_app_layer_imports_flower(name: str) -> None:
     flower = sorted(m for m in imports(MODULES[name]) if m == "flwr" or m.startswith("flwr."))
-    assert layer(name) == "app" or name in TOOLS_WITH_FLOWER or not flower, (
+    assert layer(name) == "app" or not flower, (
         f"{name} imports Flower ({flower}); only feddm_flower.app may"
     )
 
 
-def test_nothing_but_a_tool_imports_a_tool() -> None:
+def test_a_tool_is_imported_by_no_library_module_and_only_by_its_own_test() -> None:
     library = [p for n, p in MODULES.items() if layer(n) != "tools"]
-    tests = [p for p in (REPO / "tests").rglob("*.py") if p.name not in TESTS_WITH_TOOLS]
-    for path in library + tests:
+    for path in library:
         tools = sorted(m for m in imports(path) if m.startswith("feddm_flower.tools"))
         assert not tools, f"{path.relative_to(REPO)} imports the tools {tools}"
-
-
-def test_the_lists_of_what_is_still_to_move_are_not_stale() -> None:
-    for name in TOOLS_WITH_FLOWER:
-        assert any(m.startswith("flwr") for m in imports(MODULES[name])), name
-    for name in TESTS_WITH_TOOLS:
-        assert any(m.startswith("feddm_flower.tools") for m in imports(REPO / "tests" / name))
+    for path in (REPO / "tests").rglob("*.py"):
+        own = "feddm_flower.tools." + path.stem.removeprefix("test_")
+        tools = sorted(m for m in imports(path) if m.startswith("feddm_flower.tools"))
+        others = [
+            m for m in tools if m != "feddm_flower.tools" and own not in (m, m.rpartition(".")[0])
+        ]
+        assert not others, f"{path.relative_to(REPO)} imports the tools {others}"

@@ -16,9 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from feddm_flower.app.overrides import parse
 from feddm_flower.config import ConfigError, RunConfig
 from feddm_flower.data.loading import IMAGE_SHAPES, load_dataset
 from feddm_flower.evaluation.artifacts import RunDirectory
+from feddm_flower.evaluation.budget import central_steps, config_images, run_images
 from feddm_flower.evaluation.quality import fid_scores, global_loss, load_eval_inputs
 from feddm_flower.protocol import (
     FID,
@@ -38,36 +38,6 @@ from feddm_flower.task.latents import DEFAULT_LATENT_CACHE, cached_encode, model
 from feddm_flower.task.models import build_scheduler, build_unet, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def config_images(cfg: RunConfig, num_supernodes: int) -> int:
-    """Images the federation of ``cfg`` trains on: every round, each sampled client takes
-    ``local-steps`` optimizer steps of ``batch-size`` images (the strategy samples
-    ``fraction-train`` of the nodes, at least ``min-nodes``)."""
-    if cfg.local_steps == 0:
-        raise ConfigError(
-            "local-steps=0 (epochs): steps depend on the partitions; pass --from-run RUN_DIR "
-            "to count the steps the run took"
-        )
-    nodes = min(num_supernodes, max(int(num_supernodes * cfg.fraction_train), cfg.min_nodes))
-    return cfg.num_server_rounds * nodes * cfg.local_steps * cfg.batch_size
-
-
-def run_images(rows: Iterable[dict[str, object]], batch_size: int) -> int:
-    """Images a finished run trained the global model on, from its metrics lines: per round,
-    its accepted training replies (sampled, less missing and rejected) × their mean
-    ``train-steps`` × ``batch-size`` (exact when the clients take equal steps)."""
-    total = 0
-    for row in rows:
-        rejected = [r for r in row.get("rejected", []) if r["phase"] == "train"]
-        accepted = len(row.get("sampled-train", [])) - len(row.get("missing", [])) - len(rejected)
-        total += round(accepted * row.get("train-steps", 0)) * batch_size
-    return total
-
-
-def central_steps(images: int, batch_size: int) -> int:
-    """Optimizer steps of ``batch_size`` that see ``images`` images."""
-    return math.ceil(images / batch_size)
 
 
 def price_of_federation(run: dict[str, object], central: dict[str, object]) -> dict[str, float]:
