@@ -1,4 +1,6 @@
-"""Every pair of values of the five strategy axes in at least one real one-round `flwr run`."""
+"""Every pair of values of the five strategy axes in one round: all 25 covering runs through the
+real strategy and real nodes in this process, and the 5 of them that hold every value of every
+axis as real `flwr run`s (the Flower transport, the ServerApp's report and checkpoint)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ import torch
 from conftest import TINY_RUN
 from diffusers import UNet2DModel
 
+from feddm_flower.app.hostile import run_in_process
 from feddm_flower.config import AGGREGATIONS, SERVER_OPTIMIZERS, UPLINKS
 from feddm_flower.task.models import build_unet
 
 OPTIMIZERS = SERVER_OPTIMIZERS
 DOWNLINKS = UPLINKS
 MUS = (0.0, 0.01)
+AXES = {"proximal-mu": MUS, "uplink": UPLINKS, "downlink": DOWNLINKS,
+        "server-optimizer": OPTIMIZERS, "aggregation": AGGREGATIONS}  # fmt: skip
 
 
 def covering_set() -> list[dict[str, object]]:
@@ -39,11 +44,9 @@ def covering_set() -> list[dict[str, object]]:
 
 
 def test_the_runs_cover_every_pair_of_values() -> None:
-    axes = {"proximal-mu": MUS, "uplink": UPLINKS, "downlink": DOWNLINKS,
-            "server-optimizer": OPTIMIZERS, "aggregation": AGGREGATIONS}  # fmt: skip
     runs = covering_set()
-    for a, b in itertools.combinations(axes, 2):
-        for pair in itertools.product(axes[a], axes[b]):
+    for a, b in itertools.combinations(AXES, 2):
+        for pair in itertools.product(AXES[a], AXES[b]):
             assert any((r[a], r[b]) == pair for r in runs), (a, b, pair)
 
 
@@ -51,18 +54,22 @@ CHEAP = {**TINY_RUN, "num-server-rounds": 1, "local-steps": 1, "batch-size": 8,
          "eval-max-examples": 4, "sample-steps": 1, "grid-samples": 1}  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "combination", covering_set(), ids=lambda c: "-".join(map(str, c.values()))
-)
-def test_each_combination_runs_one_real_round(flwr_run, tmp_path: Path, combination) -> None:
-    out = tmp_path / "run"
-    proc = flwr_run({**CHEAP, **combination, "output-dir": str(out)}, num_supernodes=3)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def real_runs() -> list[dict[str, object]]:
+    """The diagonal of the covering set (uplink = downlink): every value of every axis."""
+    return [r for r in covering_set() if r["uplink"] == r["downlink"]]
+
+
+def test_the_real_runs_hold_every_value() -> None:
+    runs = real_runs()
+    for axis, values in AXES.items():
+        assert {r[axis] for r in runs} == set(values), axis
+
+
+def check_round(row: dict[str, object], combination: dict[str, object]) -> None:
+    """One round's metrics line (or the strategy's history and ledger of it): nothing rejected
+    or missing, losses reported, and the bytes each direction's codec should send."""
     assert "rejected" not in row and "missing" not in row and "aggregate-rejected" not in row
     assert row["train-loss"] > 0 and row["eval-loss"] > 0
-    config = json.loads((out / "run_config.json").read_text())
-    assert {k: config[k] for k in combination} == combination
     # Sparse (5% of each tensor, int4): half a byte a value and at most about 1.3 for its
     # position, less where zstd finds structure in the positions (it varies with the update).
     ratios = {"fp32": 1.0, "fp16": 2.0, "int8": 4.0, "int4": 7.9}
@@ -78,6 +85,30 @@ def test_each_combination_runs_one_real_round(flwr_run, tmp_path: Path, combinat
         assert 2 * 55 < row["compression-down"] < 2 * 110
     else:
         assert row["compression-down"] == pytest.approx(ratios[down], rel=0.05)
+
+
+def moved(init: dict[str, torch.Tensor], final: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(init[k], final[k]) for k in init)
+
+
+@pytest.mark.parametrize(
+    "combination", covering_set(), ids=lambda c: "-".join(map(str, c.values()))
+)
+def test_each_combination_runs_one_round(combination) -> None:
+    run = run_in_process({**CHEAP, **combination}, nodes=3)
+    check_round({**run.strategy.history[1], **run.strategy.book.ledger.round_summary(1)},
+                combination)  # fmt: skip
+    assert moved(run.initial, run.final)
+
+
+@pytest.mark.parametrize("combination", real_runs(), ids=lambda c: "-".join(map(str, c.values())))
+def test_each_value_runs_one_real_round(flwr_run, tmp_path: Path, combination) -> None:
+    out = tmp_path / "run"
+    proc = flwr_run({**CHEAP, **combination, "output-dir": str(out)}, num_supernodes=3)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    check_round(row, combination)
+    config = json.loads((out / "run_config.json").read_text())
+    assert {k: config[k] for k in combination} == combination
     init = build_unet("tiny", 28, 1, seed=0).state_dict()
-    final = UNet2DModel.from_pretrained(out / "checkpoint").state_dict()
-    assert any(not torch.equal(init[k], final[k]) for k in init)  # the round moved the model
+    assert moved(init, UNet2DModel.from_pretrained(out / "checkpoint").state_dict())

@@ -20,7 +20,7 @@ from feddm_flower.fed.aggregation import (
     clip_update,
     update_norm,
 )
-from feddm_flower.protocol import ARRAYS, METRICS, NUM_EXAMPLES, TRAIN_METRICS
+from feddm_flower.protocol import ARRAYS, EVAL_METRICS, METRICS, NUM_EXAMPLES, TRAIN_METRICS
 
 
 def check_records(msg: Message, expected: set[str]) -> None:
@@ -69,6 +69,19 @@ def contribution(
         clip_update(update, clip_norm)
         weight = 1.0
     return Contribution(weight, update, update_norm(update), metrics)
+
+
+def evaluation(msg: Message) -> RecordDict:
+    """An evaluation reply's checked metrics, weighted by its ``num-examples``;
+    :class:`InvalidReply` with the reason if they are unusable."""
+    check_records(msg, {METRICS})
+    weight, metrics = read_metrics(msg.content, EVAL_METRICS)
+    return metrics_reply(metrics, weight)
+
+
+def metrics_reply(metrics: dict[str, float], weight: float) -> RecordDict:
+    """Checked ``metrics`` with their weight, as Flower's metric aggregation takes them."""
+    return RecordDict({METRICS: MetricRecord({**metrics, NUM_EXAMPLES: weight})})
 
 
 def as_reply(state: State, weight: float) -> Message:

@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from feddm_flower.app.local_grid import LocalGrid
+from feddm_flower.app.local_grid import LocalGrid, run_rounds
 from feddm_flower.app.node_tasks import held_model, receive, run_task, uplink_codec
 from feddm_flower.app.records import encode_uplink, from_record, payload_from, to_record, uplink_key
+from feddm_flower.app.server_app import build_strategy, last_check
+from feddm_flower.app.strategy import FedDMStrategy
+from feddm_flower.config import RunConfig
+from feddm_flower.evaluation.quality import global_loss, load_eval_inputs
+from feddm_flower.fed.aggregation import State
 from feddm_flower.fed.attacks import answers, claimed_examples, hostile_weights, skips_training
 from feddm_flower.fed.changes import CODED, decode_change
 from feddm_flower.fed.codecs import schema_of
@@ -30,6 +36,7 @@ from feddm_flower.protocol import (
     TRAIN_STEPS,
     UPLINK,
 )
+from feddm_flower.task.models import build_unet
 
 FIRST_REPLY_KEY = "attack-first-reply"  # a stale replayer's round-1 weights, in context.state
 
@@ -68,8 +75,9 @@ def hostile_reply(attack: str, content: RecordDict, context: Context, honest: Re
 
 class AttackGrid(LocalGrid):
     """``num_nodes`` real nodes in this process (:func:`run_task` on their partitions); the
-    first ``colluders`` run ``attack``. Replies come in the attack's order: fast attackers
-    first, then the honest nodes, slow attackers last. Honest replies are cached in ``cache``
+    first ``colluders`` run ``attack`` on training messages (all evaluate honestly). Replies
+    come in the attack's order: fast attackers first, then the honest nodes, slow attackers
+    last. Honest replies are cached in ``cache``
     by (node, model digest, round, run-config): a cell that sends a node the same model as an
     earlier cell (every cell's round 1) gets the same reply without training again."""
 
@@ -101,6 +109,10 @@ class AttackGrid(LocalGrid):
     def answer(self, msg: Message) -> RecordDict:
         node = msg.metadata.dst_node_id
         context = self.contexts[node]
+        if msg.metadata.message_type != MessageType.TRAIN:  # evaluation: answered honestly
+            status, content = run_task("evaluate", msg.content, context, Stopwatch(time.time()))
+            assert status == "ok", content
+            return content
         honest = None
         if node not in self.hostile or not skips_training(self.attack):
             honest = self._honest(msg, context)
@@ -119,3 +131,37 @@ class AttackGrid(LocalGrid):
         assert status == "ok", content
         self.cache[key] = content
         return content
+
+
+@dataclass
+class LocalRun:
+    """A federation run in this process: its initial and final global weights, the final
+    weights' server ``global-loss``, and the strategy (its history and ledger)."""
+
+    initial: State
+    final: State
+    loss: float
+    strategy: FedDMStrategy
+
+
+def run_in_process(
+    run_config: dict[str, Any], nodes: int, attack: str = "none", colluders: int = 0,
+    cache: dict[tuple, RecordDict] | None = None,
+) -> LocalRun:  # fmt: skip
+    """``run_config`` (FashionMNIST) on ``nodes`` real nodes behind an :class:`AttackGrid`,
+    with the server's real strategy, seeded start and last check."""
+    cfg = RunConfig.from_mapping(run_config)
+    unet = build_unet(cfg.model_preset, 28, 1, seed=cfg.seed)
+    initial = {k: v.clone() for k, v in unet.state_dict().items()}
+    inputs = load_eval_inputs(cfg, None)
+
+    def loss_of(state: State) -> float:
+        unet.load_state_dict(state)
+        return global_loss(unet, inputs, cfg.seed)
+
+    strategy = build_strategy(cfg, seeded_start=True)
+    strategy.dispatch.poll_interval = 0.0
+    strategy.loss_check = last_check(cfg, loss_of)
+    grid = AttackGrid(run_config, nodes, attack, colluders, {} if cache is None else cache)
+    final = run_rounds(strategy, grid, initial, cfg.num_server_rounds)
+    return LocalRun(initial, final, loss_of(final), strategy)

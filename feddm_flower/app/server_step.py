@@ -113,26 +113,27 @@ def check_own_model(loss_check: LossCheck | None, model: State, update: State) -
         raise InvalidReply(f"its model's {reason}")
 
 
-def describe(
-    uplink: str,
-    downlink: str,
-    proximal_mu: float,
-    optimizer: FedAvg,
-    aggregator: Strategy | None,
-    privacy: dp.Privacy | None,
-    bound: InfluenceBound,
-    loss_check: LossCheck | None,
-) -> None:
+class Combination(StepParts, Protocol):
+    """What a strategy runs, as :func:`describe` logs it."""
+
+    uplink: str
+    downlink: str
+    proximal_mu: float
+    bound: InfluenceBound
+
+
+def describe(parts: Combination) -> None:
     """Log the combination a strategy runs."""
     log(INFO, "\t├──> FedDM: uplink %s, downlink %s, proximal-mu %g, optimizer %s, "
-        "aggregation %s", uplink, downlink, proximal_mu, type(optimizer).__name__,
-        type(aggregator).__name__ if aggregator else "mean (streamed)")  # fmt: skip
-    if privacy is not None:
+        "aggregation %s", parts.uplink, parts.downlink, parts.proximal_mu,
+        type(parts.optimizer).__name__,
+        type(parts.aggregator).__name__ if parts.aggregator else "mean (streamed)")  # fmt: skip
+    if (privacy := parts.privacy) is not None:
         log(INFO, "\t├──> DP: clip %g (clients, then server), noise multiplier %g (Flower's "
             "wrapper and RDP accountant)", privacy.clipping_norm,
             privacy.noise_multiplier)  # fmt: skip
     else:
         log(INFO, "\t├──> bounds: update norm %gx, num-examples %gx the previous round's "
-            "median (0 = off)", bound.norm_bound, bound.weight_bound)  # fmt: skip
-    ratio = loss_check.max_ratio if loss_check else 0.0
+            "median (0 = off)", parts.bound.norm_bound, parts.bound.weight_bound)  # fmt: skip
+    ratio = parts.loss_check.max_ratio if parts.loss_check else 0.0
     log(INFO, "\t└──> last check: finite, global-loss <= %gx the current (0 = off)", ratio)

@@ -1,13 +1,11 @@
 """FedDM strategy: one Flower strategy that wraps Flower's own, as its DP strategies do.
 
-``FedDMStrategy`` keeps the round loop and FedDM's decisions; its parts are small modules:
-delivery and replies (``dispatch.py``), the reply guard (``guard.py``), the ledger and history
-(``round_book.py``), the server's step (``server_step.py``), DP through Flower's wrapper
-(``privacy.py``), resume state (``resume.py``); what the run keeps of each round is an
-explicit step after it (``end_round``: ``report.py``). What Flower has it delegates: the
-server optimizer is a Flower ``FedAvg``/``FedAvgM``/``FedAdam``/``FedYogi``/``FedAdagrad``
-and a robust rule a Flower ``FedMedian``/``FedTrimmedAvg``/``Krum``, given decoded fp32
-weights. One training round::
+``FedDMStrategy`` keeps the round loop and FedDM's decisions. Its parts: delivery and replies
+(``dispatch``), the reply guard (``guard``), ledger and history (``round_book``), the server's
+step (``server_step``), DP through Flower's wrapper (``privacy``), resume state (``resume``);
+what the run keeps of a round is the explicit ``end_round`` step (``report``). The server
+optimizer is Flower's (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad), as is a robust rule
+(FedMedian, FedTrimmedAvg, Krum), given decoded fp32 weights. One training round::
 
     configure_train   seeded sample; per node what it lacks of the current model (nothing,
                       the changes since its copy, or the full model) + config
@@ -24,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
@@ -36,7 +34,6 @@ from feddm_flower.app.dispatch import Dispatch, sample_nodes
 from feddm_flower.app.round_book import RoundBook
 from feddm_flower.app.server_step import check_own_model, describe, server_step
 from feddm_flower.fed.aggregation import (
-    Contribution,
     InfluenceBound,
     Intake,
     InvalidReply,
@@ -47,13 +44,13 @@ from feddm_flower.fed.aggregation import (
 from feddm_flower.fed.changes import CODED
 from feddm_flower.fed.downlink import ModelChain
 from feddm_flower.fed.timings import PhaseMeans, phase_times
-from feddm_flower.protocol import EVAL_METRICS, METRICS, NUM_EXAMPLES, PROXIMAL_MU, UPLINK
+from feddm_flower.protocol import METRICS, NUM_EXAMPLES, PROXIMAL_MU, UPLINK
 
 
 class FedDMStrategy(Strategy):
     """Federated diffusion training over any Flower server optimizer and aggregation rule.
 
-    Every reply is checked on its own (:meth:`contribution`); one that fails is logged with
+    Every reply is checked on its own (``guard.contribution``); one that fails is logged with
     its node and reason, listed under ``rejected`` in the round's history, and left out.
     Accepted updates are bounded, combined and passed through the optimizer; the result is
     taken only if it is finite and passes ``loss_check``, else model and optimizer state stay.
@@ -67,21 +64,15 @@ class FedDMStrategy(Strategy):
         streams a weighted mean instead.
     proximal_mu : float
         Sent to clients, who add (mu/2)·‖w − w_global‖² to their loss; 0 turns it off.
-    uplink, downlink : str
+    uplink, downlink, codec, lossless
         What nodes send ("fp32"/"fp16" weights, "int8"/"int4"/"sparse" updates) and receive
-        ("fp32"/"fp16" full model, or the coded changes since the copy they hold).
-    codec : dict, optional
-        ``quant-block-size``, ``sparse-fraction``, ``sparse-bits`` (both directions);
-        ``quant-stochastic`` and ``error-feedback`` for coded uplinks.
-    lossless : bool
-        zstd after quantization, both directions, where it makes a payload smaller.
+        ("fp32"/"fp16" model, or coded changes since their copy); the codecs' run-config keys
+        (``quant-*``, ``sparse-*``, ``error-feedback``); zstd on top where it helps.
     seeded_start : bool
         Nodes rebuild the initial weights themselves and are sent only their digest.
-    bound : InfluenceBound
+    bound, loss_check
         Caps on each reply's weight and update norm against the medians of the previous
-        round's accepted replies (first round: its own, replies held until it ends).
-    loss_check : LossCheck, optional
-        The last check of each reply's own model and of every new global model.
+        round's accepted replies; the last check of each reply's model and each new one.
     dp_clip_norm, dp_noise_multiplier, dp_delta : float
         Differential privacy (both > 0, streamed mean only): clients and server clip updates;
         Flower's wrapper noises their sum (``privacy.py``); epsilon reported at ``dp_delta``.
@@ -142,8 +133,7 @@ class FedDMStrategy(Strategy):
 
     def summary(self) -> None:
         """Log the combination this strategy runs."""
-        describe(self.uplink, self.downlink, self.proximal_mu, self.optimizer, self.aggregator,
-                 self.privacy, self.bound, self.loss_check)  # fmt: skip
+        describe(self)
 
     def start(
         self,
@@ -198,7 +188,8 @@ class FedDMStrategy(Strategy):
         config[PROXIMAL_MU], config[UPLINK] = self.proximal_mu, self.uplink
         if self.uplink in CODED:
             config.update({**self.codec, "lossless": self.lossless})
-        nodes = self._sample(grid, server_round, "train", self.fraction_train)
+        nodes = sample_nodes(grid, f"{self.seed}/{server_round}/train", self.fraction_train,
+                             self.min_nodes)  # fmt: skip
         self.book.sampled[server_round] = nodes
         self.history[server_round]["sampled-train"] = [str(n) for n in nodes]
         return self.dispatch.messages(
@@ -210,7 +201,8 @@ class FedDMStrategy(Strategy):
     ) -> list[Message]:
         """The model to a seeded sample of nodes for evaluation (none: fraction 0)."""
         self.global_state = arrays.to_torch_state_dict()
-        nodes = self._sample(grid, server_round, "evaluate", self.fraction_evaluate)
+        nodes = sample_nodes(grid, f"{self.seed}/{server_round}/evaluate",
+                             self.fraction_evaluate, self.min_nodes)  # fmt: skip
         kind = MessageType.EVALUATE
         return self.dispatch.messages(server_round, nodes, config, kind, self.global_state)
 
@@ -221,9 +213,11 @@ class FedDMStrategy(Strategy):
         intake = Intake(self.bound, self.reference, self.global_state, self.aggregator is None)
         replied: set[int] = set()
         times = PhaseMeans()
+        clip = self.privacy.clipping_norm if self.privacy is not None else None
+        reference = self.chain.ref or self.global_state  # the model the nodes trained from
         for msg in self.dispatch.own_replies(server_round, "training", replies, replied):
             try:
-                contribution = self.contribution(msg)
+                contribution = guard.contribution(msg, self.uplink, reference, clip)
                 if self.privacy is None:  # under DP a decision on one update is not noised
                     check_own_model(self.loss_check, self.global_state, contribution.update)
             except InvalidReply as exc:
@@ -232,16 +226,14 @@ class FedDMStrategy(Strategy):
             times.add(phase_times(msg.content[METRICS]))
             intake.add(contribution)
         self.reference = intake.close() or self.reference
-        records = [_metrics_record(metrics, weight) for metrics, weight in intake.accepted]
+        records = [guard.metrics_reply(metrics, weight) for metrics, weight in intake.accepted]
+        history = self.history[server_round]
         # Client drift: ‖w_local − w_received‖ across clients (under DP clipped).
-        self.history[server_round].update(intake.drift.summary("drift"))
-        self.history[server_round].update(times.summary("train-time-"))
+        history.update({**intake.drift.summary("drift"), **times.summary("train-time-")})
         self.book.missing(server_round, replied)
         log(INFO, "Round %d: %d training replies accepted", server_round, len(records))
-        history = self.history[server_round]
-        if (
-            new_state := server_step(server_round, intake, self.global_state, self, history)
-        ) is None:
+        new_state = server_step(server_round, intake, self.global_state, self, history)
+        if new_state is None:
             return None, None
         metrics = self.optimizer.train_metrics_aggr_fn(records, NUM_EXAMPLES)
         self.book.remember(server_round, "train", metrics)
@@ -254,12 +246,10 @@ class FedDMStrategy(Strategy):
         records, times = [], PhaseMeans()
         for msg in self.dispatch.own_replies(server_round, "evaluate", replies, set()):
             try:
-                guard.check_records(msg, {METRICS})
-                weight, metrics = guard.read_metrics(msg.content, EVAL_METRICS)
+                records.append(guard.evaluation(msg))
             except InvalidReply as exc:
                 self.book.reject(server_round, "evaluate", self.dispatch.node_of(msg), str(exc))
                 continue
-            records.append(_metrics_record(metrics, weight))
             times.add(phase_times(msg.content[METRICS]))
         self.history[server_round].update(times.summary("evaluate-time-"))
         if not records:
@@ -267,16 +257,6 @@ class FedDMStrategy(Strategy):
         metrics = self.optimizer.evaluate_metrics_aggr_fn(records, NUM_EXAMPLES)
         self.book.remember(server_round, "eval", metrics)
         return metrics
-
-    def contribution(self, msg: Message) -> Contribution:
-        """A training reply, guarded and decoded against the model the node trained from
-        (before any message: the global model itself); clipped under DP."""
-        clip = self.privacy.clipping_norm if self.privacy is not None else None
-        return guard.contribution(msg, self.uplink, self.chain.ref or self.global_state, clip)
-
-    def _sample(self, grid: Grid, server_round: int, phase: str, fraction: float) -> list[int]:
-        key = f"{self.seed}/{server_round}/{phase}"
-        return sample_nodes(grid, key, fraction, self.min_nodes)
 
 
 def _close_round(
@@ -290,7 +270,3 @@ def _close_round(
         result.evaluate_metrics_serverapp[server_round] = metrics
     if end_round:
         end_round(server_round)
-
-
-def _metrics_record(metrics: dict[str, float], weight: float) -> RecordDict:
-    return RecordDict({METRICS: MetricRecord({**metrics, NUM_EXAMPLES: weight})})

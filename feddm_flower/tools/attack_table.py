@@ -25,18 +25,14 @@ from typing import Any
 import torch
 
 from feddm_flower import configure_logging
-from feddm_flower.app.hostile import AttackGrid
-from feddm_flower.app.local_grid import run_rounds
-from feddm_flower.app.server_app import build_strategy, last_check
+from feddm_flower.app.hostile import run_in_process
 from feddm_flower.config import RunConfig
-from feddm_flower.evaluation.quality import global_loss, load_eval_inputs
 from feddm_flower.fed.attacks import (
     ATTACKS,
 )
 from feddm_flower.protocol import (
     GLOBAL_LOSS,
 )
-from feddm_flower.task.models import build_unet
 
 DEFENCES = {
     "mean": {},
@@ -54,21 +50,8 @@ def run_cell(
     cache: dict[tuple, object],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:  # fmt: skip
     """One federation run: its initial and final global weights and final ``global-loss``."""
-    cfg = RunConfig.from_mapping(run_config)
-    unet = build_unet(cfg.model_preset, 28, 1, seed=cfg.seed)
-    initial = {k: v.clone() for k, v in unet.state_dict().items()}
-    inputs = load_eval_inputs(cfg, None)
-
-    def loss_of(state: dict[str, torch.Tensor]) -> float:
-        unet.load_state_dict(state)
-        return global_loss(unet, inputs, cfg.seed)
-
-    strategy = build_strategy(cfg, seeded_start=True)
-    strategy.dispatch.poll_interval = 0.0
-    strategy.loss_check = last_check(cfg, loss_of)
-    grid = AttackGrid(run_config, nodes, attack, colluders, cache)
-    final = run_rounds(strategy, grid, initial, cfg.num_server_rounds)
-    return initial, final, loss_of(final)
+    run = run_in_process(run_config, nodes, attack, colluders, cache)
+    return run.initial, run.final, run.loss
 
 
 def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
