@@ -20,7 +20,9 @@ def test_codec_benchmark_reports_sizes_speeds_and_errors(capsys: pytest.CaptureF
     assert report["source"] == "train" and model["train_steps"] == 5
     assert model["preset"] == "tiny" and len(model["runs"]) == 8
     for run in model["runs"]:
-        assert run["max_error_in_steps"] <= 0.5 + 1e-6  # round to nearest: half a step at most
+        # Round to nearest: half a step at most, plus fp32 rounding of code x step (up to
+        # 127 steps x 2^-23 each side, about 3e-5 steps).
+        assert run["max_error_in_steps"] <= 0.5 + 1e-4
         assert 0 < run["rel_l2_error"] < (0.01 if run["bits"] == 8 else 0.2)
         assert run["ratio"] < 32 / run["bits"]
         assert run["copy_s"] > 0 and run["encode_vs_copy"] > 0 and run["decode_vs_copy"] > 0
