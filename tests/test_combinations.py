@@ -1,9 +1,11 @@
 """Every pair of values of the five strategy axes in one round: all 25 covering runs through the
-real strategy and real nodes in this process, and the 5 of them that hold every value of every
-axis as real `flwr run`s (the Flower transport, the ServerApp's report and checkpoint)."""
+real strategy and real nodes in this process, and 5 of them that hold every value of every
+axis, two as presets, as real `flwr run`s (Flower's transport, the ServerApp's report,
+checkpoint and pipeline)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -11,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_RUN
-from diffusers import UNet2DModel
+from diffusers import DDPMPipeline, UNet2DModel
 
 from feddm_flower.app.hostile import run_in_process
-from feddm_flower.config import AGGREGATIONS, SERVER_OPTIMIZERS, UPLINKS
+from feddm_flower.config import AGGREGATIONS, SERVER_OPTIMIZERS, UPLINKS, RunConfig
 from feddm_flower.task.models import build_unet
 
 OPTIMIZERS = SERVER_OPTIMIZERS
@@ -54,15 +56,30 @@ CHEAP = {**TINY_RUN, "num-server-rounds": 1, "local-steps": 1, "batch-size": 8,
          "eval-max-examples": 4, "sample-steps": 1, "grid-samples": 1}  # fmt: skip
 
 
+# The presets, on the real runs whose values they stand for.
+PRESETS = {"fp32": {"strategy": "prox"}, "int4": {"strategy": "quant", "error-feedback": True}}
+
+
 def real_runs() -> list[dict[str, object]]:
-    """The diagonal of the covering set (uplink = downlink): every value of every axis."""
-    return [r for r in covering_set() if r["uplink"] == r["downlink"]]
+    """The covering runs whose downlink is the value after their uplink (a permutation that
+    holds every value of every axis), the fp32-uplink one as the prox preset and the int4 one
+    as the quant preset."""
+    runs = []
+    for r in covering_set():
+        if UPLINKS.index(r["downlink"]) == (UPLINKS.index(r["uplink"]) + 1) % 5:
+            runs.append({**r, **PRESETS.get(str(r["uplink"]), {})})
+    return runs
 
 
-def test_the_real_runs_hold_every_value() -> None:
+def test_the_real_runs_hold_every_value_and_the_presets() -> None:
     runs = real_runs()
     for axis, values in AXES.items():
         assert {r[axis] for r in runs} == set(values), axis
+    for run in runs:  # a preset's values are the ones it stands for
+        assert RunConfig.from_mapping({**run, "strategy": "custom"}) == dataclasses.replace(
+            RunConfig.from_mapping(run), strategy="custom"
+        )
+    assert {r.get("strategy") for r in runs} == {None, "prox", "quant"}
 
 
 def check_round(row: dict[str, object], combination: dict[str, object]) -> None:
@@ -103,12 +120,17 @@ def test_each_combination_runs_one_round(combination) -> None:
 
 @pytest.mark.parametrize("combination", real_runs(), ids=lambda c: "-".join(map(str, c.values())))
 def test_each_value_runs_one_real_round(flwr_run, tmp_path: Path, combination) -> None:
+    """Also: the ServerApp names the combination (a preset by its name) and writes a
+    checkpoint and a pipeline that diffusers loads."""
     out = tmp_path / "run"
     proc = flwr_run({**CHEAP, **combination, "output-dir": str(out)}, num_supernodes=3)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     check_round(row, combination)
+    expected = combination.get("strategy") or RunConfig.from_mapping(combination).label
+    assert row["strategy"] == expected
     config = json.loads((out / "run_config.json").read_text())
     assert {k: config[k] for k in combination} == combination
     init = build_unet("tiny", 28, 1, seed=0).state_dict()
     assert moved(init, UNet2DModel.from_pretrained(out / "checkpoint").state_dict())
+    assert DDPMPipeline.from_pretrained(out / "pipeline").unet.config.sample_size == 28
