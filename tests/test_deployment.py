@@ -294,21 +294,12 @@ def test_two_supernodes_complete_a_run_insecure(federation, tmp_path: Path) -> N
     assert all("missing" not in r and "rejected" not in r for r in rows)
 
 
-def test_two_supernodes_complete_a_run_over_tls(federation, tmp_path: Path) -> None:
-    fed = federation(tls=True)
-    nodes = fed.start_two_supernodes()
-    assert "Uvicorn running on https://127.0.0.1" in fed.log("superlink")
-    assert "--insecure" not in fed.log("sn0") + fed.log("sn1")
-
-    out = tmp_path / "run"  # one round: TLS changes the transport, not the rounds
-    run, _ = fed.run({**TINY_RUN, "num-server-rounds": 1, "output-dir": str(out)})
-    [row] = assert_finished(fed, run, out, 1, nodes)
-    assert set(row["bytes-up-per-node"]) == nodes
-
-
-def test_supernode_authentication_refuses_unregistered_nodes(federation, tmp_path: Path):
+def test_over_tls_authentication_refuses_unregistered_nodes(federation, tmp_path: Path):
+    """TLS with node authentication: the registered nodes complete a run, the others are
+    refused."""
     fed = federation(tls=True, auth=True)
     fed.start_superlink()
+    assert "Uvicorn running on https://127.0.0.1" in fed.log("superlink")
     keys = tmp_path / "keys"
     registered = set()
     for name in ("sn0", "sn1"):
@@ -324,6 +315,7 @@ def test_supernode_authentication_refuses_unregistered_nodes(federation, tmp_pat
     rogue = fed.start_supernode("rogue", 0, 2, key=keys / "rogue")  # key never registered
     anonymous = fed.start_supernode("anonymous", 1, 2)  # no key at all
     assert {fed.node_id("sn0"), fed.node_id("sn1")} == registered
+    assert "--insecure" not in fed.log("sn0") + fed.log("sn1")
 
     for name, proc in (("rogue", rogue), ("anonymous", anonymous)):
         assert proc.wait(timeout=60) != 0, fed.log(name)
@@ -331,7 +323,7 @@ def test_supernode_authentication_refuses_unregistered_nodes(federation, tmp_pat
         assert "SuperNode ID" not in fed.log(name)
     assert "No SuperNode found with the given public key" in fed.log("superlink")
 
-    out = tmp_path / "run"
+    out = tmp_path / "run"  # one round: TLS changes the transport, not the rounds
     run, _ = fed.run({**TINY_RUN, "num-server-rounds": 1, "output-dir": str(out)})
     [row] = assert_finished(fed, run, out, 1, registered)
     assert set(row["bytes-up-per-node"]) == registered
