@@ -77,9 +77,9 @@ class AttackGrid(LocalGrid):
     """``num_nodes`` real nodes in this process (:func:`run_task` on their partitions); the
     first ``colluders`` run ``attack`` on training messages (all evaluate honestly). Replies
     come in the attack's order: fast attackers first, then the honest nodes, slow attackers
-    last. Honest replies are cached in ``cache``
-    by (node, model digest, round, run-config): a cell that sends a node the same model as an
-    earlier cell (every cell's round 1) gets the same reply without training again."""
+    last. Honest replies are cached in ``cache`` by (node, model digest, round, run-config):
+    a cell that sends a node the same model as an earlier cell (every cell's round 1) gets the
+    same reply without training again."""
 
     ordered = True
     _RANKS = {"first": 0, "in-turn": 1, "last": 2}
@@ -110,9 +110,7 @@ class AttackGrid(LocalGrid):
         node = msg.metadata.dst_node_id
         context = self.contexts[node]
         if msg.metadata.message_type != MessageType.TRAIN:  # evaluation: answered honestly
-            status, content = run_task("evaluate", msg.content, context, Stopwatch(time.time()))
-            assert status == "ok", content
-            return content
+            return _task("evaluate", msg, context)
         honest = None
         if node not in self.hostile or not skips_training(self.attack):
             honest = self._honest(msg, context)
@@ -127,10 +125,15 @@ class AttackGrid(LocalGrid):
         if key in self.cache:
             receive(msg.content, context)  # the node still keeps the model as its copy
             return self.cache[key]
-        status, content = run_task("train", msg.content, context, Stopwatch(time.time()))
-        assert status == "ok", content
-        self.cache[key] = content
-        return content
+        self.cache[key] = _task("train", msg, context)
+        return self.cache[key]
+
+
+def _task(kind: str, msg: Message, context: Context) -> RecordDict:
+    """What the node's task ``kind`` sends back for ``msg`` (the nodes here stay in sync)."""
+    status, content = run_task(kind, msg.content, context, Stopwatch(time.time()))
+    assert status == "ok", content
+    return content
 
 
 @dataclass

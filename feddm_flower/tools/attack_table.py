@@ -45,15 +45,6 @@ BOUNDS = {"on": {}, "off": {"norm-bound": 0.0, "weight-bound": 0.0, "max-loss-ra
 BASE = {"fraction-evaluate": 0.0}
 
 
-def run_cell(
-    run_config: dict[str, Any], nodes: int, attack: str, colluders: int,
-    cache: dict[tuple, object],
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:  # fmt: skip
-    """One federation run: its initial and final global weights and final ``global-loss``."""
-    run = run_in_process(run_config, nodes, attack, colluders, cache)
-    return run.initial, run.final, run.loss
-
-
 def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum())
                          for k in a if a[k].is_floating_point()))  # fmt: skip
@@ -67,17 +58,17 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         for defence in args.defences:
             for bounds in args.bounds:
                 config = {**BASE, **args.set, **DEFENCES[defence], **BOUNDS[bounds], "seed": seed}
-                init, honest, honest_loss = run_cell(config, args.nodes, "none", 0, cache)
-                moved = _distance(honest, init)
+                honest = run_in_process(config, args.nodes, "none", 0, cache)
+                moved = _distance(honest.final, honest.initial)
                 for attack in args.attacks:
                     begun = time.monotonic()
-                    _, final, loss = run_cell(config, args.nodes, attack, args.colluders, cache)
+                    run = run_in_process(config, args.nodes, attack, args.colluders, cache)
                     rows.append({
                         "defence": defence, "bounds": bounds, "attack": attack, "seed": seed,
                         "nodes": args.nodes, "colluders": args.colluders,
-                        GLOBAL_LOSS: loss, "honest-global-loss": honest_loss,
-                        "relative-loss": loss / honest_loss,
-                        "distance-to-honest": _distance(final, honest) / moved,
+                        GLOBAL_LOSS: run.loss, "honest-global-loss": honest.loss,
+                        "relative-loss": run.loss / honest.loss,
+                        "distance-to-honest": _distance(run.final, honest.final) / moved,
                         "seconds": round(time.monotonic() - begun, 1),
                     })  # fmt: skip
                     print(json.dumps(rows[-1]), flush=True)
