@@ -84,6 +84,15 @@ SHORTCUTS: dict[str, dict[str, tuple[Value, tuple[Value, ...]]]] = {
 PARTITIONINGS = ("iid", "dirichlet", "shards", "quantity")
 DATASETS = ("fashion-mnist", "cifar10", "celeba", "lsun-church")
 PRESETS = ("tiny", "paper")
+TRAINABLE = ("all", "lora")
+# lora-variant: 'ab' trains and averages both factors (the mean of the products is not the
+# product of the means); 'ffa' freezes A at its seeded initialisation and trains B alone
+# (FFA-LoRA, Sun et al. 2024): the mean of the B's times the shared A is exactly the mean of
+# the clients' low-rank updates, and only B travels.
+LORA_VARIANTS = ("ffa", "ab")
+# lora-targets '': the U-Net's attention projections, ResNet convolutions, time-embedding
+# projections (the names peft matches at the end of a module's path).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
 CLIENT_OPTIMIZERS = ("adamw", "sgd")
 # torch.compile modes of the clients' U-Net (models.compile_unet); 'no' = eager. Here, not in
 # models.py, so that checking a run-config imports no torch.
@@ -194,6 +203,24 @@ class RunConfig:
     eval_fraction: float = _key(0.1, _fraction, "held-out share of each client's partition")
     seed: int = _key(0, _at_least(0), "seed for partitions, init, noise and sampling")
     model_preset: str = _key("tiny", _one_of(*PRESETS), "U-Net size")
+    init_from: str = _key(
+        "",
+        help="'' = seeded random start; else a diffusers UNet2DModel or DDPMPipeline directory, "
+        "a run directory, or a hub id: its config sets the U-Net (only the server loads it)",
+    )
+    trainable: str = _key(
+        "all", _one_of(*TRAINABLE), "'all' weights, or 'lora' adapters on a frozen base (peft)"
+    )
+    lora_rank: int = _key(8, _at_least(1), "trainable='lora': adapter rank")
+    lora_alpha: float = _key(
+        0.0, _at_least(0.0), "trainable='lora': scale numerator (alpha / rank); 0 = the rank"
+    )
+    lora_targets: str = _key(
+        "", help=f"trainable='lora': comma-separated module names; '' = {','.join(LORA_TARGETS)}"
+    )
+    lora_variant: str = _key(
+        "ffa", _one_of(*LORA_VARIANTS), "trainable='lora': 'ffa' (A frozen, B travels) or 'ab'"
+    )
     autoencoder: str = _key("auto", _non_empty, "'auto', 'none', or AutoencoderKL dir / hub id")
     latent_cache_dir: str = _key("", help="'' = ~/.cache/feddm-flower/latents")
     device: str = _key("auto", _one_of("auto", "cpu", "cuda"), "'auto' = cuda if available")
@@ -251,7 +278,8 @@ class RunConfig:
             if allowed is not None:
                 raise ConfigError(f"run-config {key}={value!r} is invalid: allowed is {allowed}")
             values[f.name] = value
-        return _check_privacy(_apply_training_defaults(_apply_shortcut(cls(**values))))
+        cfg = _apply_training_defaults(_apply_shortcut(cls(**values)))
+        return _check_lora(_check_privacy(cfg))
 
     @classmethod
     def key_type(cls, key: str) -> type:
@@ -289,6 +317,7 @@ class RunConfig:
             self.server_optimizer if self.server_optimizer != "none" else "",
             self.aggregation if self.aggregation != "mean" else "",
             "dp" if self.dp_clip_norm else "",
+            f"lora{self.lora_rank}-{self.lora_variant}" if self.trainable == "lora" else "",
         ]
         return "-".join(p for p in parts if p) or "vanilla"
 
@@ -355,6 +384,21 @@ def _check_privacy(cfg: RunConfig) -> RunConfig:
             f"aggregation={cfg.aggregation!r}: the Gaussian mechanism's sensitivity (clip / "
             "number of clients) holds for aggregation='mean' only"
         )
+    return cfg
+
+
+def _check_lora(cfg: RunConfig) -> RunConfig:
+    """``cfg`` unless a ``lora-*`` key is set while ``trainable`` is not 'lora'."""
+    if cfg.trainable == "lora":
+        return cfg
+    defaults = RunConfig.__dataclass_fields__
+    for name in ("lora_rank", "lora_alpha", "lora_targets", "lora_variant"):
+        if getattr(cfg, name) != defaults[name].default:
+            key = name.replace("_", "-")
+            raise ConfigError(
+                f"run-config {key}={getattr(cfg, name)!r} contradicts "
+                f"trainable={cfg.trainable!r}: lora-* keys need trainable='lora'"
+            )
     return cfg
 
 

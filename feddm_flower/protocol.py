@@ -18,6 +18,10 @@ PROXIMAL_MU = "proximal-mu"
 UPLINK = "uplink"
 MODEL_DIGEST = "model-digest"  # the model the node must hold after applying the message
 MODEL_BASE = "model-base"  # the model the changes apply to
+UNET_CONFIG = "unet-config"  # JSON of the UNet2DModel config (init-from); absent: the preset's
+BASE_DIGEST = "base-digest"  # the frozen base weights the node builds on (LoRA on init-from)
+FROZEN_DIGEST = "frozen-digest"  # the frozen LoRA factors (seeded) the node must rebuild
+BASE = "base"  # ArrayRecord: the base weights, sent to a node that lacks them
 
 # Keys of a reply's metrics.
 NUM_EXAMPLES = "num-examples"  # the reply's weight
@@ -35,6 +39,7 @@ DRIFT_MEAN = "drift-mean"  # the spread of clients' update norms: drift.summary(
 ROUND_SECONDS, WALL_SECONDS = "round-seconds", "wall-seconds"
 BYTES_DOWN_CUMULATIVE, BYTES_UP_CUMULATIVE = "bytes-down-cumulative", "bytes-up-cumulative"
 COMPRESSION_DOWN, COMPRESSION_UP = "compression-down", "compression-up"
+BYTES_BASE_DOWN = "bytes-base-down"  # base models sent this round (LoRA), within the bytes down
 
 # Node-config keys (flower-supernode --node-config, or the simulation's).
 PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"

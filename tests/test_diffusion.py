@@ -110,12 +110,12 @@ def _flat(unet: torch.nn.Module) -> torch.Tensor:
 def test_proximal_term_is_zero_at_the_start_and_its_gradient_is_mu_times_drift() -> None:
     unet = build_unet("tiny", 28, 1)
     anchor = [p.detach().clone() for p in unet.parameters()]
-    assert proximal_term(unet, anchor, mu=0.5).item() == 0.0
+    assert proximal_term(list(unet.parameters()), anchor, mu=0.5).item() == 0.0
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(torch.randn_like(p))
     unet.zero_grad()
-    term = proximal_term(unet, anchor, mu=0.5)
+    term = proximal_term(list(unet.parameters()), anchor, mu=0.5)
     term.backward()
     drift = [p.detach() - a for p, a in zip(unet.parameters(), anchor, strict=True)]
     expected = 0.25 * sum((d**2).sum() for d in drift)  # (mu/2)·||w - w_g||², squared norm

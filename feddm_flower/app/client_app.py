@@ -62,10 +62,9 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
     status, payload = outcome
     if status == "ok":
         return Message(payload, reply_to=msg)
-    if status == "out-of-sync":
-        from feddm_flower.app.records import OUT_OF_SYNC
+    if status in ("out-of-sync", "no-base"):
+        from feddm_flower.app.records import NO_BASE, OUT_OF_SYNC
 
-        return Message(
-            Error(code=OUT_OF_SYNC, reason=f"model out of sync: {payload}"), reply_to=msg
-        )
+        code = OUT_OF_SYNC if status == "out-of-sync" else NO_BASE
+        return Message(Error(code=code, reason=f"model {status}: {payload}"), reply_to=msg)
     raise RuntimeError(f"node worker: {kind} failed: {payload}")

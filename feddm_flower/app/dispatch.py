@@ -8,6 +8,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, RecordDict
@@ -15,11 +16,24 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from feddm_flower.app.compat import SUPERLINK_NODE_ID
-from feddm_flower.app.records import OUT_OF_SYNC, downlink_content, fedavg_record_bytes, to_record
+from feddm_flower.app.records import (
+    NO_BASE,
+    OUT_OF_SYNC,
+    downlink_content,
+    fedavg_record_bytes,
+    to_record,
+)
 from feddm_flower.app.round_book import RoundBook
 from feddm_flower.fed.aggregation import State
 from feddm_flower.fed.downlink import Delivery, ModelChain
-from feddm_flower.protocol import SERVER_ROUND
+from feddm_flower.protocol import (
+    BASE,
+    BASE_DIGEST,
+    BYTES_BASE_DOWN,
+    FROZEN_DIGEST,
+    SERVER_ROUND,
+    UNET_CONFIG,
+)
 
 
 def sample_nodes(grid: Grid, key: str, fraction: float, min_nodes: int) -> list[int]:
@@ -32,6 +46,24 @@ def sample_nodes(grid: Grid, key: str, fraction: float, min_nodes: int) -> list[
         time.sleep(1)
     size = min(len(nodes), max(int(len(nodes) * fraction), min_nodes))
     return sorted(random.Random(key).sample(nodes, size))
+
+
+@dataclass
+class Architecture:
+    """What a node needs to build the model besides the federated weights: the U-Net's
+    config (``init-from``; '' = the run's preset), the frozen base weights under LoRA and
+    their digest, and the digest of the frozen LoRA factors the node rebuilds from the seed."""
+
+    unet_config: str = ""
+    base: State | None = None
+    base_digest: str = ""
+    frozen_digest: str = ""
+
+    def fields(self) -> dict[str, str]:
+        """The config keys every message carries (none for a seeded preset, all weights)."""
+        named = {UNET_CONFIG: self.unet_config, BASE_DIGEST: self.base_digest,
+                 FROZEN_DIGEST: self.frozen_digest}  # fmt: skip
+        return {k: v for k, v in named.items() if v}
 
 
 class Dispatch:
@@ -48,10 +80,13 @@ class Dispatch:
         book: RoundBook,
         *,
         seeded_start: bool = False,
+        architecture: Architecture | None = None,
         poll_interval: float = 0.5,
     ) -> None:
         self.chain, self.book = chain, book
         self.seeded_start, self.poll_interval = seeded_start, poll_interval
+        self.architecture = architecture or Architecture()
+        self._base: ArrayRecord | None = None
         self.held: dict[int, str] = {}
         self.sent: list[Metadata] = []
         self.phase: tuple[int, ConfigRecord, str] = (0, ConfigRecord(), MessageType.TRAIN)
@@ -63,6 +98,7 @@ class Dispatch:
         """One message per node with what it lacks of ``model`` (one content per distinct
         delivery: nodes that hold the same model share it)."""
         config[SERVER_ROUND] = server_round
+        config.update(self.architecture.fields())
         self.fp32_model = fedavg_record_bytes(model)
         if not self.chain.ref:
             self.chain.start(model, nodes_have_it=self.seeded_start)
@@ -90,7 +126,8 @@ class Dispatch:
         until all have answered or ``timeout`` seconds have passed.
 
         A node's confirmation (any reply that is not an error) records the model it now holds.
-        A node that answers :data:`OUT_OF_SYNC` is resent the full model, once per phase.
+        A node that answers :data:`OUT_OF_SYNC` is resent the full model, once per phase, and
+        one that answers :data:`NO_BASE` the base model with it.
         """
         pending = {i for i in grid.push_messages(messages) if i}
         del messages
@@ -108,9 +145,11 @@ class Dispatch:
                         yield reply
                         continue
                     self.held.pop(node, None)
-                    if reply.error.code == OUT_OF_SYNC and node not in resent:
+                    code = reply.error.code
+                    if code in (OUT_OF_SYNC, NO_BASE) and node not in resent:
                         resent.add(node)
-                        pending.update(self._resend(grid, node, reply.error.reason))
+                        base = code == NO_BASE
+                        pending.update(self._resend(grid, node, reply.error.reason, base))
                         continue
                     yield reply
             if pending and not pulled:
@@ -151,11 +190,17 @@ class Dispatch:
         """The reference as a full-model record (fp16 under an fp16 downlink, else fp32)."""
         return to_record(self.chain.ref, "fp16" if self.chain.downlink == "fp16" else "fp32")
 
-    def _resend(self, grid: Grid, node: int, reason: str | None) -> set[str]:
-        """Push the full model to ``node`` again, in the phase's message; its message ids."""
+    def _resend(self, grid: Grid, node: int, reason: str | None, base: bool) -> set[str]:
+        """Push the full model (and the ``base`` model) to ``node`` again, in the phase's
+        message; its message ids. The base's bytes are counted apart as well."""
         server_round, config, kind = self.phase
         self.book.out_of_sync(server_round, node, reason)
         content = downlink_content(Delivery("full"), self.chain.digest, config, self._full())
+        if base and self.architecture.base is not None:
+            self._base = self._base or to_record(self.architecture.base)
+            content[BASE] = self._base
+            history = self.book.history[server_round]
+            history[BYTES_BASE_DOWN] = history.get(BYTES_BASE_DOWN, 0) + self._base.count_bytes()
         msg = Message(content, dst_node_id=node, message_type=kind)
         self.book.deliveries(server_round, _phase_name(kind), {"current": [], "change": [],
                                                               "full": [node]})  # fmt: skip

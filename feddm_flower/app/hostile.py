@@ -14,7 +14,13 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, R
 from feddm_flower.app.local_grid import LocalGrid, run_rounds
 from feddm_flower.app.node_tasks import held_model, receive, run_task, uplink_codec
 from feddm_flower.app.records import encode_uplink, from_record, payload_from, to_record, uplink_key
-from feddm_flower.app.server_app import build_strategy, last_check
+from feddm_flower.app.server_app import (
+    architecture,
+    build_strategy,
+    fresh_model,
+    last_check,
+    seeded_start,
+)
 from feddm_flower.app.strategy import FedDMStrategy
 from feddm_flower.config import RunConfig
 from feddm_flower.evaluation.quality import global_loss, load_eval_inputs
@@ -36,7 +42,7 @@ from feddm_flower.protocol import (
     TRAIN_STEPS,
     UPLINK,
 )
-from feddm_flower.task.models import build_unet
+from feddm_flower.task.finetune import load_trainable, trainable_state
 
 FIRST_REPLY_KEY = "attack-first-reply"  # a stale replayer's round-1 weights, in context.state
 
@@ -154,15 +160,16 @@ def run_in_process(
     """``run_config`` (FashionMNIST) on ``nodes`` real nodes behind an :class:`AttackGrid`,
     with the server's real strategy, seeded start and last check."""
     cfg = RunConfig.from_mapping(run_config)
-    unet = build_unet(cfg.model_preset, 28, 1, seed=cfg.seed)
-    initial = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet = fresh_model(cfg, 1, 28, latent=False)
+    initial = {k: v.clone() for k, v in trainable_state(unet).items()}
     inputs = load_eval_inputs(cfg, None)
 
     def loss_of(state: State) -> float:
-        unet.load_state_dict(state)
+        load_trainable(unet, state)
         return global_loss(unet, inputs, cfg.seed)
 
-    strategy = build_strategy(cfg, seeded_start=True)
+    arch = architecture(cfg, unet)
+    strategy = build_strategy(cfg, seeded_start=seeded_start(cfg), architecture=arch)
     strategy.dispatch.poll_interval = 0.0
     strategy.loss_check = last_check(cfg, loss_of)
     grid = AttackGrid(run_config, nodes, attack, colluders, {} if cache is None else cache)

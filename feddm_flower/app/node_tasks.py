@@ -9,6 +9,7 @@ the CUDA context. Each function takes the message's records and the node's
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,18 +22,22 @@ from feddm_flower.app.compat import KEY_CLIPPING_NORM
 from feddm_flower.app.records import (
     clipped_update,
     encode_uplink,
+    from_record,
     received_model,
     uplink_key,
 )
 from feddm_flower.config import RunConfig
 from feddm_flower.data.loading import IMAGE_SHAPES, load_client_data
 from feddm_flower.fed.changes import CODED, ChangeCodec
-from feddm_flower.fed.downlink import OutOfSync
+from feddm_flower.fed.downlink import NoBase, OutOfSync, digest
 from feddm_flower.fed.node_store import NodeStore
 from feddm_flower.fed.timings import Stopwatch
 from feddm_flower.protocol import (
+    BASE,
+    BASE_DIGEST,
     CONFIG,
     EVAL_LOSS,
+    FROZEN_DIGEST,
     METRICS,
     NUM_EXAMPLES,
     NUM_PARTITIONS,
@@ -44,9 +49,11 @@ from feddm_flower.protocol import (
     TRAIN_LOSS,
     TRAIN_SECONDS,
     TRAIN_STEPS,
+    UNET_CONFIG,
     UPLINK,
 )
 from feddm_flower.task.diffusion import denoising_loss, train_local
+from feddm_flower.task.finetune import add_lora, frozen_state, load_trainable, trainable_state
 from feddm_flower.task.latents import DEFAULT_LATENT_CACHE, cached_encode, model_space
 from feddm_flower.task.models import build_scheduler, build_unet, compile_unet, resolve_device
 
@@ -88,7 +95,7 @@ def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict
     # module stays where it is, for the next message.
     local = {
         k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-        for k, v in node.unet.state_dict().items()
+        for k, v in trainable_state(node.unet).items()
     }
     feedback = bool(config.get("error-feedback", False))
     store = node_store(context)
@@ -180,25 +187,69 @@ def _model_inputs(
 @dataclass
 class NodeModel:
     """This process's U-Net for one model configuration, on its device: ``unet`` holds the
-    weights, ``compiled`` is what trains (the same module unless ``compile`` is on), and
-    ``initial`` the seeded initial weights a node without a copy starts from."""
+    weights, ``compiled`` is what trains (the same module unless ``compile`` is on),
+    ``initial`` the seeded initial state a node without a copy starts from (its trainable
+    tensors: :func:`~feddm_flower.task.finetune.trainable_state`) and ``frozen`` the digest
+    of its frozen LoRA factors."""
 
     unet: UNet2DModel
     compiled: torch.nn.Module
     initial: dict[str, torch.Tensor]
+    frozen: str
 
 
-@lru_cache(maxsize=1)
-def _model(
-    preset: str, size: int, channels: int, latent: bool, seed: int, place: tuple[str, bool, str]
-) -> NodeModel:
-    """Built once per process and configuration; every message loads its weights into it."""
-    device, channels_last, compile_mode = place
-    unet = build_unet(preset, size, channels, seed=seed, latent=latent)
-    initial = {k: v.clone() for k, v in unet.state_dict().items()}
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    unet = unet.to(resolve_device(device), memory_format=layout)
-    return NodeModel(unet, compile_unet(unet, compile_mode), initial)
+# The one NodeModel this process keeps, under (run config, U-Net config, base digest).
+_BUILT: dict[tuple[RunConfig, str, str], NodeModel] = {}
+
+
+def _model(cfg: RunConfig, content: RecordDict, context: Context) -> NodeModel:
+    """Built once per process and configuration; every message loads its weights into it.
+
+    The U-Net is the preset's, or the one whose config the message names (``init-from``),
+    on the base weights the message names by digest: from the node's base store, else from
+    the message (:class:`NoBase` if neither has them). ``trainable='lora'`` adds adapters."""
+    config = content[CONFIG]
+    arch, base_digest = str(config.get(UNET_CONFIG, "")), str(config.get(BASE_DIGEST, ""))
+    key = (cfg, arch, base_digest)
+    if key in _BUILT:
+        return _BUILT[key]
+    vae, channels, size = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
+    if arch:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            unet = UNet2DModel.from_config(json.loads(arch))
+    else:
+        unet = build_unet(cfg.model_preset, size, channels, seed=cfg.seed, latent=vae is not None)
+    if base_digest:
+        unet.load_state_dict(_base_weights(base_digest, content, context))
+    if cfg.trainable == "lora":
+        add_lora(unet, cfg)
+    initial = {k: v.clone() for k, v in trainable_state(unet).items()}
+    frozen = digest(frozen_state(unet))
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    unet = unet.to(resolve_device(cfg.device), memory_format=layout)
+    _BUILT.clear()
+    _BUILT[key] = NodeModel(unet, compile_unet(unet, cfg.compile), initial, frozen)
+    return _BUILT[key]
+
+
+def _base_weights(want: str, content: RecordDict, context: Context) -> dict[str, torch.Tensor]:
+    """The base weights with digest ``want``: the node's copy, else the message's ``base``
+    record (checked, then kept under its digest for later runs); :class:`NoBase` if neither."""
+    store = base_store(context)
+    held = store.load(want)
+    if held is not None:
+        return held
+    if BASE not in content:
+        raise NoBase(f"the node holds no base model {want}")
+    try:
+        weights = from_record(content[BASE])
+    except ValueError as exc:
+        raise NoBase(f"base model: {exc}") from exc
+    if (have := digest(weights)) != want:
+        raise NoBase(f"base model {have} received, the server names {want}")
+    store.save(want, weights)
+    return weights
 
 
 def _node_model(
@@ -208,9 +259,13 @@ def _node_model(
     CPU), rebuilt from the node's copy (none yet: the seeded initial weights) and what the
     message carries; the copy is updated. :class:`OutOfSync` (and the copy dropped) if that is
     impossible."""
-    vae, channels, size = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
-    place = (cfg.device, cfg.channels_last, cfg.compile)
-    node = _model(cfg.model_preset, size, channels, vae is not None, cfg.seed, place)
+    node = _model(cfg, content, context)
+    frozen = str(content[CONFIG].get(FROZEN_DIGEST, node.frozen))
+    if frozen != node.frozen:
+        raise RuntimeError(
+            f"frozen LoRA factors {node.frozen} here, {frozen} on the server: seeded "
+            "initialisation differs (torch or peft versions?)"
+        )
     store = node_store(context)
     held = store.load(MODEL_KEY)
     try:
@@ -220,8 +275,13 @@ def _node_model(
         raise
     if held is None or weights is not held:  # (a node that is current keeps its file)
         store.save(MODEL_KEY, weights)
-    node.unet.load_state_dict(weights)
+    load_trainable(node.unet, weights)
     return node, weights
+
+
+def base_store(context: Context) -> NodeStore:
+    """Base models this node was sent, by digest, kept across runs (under ``state-dir``)."""
+    return NodeStore.bases(str(context.node_config.get(STATE_DIR, "")))
 
 
 def node_store(context: Context) -> NodeStore:
@@ -256,9 +316,12 @@ TASKS = {"train": train, "evaluate": evaluate}
 
 
 def run_task(kind: str, content: RecordDict, context: Context, clock: Stopwatch) -> Outcome:
-    """``kind`` ('train' or 'evaluate') on ``content``: ("ok", the reply's records), or
-    ("out-of-sync", why) when the node cannot rebuild the model the message describes."""
+    """``kind`` ('train' or 'evaluate') on ``content``: ("ok", the reply's records),
+    ("out-of-sync", why) when the node cannot rebuild the model the message describes, or
+    ("no-base", why) when it lacks the base model the message names."""
     try:
         return "ok", TASKS[kind](content, context, clock)
+    except NoBase as exc:
+        return "no-base", str(exc)
     except OutOfSync as exc:
         return "out-of-sync", str(exc)

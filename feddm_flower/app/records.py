@@ -33,6 +33,8 @@ PAYLOAD_STYPE = "feddm.codec"
 # The error code of a node's reply when it cannot rebuild the model a message describes
 # (Flower's own codes are 0-8); the server then resends the full model.
 OUT_OF_SYNC = 409
+# ... and when it lacks the base model the message names: the server resends it with the model.
+NO_BASE = 410
 _FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # A model as a packed ArrayRecord (to_record): its layout and one flat Array per dtype.
 LAYOUT_KEY = "layout"

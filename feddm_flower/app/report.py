@@ -36,6 +36,7 @@ from feddm_flower.protocol import (
     WALL_SECONDS,
 )
 from feddm_flower.task.diffusion import sample
+from feddm_flower.task.finetune import load_trainable
 from feddm_flower.task.models import build_scheduler, resolve_device
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class RoundReporter:
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """``global-loss`` of ``arrays`` (and ``global-loss-ema`` after the EMA's step)."""
-        self.unet.load_state_dict(arrays.to_torch_state_dict())
+        load_trainable(self.unet, arrays.to_torch_state_dict())
         if self.ema is not None and server_round > 0:
             decay = ema_decay(self.cfg.server_ema, server_round)
             new = ema_update(self.ema.state_dict(), self.unet.state_dict(), decay)
@@ -178,7 +179,7 @@ class RoundReporter:
 
     def loss_of(self, state: dict[str, torch.Tensor]) -> float:
         """``global-loss`` of the weights ``state`` (the strategy's last check)."""
-        self.unet.load_state_dict(state)
+        load_trainable(self.unet, state)
         return global_loss(self.unet, self.eval_inputs, self.cfg.seed)
 
     def _global_losses(self, ema: bool) -> dict[str, float]:

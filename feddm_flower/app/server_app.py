@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import (
 )
 
 from feddm_flower import configure_logging
+from feddm_flower.app.dispatch import Architecture
 from feddm_flower.app.report import RoundReporter
 from feddm_flower.app.resume import restore
 from feddm_flower.app.strategy import FedDMStrategy
@@ -31,11 +32,22 @@ from feddm_flower.config import RunConfig
 from feddm_flower.data.loading import IMAGE_SHAPES
 from feddm_flower.evaluation.artifacts import RunDirectory
 from feddm_flower.fed.aggregation import InfluenceBound, LossCheck, State
+from feddm_flower.fed.downlink import digest
 from feddm_flower.protocol import (
     BYTES_DOWN_CUMULATIVE,
     BYTES_UP_CUMULATIVE,
     COMPRESSION_DOWN,
     COMPRESSION_UP,
+)
+from feddm_flower.task.finetune import (
+    add_lora,
+    base_state,
+    check_space,
+    frozen_state,
+    load_adapter,
+    load_pretrained,
+    load_trainable,
+    trainable_state,
 )
 from feddm_flower.task.latents import model_space
 from feddm_flower.task.models import build_scheduler, build_unet, count_parameters
@@ -60,10 +72,11 @@ def main(grid: Grid, context: Context) -> None:
     log.info("FedDM run (%s) writing to %s", cfg.label, run.path)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     log.info(
-        "Model: %s U-Net on %s, %d parameters",
-        cfg.model_preset,
+        "Model: %s U-Net on %s, %d parameters, %d trained and sent",
+        cfg.init_from or cfg.model_preset,
         " x ".join(map(str, shape)),
         count_parameters(unet),
+        sum(v.numel() for v in trainable_state(unet).values()),
     )
     if vae is not None:
         log.info(
@@ -72,11 +85,12 @@ def main(grid: Grid, context: Context) -> None:
             vae.config._name_or_path,
             count_parameters(vae),
         )
-    strategy = build_strategy(cfg, seeded_start=state is None)
+    seeded = state is None and seeded_start(cfg)
+    strategy = build_strategy(cfg, seeded_start=seeded, architecture=architecture(cfg, unet))
     if state is not None:
         restore(strategy, state, run.load_optimizer_state())
         log.info("Resuming after round %d of %d", state["round"], cfg.num_server_rounds)
-    initial_arrays = ArrayRecord(unet.state_dict())  # before the reporter moves it to a GPU
+    initial_arrays = ArrayRecord(trainable_state(unet))  # before the reporter moves it to a GPU
     ema = run.load_ema() if state is not None else None
     reporter = RoundReporter(cfg, run, strategy, unet, vae, ema)
     strategy.loss_check = last_check(cfg, reporter.loss_of if reporter.eval_inputs is not None
@@ -91,7 +105,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     reporter.close()
     if len(result.arrays) > 0:
-        unet.load_state_dict(result.arrays.to_torch_state_dict())
+        load_trainable(unet, result.arrays.to_torch_state_dict())
     path = run.save_pipeline(reporter.model, build_scheduler(), vae)
     log.info(
         "Saved the final pipeline (%s) to %s (loading it: README, 'Where results land')",
@@ -113,16 +127,52 @@ def _starting_point(
     cfg: RunConfig, run: RunDirectory, channels: int, size: int, *, latent: bool
 ) -> tuple[UNet2DModel, dict[str, object] | None]:
     """The U-Net and strategy state to start from: a resumed run's last checkpoint, else
-    fresh weights from ``seed`` (so a run that died before its first checkpoint restarts
-    exactly as it began)."""
+    the start :func:`fresh_model` gives (so a run that died before its first checkpoint
+    restarts exactly as it began)."""
     if cfg.resume and run.has_checkpoint():
-        unet, state = run.load_checkpoint()
+        if cfg.trainable == "lora":  # the base again, with the checkpoint's adapter
+            unet, state = fresh_model(cfg, channels, size, latent=latent), run.checkpoint_state()
+            load_adapter(unet, run.checkpoint_adapter())
+        else:
+            unet, state = run.load_checkpoint()
         run.truncate_metrics(int(state["round"]))
         return unet, state
     if cfg.resume:
         log.warning("No checkpoint in %s (stopped in round 1): starting it again", run.path)
         run.truncate_metrics(0)
-    return build_unet(cfg.model_preset, size, channels, seed=cfg.seed, latent=latent), None
+    return fresh_model(cfg, channels, size, latent=latent), None
+
+
+def fresh_model(cfg: RunConfig, channels: int, size: int, *, latent: bool) -> UNet2DModel:
+    """The U-Net ``init-from`` names (checked against the data's space), else the preset's
+    from ``seed``; under ``trainable='lora'`` with seeded adapters on its frozen weights."""
+    if cfg.init_from:
+        unet = load_pretrained(cfg.init_from)
+        check_space(unet, channels, size, "latent space" if latent else "dataset")
+    else:
+        unet = build_unet(cfg.model_preset, size, channels, seed=cfg.seed, latent=latent)
+    return add_lora(unet, cfg) if cfg.trainable == "lora" else unet
+
+
+def seeded_start(cfg: RunConfig) -> bool:
+    """Whether nodes rebuild the starting state themselves: a seeded preset, or LoRA's
+    seeded adapters on any base (a loaded U-Net trained whole comes in the first message)."""
+    return not cfg.init_from or cfg.trainable == "lora"
+
+
+def architecture(cfg: RunConfig, unet: UNet2DModel) -> Architecture:
+    """What nodes build on (dispatch.Architecture): the loaded U-Net's config, and under LoRA
+    the frozen base weights (of a loaded U-Net: nodes rebuild a preset's) and factors."""
+    if not cfg.init_from and cfg.trainable == "all":
+        return Architecture()
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    arch = Architecture(unet_config=json.dumps(config) if cfg.init_from else "")
+    if cfg.trainable == "lora":
+        arch.frozen_digest = digest(frozen_state(unet))
+        if cfg.init_from:
+            arch.base = {k: v.detach().clone() for k, v in base_state(unet).items()}
+            arch.base_digest = digest(arch.base)
+    return arch
 
 
 def _resumed_config(given: RunConfig, run: RunDirectory) -> RunConfig:
@@ -149,11 +199,13 @@ def _resumed_config(given: RunConfig, run: RunDirectory) -> RunConfig:
 ADAPTIVE_DEFAULT_LR = 0.01
 
 
-def build_strategy(cfg: RunConfig, seeded_start: bool = False) -> FedDMStrategy:
+def build_strategy(
+    cfg: RunConfig, seeded_start: bool = False, architecture: Architecture | None = None
+) -> FedDMStrategy:
     """The FedDM strategy for the run config: Flower's server optimizer and aggregation rule,
     wrapped with this combination's uplink, downlink, proximal term, bounds and (dp-* keys)
     Flower's differential-privacy wrapper. ``seeded_start``: the run starts from the seeded
-    initial weights, which nodes rebuild themselves."""
+    initial weights, which nodes rebuild themselves (on ``architecture``)."""
     feedback = cfg.sparse_feedback if cfg.uplink == "sparse" else cfg.error_feedback
     codec = {
         "quant-block-size": cfg.quant_block_size,
@@ -171,6 +223,7 @@ def build_strategy(cfg: RunConfig, seeded_start: bool = False) -> FedDMStrategy:
         codec=codec,
         lossless=cfg.lossless,
         seeded_start=seeded_start,
+        architecture=architecture,
         bound=InfluenceBound(norm_bound=cfg.norm_bound, weight_bound=cfg.weight_bound),
         dp_clip_norm=cfg.dp_clip_norm,
         dp_noise_multiplier=cfg.dp_noise_multiplier,

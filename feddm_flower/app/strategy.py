@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from feddm_flower.app import guard
 from feddm_flower.app import privacy as dp
 from feddm_flower.app.compat import remember_model
-from feddm_flower.app.dispatch import Dispatch, sample_nodes
+from feddm_flower.app.dispatch import Architecture, Dispatch, sample_nodes
 from feddm_flower.app.round_book import RoundBook
 from feddm_flower.app.server_step import check_own_model, describe, server_step
 from feddm_flower.fed.aggregation import (
@@ -68,8 +68,9 @@ class FedDMStrategy(Strategy):
         What nodes send ("fp32"/"fp16" weights, "int8"/"int4"/"sparse" updates) and receive
         ("fp32"/"fp16" model, or coded changes since their copy); the codecs' run-config keys
         (``quant-*``, ``sparse-*``, ``error-feedback``); zstd on top where it helps.
-    seeded_start : bool
-        Nodes rebuild the initial weights themselves and are sent only their digest.
+    seeded_start, architecture
+        Nodes rebuild the initial weights themselves and are sent only their digest; what
+        they build on (``dispatch.Architecture``: a loaded U-Net's config, a LoRA base).
     bound, loss_check
         Caps on each reply's weight and update norm against the medians of the previous
         round's accepted replies; the last check of each reply's model and each new one.
@@ -92,6 +93,7 @@ class FedDMStrategy(Strategy):
         codec: dict[str, int | bool] | None = None,
         lossless: bool = False,
         seeded_start: bool = False,
+        architecture: Architecture | None = None,
         bound: InfluenceBound | None = None,
         loss_check: LossCheck | None = None,
         dp_clip_norm: float = 0.0,
@@ -113,7 +115,11 @@ class FedDMStrategy(Strategy):
         self.chain = ModelChain.from_config(downlink, {**self.codec, "lossless": lossless})
         self.book = RoundBook()
         self.dispatch = Dispatch(
-            self.chain, self.book, seeded_start=seeded_start, poll_interval=poll_interval
+            self.chain,
+            self.book,
+            seeded_start=seeded_start,
+            architecture=architecture,
+            poll_interval=poll_interval,
         )
         self.bound = bound or InfluenceBound()
         self.reference: Reference | None = None  # medians of the last round with replies

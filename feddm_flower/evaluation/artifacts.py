@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,14 @@ from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
 from torchvision.utils import save_image
 
 from feddm_flower.task import latent_pipeline
+from feddm_flower.task.finetune import is_lora, merged, save_adapter
 from feddm_flower.task.latent_pipeline import LatentDDPMPipeline
 
 DEFAULT_RUNS_ROOT = Path.home() / "feddm-flower" / "runs"
 STATE_FILE = "feddm_state.json"
 OPTIMIZER_FILE = "server_optimizer.npz"  # the server optimizer's moments / momentum
 EMA_FILE = "ema.pt"  # the server's EMA of the global weights (server-ema)
+ADAPTER_DIR = "adapter"  # trainable='lora': the adapter alone, peft's format
 
 
 class RunDirectory:
@@ -33,7 +36,9 @@ class RunDirectory:
     checkpoint/           latest global U-Net (diffusers ``save_pretrained``), strategy state,
                           server optimizer arrays, EMA weights (``server-ema``)
     pipeline/             final ``DDPMPipeline``, or ``LatentDDPMPipeline`` with its VAE and
-                          source file (``pipeline.py``) for latent diffusion
+                          source file (``pipeline.py``) for latent diffusion; under LoRA
+                          the U-Net merged (no peft needed to load it)
+    adapter/              trainable='lora': the final adapter alone (peft's format)
     """
 
     def __init__(self, path: Path) -> None:
@@ -81,7 +86,8 @@ class RunDirectory:
         ema: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Replace ``checkpoint/`` with ``unet``, ``state``, the server ``optimizer``'s arrays
-        and the ``ema`` weights (if kept), atomically (never half-written)."""
+        and the ``ema`` weights (if kept), atomically (never half-written). A LoRA U-Net is
+        saved merged, its adapter beside in ``adapter/``."""
         buffer = io.BytesIO()
         np.savez(buffer, **(optimizer or {}))
         files = {STATE_FILE: json.dumps(state), OPTIMIZER_FILE: buffer.getvalue()}
@@ -89,7 +95,16 @@ class RunDirectory:
             buffer = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in ema.items()}, buffer)
             files[EMA_FILE] = buffer.getvalue()
-        return self._save_atomic(unet, "checkpoint", files)
+
+        def write(tmp: Path) -> None:
+            model = unet
+            if is_lora(unet):
+                save_adapter(unet, tmp / ADAPTER_DIR)
+                model = merged(unet, tmp / ADAPTER_DIR)
+            model.save_pretrained(tmp)
+            _write_files(tmp, files)
+
+        return self._replace("checkpoint", write)
 
     def load_ema(self) -> dict[str, torch.Tensor] | None:
         """The EMA weights of the last checkpoint; None if it kept none."""
@@ -110,15 +125,22 @@ class RunDirectory:
 
     def load_checkpoint(self) -> tuple[UNet2DModel, dict[str, object]]:
         """The U-Net and state of the last completed round; FileNotFoundError if none."""
+        return UNet2DModel.from_pretrained(self._checkpoint_dir()), self.checkpoint_state()
+
+    def checkpoint_state(self) -> dict[str, object]:
+        """The strategy state of the last completed round; FileNotFoundError if none."""
         path = self._checkpoint_dir()
         if not (path / STATE_FILE).exists():
             raise FileNotFoundError(f"no checkpoint to resume from in {path}")
-        state = json.loads((path / STATE_FILE).read_text())
-        return UNet2DModel.from_pretrained(path), state
+        return json.loads((path / STATE_FILE).read_text())
+
+    def checkpoint_adapter(self) -> Path:
+        """The LoRA adapter directory of the last checkpoint (peft's format)."""
+        return self._checkpoint_dir() / ADAPTER_DIR
 
     def _checkpoint_dir(self) -> Path:
         path = self.path / "checkpoint"
-        if not path.exists():  # a crash between the two renames of _save_atomic
+        if not path.exists():  # a crash between the two renames of _replace
             path = self.path / ".checkpoint.old"
         return path
 
@@ -138,29 +160,39 @@ class RunDirectory:
         """Save the final model as a diffusers pipeline directory: a ``DDPMPipeline``, or with a
         ``vae`` a ``LatentDDPMPipeline`` beside its own source, so that plain diffusers loads it
         (``DiffusionPipeline.from_pretrained(dir, custom_pipeline=dir, trust_remote_code=True)``).
+        A LoRA U-Net goes in merged, and its adapter alone in ``adapter/`` (peft's format).
         """
+        if is_lora(unet):
+            adapter = self._replace(ADAPTER_DIR, lambda tmp: save_adapter(unet, tmp))
+            unet = merged(unet, adapter)
         if vae is None:
-            return self._save_atomic(DDPMPipeline(unet=unet, scheduler=scheduler), "pipeline")
+            pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+            return self._replace("pipeline", pipe.save_pretrained)
         pipe = LatentDDPMPipeline(unet=unet, vae=vae, scheduler=scheduler)
         source = Path(latent_pipeline.__file__).read_text()
-        return self._save_atomic(pipe, "pipeline", {"pipeline.py": source})
 
-    def _save_atomic(
-        self,
-        model: UNet2DModel | DDPMPipeline | LatentDDPMPipeline,
-        name: str,
-        extra_files: dict[str, str | bytes] | None = None,
-    ) -> Path:
+        def write(tmp: Path) -> None:
+            pipe.save_pretrained(tmp)
+            _write_files(tmp, {"pipeline.py": source})
+
+        return self._replace("pipeline", write)
+
+    def _replace(self, name: str, write: Callable[[Path], object]) -> Path:
+        """Replace directory ``name`` with what ``write`` puts in a fresh one, atomically."""
         final, tmp, old = self.path / name, self.path / f".{name}.tmp", self.path / f".{name}.old"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        for filename, content in (extra_files or {}).items():
-            if isinstance(content, bytes):
-                (tmp / filename).write_bytes(content)
-            else:
-                (tmp / filename).write_text(content)
+        tmp.mkdir(parents=True)
+        write(tmp)
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+def _write_files(directory: Path, files: dict[str, str | bytes]) -> None:
+    for filename, content in files.items():
+        if isinstance(content, bytes):
+            (directory / filename).write_bytes(content)
+        else:
+            (directory / filename).write_text(content)

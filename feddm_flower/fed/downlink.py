@@ -44,6 +44,10 @@ class OutOfSync(Exception):
     that does not decode, or a result whose digest differs)."""
 
 
+class NoBase(OutOfSync):
+    """A node holds no base model with the digest a message names, and the message has none."""
+
+
 def digest(state: State) -> str:
     """Short content hash of a state dict: names, dtypes, shapes and bytes, in name order."""
     h = hashlib.blake2b(digest_size=12)

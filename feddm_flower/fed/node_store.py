@@ -37,7 +37,9 @@ class NodeStore:
     def save(self, name: str, state: State) -> None:
         """Write ``state`` (CPU tensors) under ``name``, replacing any earlier one atomically."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._path(name).with_suffix(".tmp")
+        # A name of its own: nodes that share a store (bases) may write the same name at once.
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.root)
+        os.close(fd)
         torch.save({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, tmp)
         os.replace(tmp, self._path(name))
 
@@ -55,6 +57,12 @@ class NodeStore:
 
     def drop(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
+
+    @classmethod
+    def bases(cls, base: str) -> NodeStore:
+        """The store of base models by digest under ``base`` ('' = DEFAULT_BASE): shared by the
+        node's runs, so a run from a base the node already holds sends none."""
+        return cls((Path(base).expanduser() if base else DEFAULT_BASE) / "bases")
 
     @classmethod
     def create(cls, base: str, prefix: str) -> NodeStore:

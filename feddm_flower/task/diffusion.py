@@ -71,10 +71,11 @@ def to_model_range(batch: torch.Tensor) -> torch.Tensor:
 
 
 def proximal_term(
-    unet: torch.nn.Module, global_params: list[torch.Tensor], mu: float
+    params: list[torch.Tensor], global_params: list[torch.Tensor], mu: float
 ) -> torch.Tensor:
-    """FedProx's (mu/2)·Σ‖w − w_global‖² (squared L2) against detached global weights."""
-    sq = sum(((w - g) ** 2).sum() for w, g in zip(unet.parameters(), global_params, strict=True))
+    """FedProx's (mu/2)·Σ‖w − w_global‖² (squared L2) over the trainable ``params``, against
+    detached copies of the global weights."""
+    sq = sum(((w - g) ** 2).sum() for w, g in zip(params, global_params, strict=True))
     return 0.5 * mu * sq
 
 
@@ -119,15 +120,14 @@ def train_local(
     total = steps or epochs * math.ceil(len(images) / batch_size)
     batches = itertools.islice(_epochs(len(images), batch_size, seed), total)
     noise = torch.Generator(device=device).manual_seed(seed + 1)
-    anchor = [p.detach().clone() for p in unet.parameters()] if proximal_mu > 0 else []
+    params = [p for p in unet.parameters() if p.requires_grad]  # (a LoRA base is frozen)
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     # CUDA: one fused kernel per step instead of a loop over parameters; CPU: as it was.
     fused = {"fused": True} if device.type == "cuda" else {}
     if optimizer == "sgd":
-        opt = torch.optim.SGD(
-            unet.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, **fused
-        )
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fused)
     else:
-        opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay, **fused)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
     if device.type == "cuda" and images.nbytes < RESIDENT_BYTES:
@@ -140,14 +140,14 @@ def train_local(
         x0 = to_model_range(images[idx.to(images.device, non_blocking=True)].to(device))
         with autocast(device, mixed_precision):
             loss = diffusion_loss(unet, scheduler, x0, noise)
-        objective = loss + proximal_term(unet, anchor, proximal_mu) if anchor else loss
+        objective = loss + proximal_term(params, anchor, proximal_mu) if anchor else loss
         for group in opt.param_groups:
             group["lr"] = warmup_lr(step, lr, warmup_steps)
         opt.zero_grad(set_to_none=True)
         scaler.scale(objective).backward()
         if grad_clip > 0:
             scaler.unscale_(opt)  # clip the true gradients, not the loss-scaled ones
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
         scaler.step(opt)
         scaler.update()
         losses[step - 1] = loss.detach()

@@ -1,0 +1,144 @@
+"""Fine-tuning a pretrained U-Net with LoRA: a real `flwr run` from a saved model, the adapter
+and merged outputs, the base sent once per node and kept, and the bad inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_RUN
+from diffusers import DDPMPipeline, UNet2DModel
+from peft import PeftModel
+
+from feddm_flower.config import ConfigError, RunConfig
+from feddm_flower.fed.downlink import digest
+from feddm_flower.fed.node_store import NodeStore
+from feddm_flower.task.finetune import add_lora, check_space, load_pretrained, trainable_state
+from feddm_flower.task.models import build_scheduler, build_unet
+
+LORA = {"trainable": "lora", "lora-rank": 4}
+ONE_ROUND = {**TINY_RUN, "num-server-rounds": 1, "local-steps": 2, "batch-size": 8,
+             "eval-max-examples": 4, "sample-steps": 1, "grid-samples": 1}  # fmt: skip
+
+
+def saved_pipeline(directory: Path, seed: int) -> UNet2DModel:
+    """A tiny seeded U-Net saved as a DDPMPipeline folder (its U-Net under unet/)."""
+    unet = build_unet("tiny", 28, 1, seed=seed)
+    DDPMPipeline(unet=unet, scheduler=build_scheduler()).save_pretrained(directory)
+    return unet
+
+
+def test_lora_fine_tunes_a_saved_model_in_real_runs(flwr_run, tmp_path: Path) -> None:
+    """Run 1 sends each node the base once, then only adapter tensors; run 2 from the same base
+    sends none. The base stays bit-identical, the merged pipeline samples, and the adapter loads
+    into the base with peft and gives the merged model's output."""
+    seed = time.time_ns() % 2**31  # a base no node holds yet
+    base = saved_pipeline(tmp_path / "base", seed)
+    base_weights = {k: v.clone() for k, v in base.state_dict().items()}
+    store = NodeStore.bases("")
+    try:
+        rows = []
+        for i, extra in enumerate(({"uplink": "int8", "downlink": "int8"}, {"lora-variant": "ab"})):
+            out = tmp_path / f"run{i}"
+            run_config = {**ONE_ROUND, **LORA, **extra, "init-from": str(tmp_path / "base"),
+                          "output-dir": str(out)}  # fmt: skip
+            proc = flwr_run(run_config)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            [row] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            assert "rejected" not in row and "missing" not in row
+            rows.append(row)
+        base_bytes = sum(v.numel() * 4 for v in base_weights.values())
+        # Run 1: the base went once to each node that lacked it (the simulated nodes share
+        # this machine's store, so a node that asks after the other kept it finds it there);
+        # everything else is adapters (rank 4, B only: 4160 values, int8), far below one base.
+        sent = rows[0]["bytes-base-down"] / base_bytes
+        assert sent == pytest.approx(1, rel=0.01) or sent == pytest.approx(2, rel=0.01)
+        adapter_down = rows[0]["bytes-down-cumulative"] - rows[0]["bytes-base-down"]
+        assert 0 < adapter_down < base_bytes / 20
+        assert 0 < rows[0]["bytes-up-cumulative"] < base_bytes / 20
+        # Run 2, same base: none sent.
+        assert "bytes-base-down" not in rows[1]
+        assert rows[1]["bytes-down-cumulative"] < base_bytes / 5
+        # The node kept the base, bit for bit, under its digest; the saved one is unchanged.
+        held = store.load(digest(base_weights))
+        assert held is not None and all(torch.equal(held[k], v) for k, v in base_weights.items())
+        reloaded = UNet2DModel.from_pretrained(tmp_path / "base" / "unet").state_dict()
+        assert all(torch.equal(reloaded[k], v) for k, v in base_weights.items())
+        for i in range(2):
+            out = tmp_path / f"run{i}"
+            pipe = DDPMPipeline.from_pretrained(out / "pipeline")
+            merged = pipe.unet
+            assert not any("lora" in k for k in merged.state_dict())
+            assert any(not torch.equal(merged.state_dict()[k], v) for k, v in base_weights.items())
+            images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
+            assert images.shape == (1, 28, 28, 1)
+            adapted = PeftModel.from_pretrained(
+                build_unet("tiny", 28, 1, seed=seed), out / "adapter"
+            )
+            x, t = torch.randn(2, 1, 28, 28), torch.tensor([10, 900])
+            with torch.no_grad():
+                torch.testing.assert_close(adapted(x, t).sample, merged(x, t).sample)
+    finally:
+        store.drop(digest(base_weights))
+
+
+def test_init_from_finds_the_unet_in_each_folder_kind(tmp_path: Path) -> None:
+    unet = saved_pipeline(tmp_path / "pipe", seed=3)
+    unet.save_pretrained(tmp_path / "unet-only")
+    for folder in ("pipe", "unet-only"):
+        loaded = load_pretrained(str(tmp_path / folder))
+        assert digest(loaded.state_dict()) == digest(unet.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("init_from", "match"),
+    [("{tmp}/missing", "no such directory"), ("{tmp}", "no UNet2DModel there"),
+     ("{tmp}/vae", "no UNet2DModel there"), ("no-such-org/no-such-model", "hub download failed")],
+)  # fmt: skip
+def test_init_from_that_is_no_unet_is_a_config_error(tmp_path: Path, init_from, match) -> None:
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    with pytest.raises(ConfigError, match="init-from") as err:
+        load_pretrained(init_from.format(tmp=tmp_path))
+    assert match in str(err.value)
+
+
+def test_a_unet_of_another_size_or_channel_count_is_a_config_error() -> None:
+    unet = build_unet("tiny", 32, 3)
+    check_space(unet, 3, 32, "dataset")
+    for channels, size in ((1, 32), (3, 28)):
+        with pytest.raises(ConfigError, match="init-from"):
+            check_space(unet, channels, size, "dataset")
+
+
+def test_lora_keys_need_trainable_lora() -> None:
+    for key, value in {"lora-rank": 4, "lora-alpha": 2.0, "lora-targets": "conv1",
+                       "lora-variant": "ab"}.items():  # fmt: skip
+        with pytest.raises(ConfigError, match=key):
+            RunConfig.from_mapping({key: value})
+        RunConfig.from_mapping({key: value, "trainable": "lora"})
+    with pytest.raises(ConfigError, match="lora-rank"):
+        RunConfig.from_mapping({"trainable": "lora", "lora-rank": 0})
+
+
+def test_a_rank_too_large_or_an_unknown_target_is_a_config_error() -> None:
+    cfg = RunConfig.from_mapping(LORA)
+    with pytest.raises(ConfigError, match="lora-rank=17.*at most 16"):
+        add_lora(build_unet("tiny", 28, 1), dataclasses.replace(cfg, lora_rank=17))
+    with pytest.raises(ConfigError, match="lora-targets.*'nope'.*conv1"):
+        add_lora(build_unet("tiny", 28, 1), dataclasses.replace(cfg, lora_targets="conv1,nope"))
+
+
+def test_lora_freezes_the_base_and_trains_b_alone_under_ffa() -> None:
+    for variant, factors in (("ffa", {"lora_B"}), ("ab", {"lora_A", "lora_B"})):
+        cfg = RunConfig.from_mapping({**LORA, "lora-variant": variant})
+        unet = add_lora(build_unet("tiny", 28, 1), cfg)
+        state = trainable_state(unet)
+        assert {k.split(".")[-3] for k in state} == factors
+        # A is seeded: the same on every node and the server.
+        again = add_lora(build_unet("tiny", 28, 1), cfg).state_dict()
+        assert all(torch.equal(v, again[k]) for k, v in unet.state_dict().items())
