@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from feddm_flower.app.records import fedavg_record_bytes
+from feddm_flower.task.models import build_unet, count_parameters
 from feddm_flower.tools import bench
 
 
@@ -148,6 +150,30 @@ def test_train_speed_times_ours_beside_a_plain_diffusers_loop(
     assert table[0].startswith("tiny 28px (0.3 M parameters), cpu, batch 4, bf16, 2 steps;")
     assert table[4].startswith("| ours, eager |") and table[5].startswith("| plain diffusers |")
     assert table[-1].endswith(": not judged")
+
+
+def test_train_speed_times_a_lora_step_in_the_same_process(capsys: pytest.CaptureFixture) -> None:
+    bench.main([*SPEED_ARGV, "--lora", "--markdown"])
+    table = capsys.readouterr().out.splitlines()
+    [lora] = [row for row in table if row.startswith("| ours, eager, LoRA")]
+    assert float(lora.split("|")[2]) > 0  # img/s
+
+
+def test_lora_bytes_builds_a_rounds_messages_against_fedavg(capsys: pytest.CaptureFixture) -> None:
+    argv = ["lora-bytes", "--preset", "tiny", "--size", "28", "--channels", "1", "--rounds", "3"]
+    bench.main([*argv, "--setting", "uplink=int8 downlink=int8", "--setting", "lora-variant=ab"])
+    int8, ab = json.loads(capsys.readouterr().out)["cells"]
+    unet = build_unet("tiny", 28, 1)
+    assert int8["parameters"] == ab["parameters"] == count_parameters(unet)
+    assert int8["fedavg-round"] == 3 * fedavg_record_bytes(unet.state_dict())
+    assert 0 < int8["trained"] < ab["trained"] < int8["parameters"]  # ffa: B alone
+    # int8 both ways: about a byte a trained value each way; fp32 A and B: four each way.
+    assert int8["lora-round"] == pytest.approx(2 * int8["trained"], rel=0.5)
+    assert ab["lora-round"] == pytest.approx(8 * ab["trained"], rel=0.2)
+    for cell in (int8, ab):
+        assert cell["ratio-per-round"] == round(cell["fedavg-round"] / cell["lora-round"], 1)
+        assert cell["base-once"] >= 4 * cell["parameters"]
+        assert cell["total-lora-with-base"] == 3 * cell["lora-round"] + cell["base-once"]
 
 
 def test_train_speed_keeps_the_finished_phases_of_a_run_that_dies(

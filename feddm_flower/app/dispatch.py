@@ -51,8 +51,8 @@ def sample_nodes(grid: Grid, key: str, fraction: float, min_nodes: int) -> list[
 @dataclass
 class Architecture:
     """What a node needs to build the model besides the federated weights: the U-Net's
-    config (``init-from``; '' = the run's preset), the frozen base weights under LoRA and
-    their digest, and the digest of the frozen LoRA factors the node rebuilds from the seed."""
+    config and weights (``init-from``; none: the run's seeded preset) and their digest, and
+    the digest of the frozen LoRA factors the node rebuilds from the seed."""
 
     unet_config: str = ""
     base: State | None = None
@@ -195,7 +195,11 @@ class Dispatch:
         message; its message ids. The base's bytes are counted apart as well."""
         server_round, config, kind = self.phase
         self.book.out_of_sync(server_round, node, reason)
-        content = downlink_content(Delivery("full"), self.chain.digest, config, self._full())
+        if base and self.architecture.base_digest == self.chain.digest:  # the base is the model
+            content = downlink_content(Delivery("current", self.chain.digest), self.chain.digest,
+                                       config)  # fmt: skip
+        else:
+            content = downlink_content(Delivery("full"), self.chain.digest, config, self._full())
         if base and self.architecture.base is not None:
             self._base = self._base or to_record(self.architecture.base)
             content[BASE] = self._base

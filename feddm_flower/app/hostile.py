@@ -19,7 +19,6 @@ from feddm_flower.app.server_app import (
     build_strategy,
     fresh_model,
     last_check,
-    seeded_start,
 )
 from feddm_flower.app.strategy import FedDMStrategy
 from feddm_flower.config import RunConfig
@@ -168,8 +167,7 @@ def run_in_process(
         load_trainable(unet, state)
         return global_loss(unet, inputs, cfg.seed)
 
-    arch = architecture(cfg, unet)
-    strategy = build_strategy(cfg, seeded_start=seeded_start(cfg), architecture=arch)
+    strategy = build_strategy(cfg, seeded_start=True, architecture=architecture(cfg, unet))
     strategy.dispatch.poll_interval = 0.0
     strategy.loss_check = last_check(cfg, loss_of)
     grid = AttackGrid(run_config, nodes, attack, colluders, {} if cache is None else cache)

@@ -85,8 +85,9 @@ def main(grid: Grid, context: Context) -> None:
             vae.config._name_or_path,
             count_parameters(vae),
         )
-    seeded = state is None and seeded_start(cfg)
-    strategy = build_strategy(cfg, seeded_start=seeded, architecture=architecture(cfg, unet))
+    # Nodes rebuild the start themselves: a seeded preset, or a base they hold (LoRA's seeded).
+    arch = architecture(cfg, unet)
+    strategy = build_strategy(cfg, seeded_start=state is None, architecture=arch)
     if state is not None:
         restore(strategy, state, run.load_optimizer_state())
         log.info("Resuming after round %d of %d", state["round"], cfg.num_server_rounds)
@@ -154,24 +155,17 @@ def fresh_model(cfg: RunConfig, channels: int, size: int, *, latent: bool) -> UN
     return add_lora(unet, cfg) if cfg.trainable == "lora" else unet
 
 
-def seeded_start(cfg: RunConfig) -> bool:
-    """Whether nodes rebuild the starting state themselves: a seeded preset, or LoRA's
-    seeded adapters on any base (a loaded U-Net trained whole comes in the first message)."""
-    return not cfg.init_from or cfg.trainable == "lora"
-
-
 def architecture(cfg: RunConfig, unet: UNet2DModel) -> Architecture:
-    """What nodes build on (dispatch.Architecture): the loaded U-Net's config, and under LoRA
-    the frozen base weights (of a loaded U-Net: nodes rebuild a preset's) and factors."""
-    if not cfg.init_from and cfg.trainable == "all":
-        return Architecture()
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
-    arch = Architecture(unet_config=json.dumps(config) if cfg.init_from else "")
+    """What nodes build on (dispatch.Architecture): a loaded U-Net's config and weights (the
+    base, by digest: sent once to a node that lacks it), the frozen LoRA factors' digest."""
+    arch = Architecture()
+    if cfg.init_from:
+        config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        arch.unet_config = json.dumps(config)
+        arch.base = {k: v.detach().clone() for k, v in base_state(unet).items()}
+        arch.base_digest = digest(arch.base)
     if cfg.trainable == "lora":
         arch.frozen_digest = digest(frozen_state(unet))
-        if cfg.init_from:
-            arch.base = {k: v.detach().clone() for k, v in base_state(unet).items()}
-            arch.base_digest = digest(arch.base)
     return arch
 
 

@@ -6,25 +6,25 @@ stays a ``UNet2DModel`` for every pipeline, and freezes the base: the federation
 then the trainable tensors alone (:func:`trainable_state`), which every codec, guard, rule and
 optimizer handles as it handles a whole model. What a user keeps is a merged ``UNet2DModel``
 (no peft needed) and the adapter in peft's own format (:func:`save_adapter`).
+
+peft is imported only where LoRA is used: with peft installed, diffusers also needs
+transformers, which a run that trains all weights (and the GPU kit) can do without.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import UNet2DModel
-from peft import (
-    LoraConfig,
-    PeftModel,
-    get_peft_model_state_dict,
-    inject_adapter_in_model,
-    set_peft_model_state_dict,
-)
 from safetensors.torch import load_file, save_file
 
 from feddm_flower.config import LORA_TARGETS, ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 State = dict[str, torch.Tensor]
 # peft's file names and the key prefix of PeftModel.save_pretrained.
@@ -84,6 +84,8 @@ def check_space(unet: UNet2DModel, channels: int, size: int, space: str) -> None
 
 def lora_config(cfg: RunConfig) -> LoraConfig:
     """peft's LoraConfig for the run's ``lora-*`` keys."""
+    from peft import LoraConfig
+
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] or LORA_TARGETS
     alpha = cfg.lora_alpha or cfg.lora_rank
     return LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, target_modules=list(targets))
@@ -96,6 +98,8 @@ def add_lora(unet: UNet2DModel, cfg: RunConfig) -> UNet2DModel:
     ConfigError naming the key for a target that matches no module (listing the names that
     exist) or a rank above what a target layer allows (min of its input and output sizes).
     """
+    from peft import inject_adapter_in_model
+
     config = lora_config(cfg)
     names = {name.rsplit(".", 1)[-1] for name, _ in unet.named_modules()} | {
         ".".join(name.split(".")[-2:]) for name, _ in unet.named_modules()
@@ -173,6 +177,8 @@ def base_state(unet: torch.nn.Module) -> State:
 def save_adapter(unet: torch.nn.Module, directory: Path) -> None:
     """The adapter alone in peft's format: ``adapter_config.json`` and
     ``adapter_model.safetensors``, which ``PeftModel.from_pretrained(base, directory)`` loads."""
+    from peft import get_peft_model_state_dict
+
     directory.mkdir(parents=True, exist_ok=True)
     unet.peft_config["default"].save_pretrained(directory)  # what add_lora configured
     weights = get_peft_model_state_dict(unet)
@@ -185,6 +191,8 @@ def save_adapter(unet: torch.nn.Module, directory: Path) -> None:
 def merged(unet: UNet2DModel, adapter: Path) -> UNet2DModel:
     """A plain ``UNet2DModel`` with the adapter saved in ``adapter`` merged into the base
     weights of ``unet``, through peft's own loader (what a user runs)."""
+    from peft import PeftModel
+
     base = UNet2DModel.from_config(unet.config)
     base.load_state_dict(base_state(unet))
     return PeftModel.from_pretrained(base, adapter).merge_and_unload()
@@ -192,5 +200,7 @@ def merged(unet: UNet2DModel, adapter: Path) -> UNet2DModel:
 
 def load_adapter(unet: torch.nn.Module, adapter: Path) -> None:
     """Load the adapter saved in ``adapter`` (:func:`save_adapter`) into ``unet``'s LoRA layers."""
+    from peft import set_peft_model_state_dict
+
     saved = load_file(adapter / ADAPTER_WEIGHTS)
     set_peft_model_state_dict(unet, {k.removeprefix(_PEFT_PREFIX): v for k, v in saved.items()})

@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from feddm_flower.app.local_grid import ReplyingGrid, run_rounds
 from feddm_flower.app.records import decode_uplink, uplink_key
-from feddm_flower.config import AGGREGATIONS, UPLINKS
+from feddm_flower.config import AGGREGATIONS, UPLINKS, RunConfig
 from feddm_flower.data.loading import load_dataset
 from feddm_flower.fed.changes import ChangeCodec, decode_change
 from feddm_flower.fed.codecs import (
@@ -50,6 +50,7 @@ from feddm_flower.fed.codecs import (
 )
 from feddm_flower.protocol import EVAL_METRICS, TRAIN_LOSS, TRAIN_METRICS
 from feddm_flower.task.diffusion import AMP_DTYPES, train_local
+from feddm_flower.task.finetune import add_lora
 from feddm_flower.task.models import (
     NUM_TRAIN_TIMESTEPS,
     build_scheduler,
@@ -59,7 +60,7 @@ from feddm_flower.task.models import (
     resolve_device,
     unet_config,
 )
-from feddm_flower.tools import compressibility, round_overhead, simulation_memory
+from feddm_flower.tools import compressibility, lora_bytes, round_overhead, simulation_memory
 
 MODELS: tuple[tuple[str, int, int], ...] = (("tiny", 28, 1), ("paper", 28, 1), ("paper", 32, 3))
 BITS = (8, 4)
@@ -734,7 +735,8 @@ def server_memory_markdown(report: dict[str, Any]) -> str:
 TRAIN_SPEED_TARGET = 3000.0
 VS_PLAIN_TARGET = 1.0
 PEAK_MATMUL_SIZE = 8192
-SPEED_RUNS = {"eager": "ours, eager", "compiled": "ours, torch.compile", "plain": "plain diffusers"}
+SPEED_RUNS = {"eager": "ours, eager", "compiled": "ours, torch.compile", "plain": "plain diffusers",
+              "lora": "ours, eager, LoRA (lora-* defaults)"}  # fmt: skip
 
 
 def _stamp(message: str) -> None:
@@ -982,6 +984,14 @@ def run_train_speed(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.compile:
         timed("compiled", lambda: _time_ours(compile_unet(unet(), "default"), images, args))
+    if args.lora:  # trainable='lora' with the lora-* defaults; the same loop and images
+        cfg = RunConfig.from_mapping({"trainable": "lora"})
+
+        def lora() -> UNet2DModel:
+            model = add_lora(build_unet(args.preset, args.image_size, args.channels), cfg)
+            return model.to(device, memory_format=layout)
+
+        timed("lora", lambda: _time_ours(lora(), images, args))
     return report
 
 
@@ -1129,6 +1139,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="also time ours with torch.compile (mode default)"
     )
     speed.add_argument(
+        "--lora", action="store_true", help="also time ours under trainable='lora' (defaults)"
+    )
+    speed.add_argument(
         "--plain",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -1197,6 +1210,25 @@ def build_parser() -> argparse.ArgumentParser:
     shrink.add_argument("--eval-examples", type=int, default=500, help="test images of the loss")
     shrink.add_argument("--markdown", action="store_true", help="a table instead of JSON")
     shrink.set_defaults(run=compressibility.run, markdown_fn=compressibility.markdown)
+
+    lora = commands.add_parser(
+        "lora-bytes",
+        help="a round's exact bytes under LoRA against FedAvg full fine-tuning",
+        description=lora_bytes.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lora.add_argument("--preset", default="paper", help="U-Net preset (default: %(default)s)")
+    lora.add_argument("--size", type=int, default=32, help="pixels (default: %(default)s)")
+    lora.add_argument("--channels", type=int, default=3, help="image channels")
+    lora.add_argument("--rounds", type=int, default=6, help="rounds of the totals")
+    lora.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        help="run-config text of one cell, e.g. 'uplink=int8 downlink=int8' (repeat)",
+    )
+    lora.add_argument("--markdown", action="store_true", help="a table instead of JSON")
+    lora.set_defaults(run=lora_bytes.run, markdown_fn=lora_bytes.markdown)
     return parser
 
 
