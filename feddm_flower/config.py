@@ -60,6 +60,27 @@ def _non_empty(v: str) -> str | None:
     return None if v.strip() else "a non-empty string"
 
 
+def parse_classes(text: str) -> tuple[int, ...]:
+    """Run-config ``classes``: '' = () (every class), else labels and ranges such as '5-9' or
+    '0,2,4-6', sorted; ValueError if it does not parse."""
+    labels: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, dash, high = part.partition("-")
+        first, last = int(low), int(high) if dash else int(low)
+        if first < 0 or last < first:
+            raise ValueError(part)
+        labels.update(range(first, last + 1))
+    return tuple(sorted(labels))
+
+
+def _classes(v: str) -> str | None:
+    try:
+        parse_classes(v)
+    except ValueError:
+        return "'' or class labels and ranges, e.g. '5-9' or '0,2,4-6'"
+    return None
+
+
 def _key(default: Value, check: Check = _any, help: str = "") -> Any:
     return field(default=default, metadata={"check": check, "help": help})
 
@@ -83,6 +104,7 @@ SHORTCUTS: dict[str, dict[str, tuple[Value, tuple[Value, ...]]]] = {
 }
 PARTITIONINGS = ("iid", "dirichlet", "shards", "quantity")
 DATASETS = ("fashion-mnist", "cifar10", "celeba", "lsun-church")
+NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10}  # datasets with class labels (for classes)
 PRESETS = ("tiny", "paper")
 TRAINABLE = ("all", "lora")
 # lora-variant: 'ab' trains and averages both factors (the mean of the products is not the
@@ -189,6 +211,9 @@ class RunConfig:
     )
     lossless: bool = _key(False, help="coded payloads' values: zstd, kept where it is smaller")
     dataset: str = _key("fashion-mnist", _one_of(*DATASETS), "training data")
+    classes: str = _key(
+        "", _classes, "'' = all; else the classes to train and measure on, e.g. '5-9'"
+    )
     data_root: str = _key("", help="dataset directory; '' = ~/.cache/feddm-flower/data")
     partitioning: str = _key("iid", _one_of(*PARTITIONINGS), "how images are split over clients")
     partition_by: str = _key(
@@ -279,7 +304,7 @@ class RunConfig:
                 raise ConfigError(f"run-config {key}={value!r} is invalid: allowed is {allowed}")
             values[f.name] = value
         cfg = _apply_training_defaults(_apply_shortcut(cls(**values)))
-        return _check_lora(_check_privacy(cfg))
+        return _check_classes(_check_lora(_check_privacy(cfg)))
 
     @classmethod
     def key_type(cls, key: str) -> type:
@@ -399,6 +424,24 @@ def _check_lora(cfg: RunConfig) -> RunConfig:
                 f"run-config {key}={getattr(cfg, name)!r} contradicts "
                 f"trainable={cfg.trainable!r}: lora-* keys need trainable='lora'"
             )
+    return cfg
+
+
+def _check_classes(cfg: RunConfig) -> RunConfig:
+    """``cfg`` unless ``classes`` names labels its ``dataset`` does not have."""
+    labels = parse_classes(cfg.classes)
+    if not labels:
+        return cfg
+    if cfg.dataset not in NUM_CLASSES:
+        raise ConfigError(
+            f"run-config classes={cfg.classes!r} contradicts dataset={cfg.dataset!r}: only "
+            f"{', '.join(NUM_CLASSES)} have class labels"
+        )
+    if labels[-1] >= NUM_CLASSES[cfg.dataset]:
+        raise ConfigError(
+            f"run-config classes={cfg.classes!r} is invalid: {cfg.dataset} has classes "
+            f"0-{NUM_CLASSES[cfg.dataset] - 1}"
+        )
     return cfg
 
 

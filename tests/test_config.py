@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from feddm_flower.app import overrides
-from feddm_flower.config import TRAINING_DEFAULTS, ConfigError, RunConfig
+from feddm_flower.config import TRAINING_DEFAULTS, ConfigError, RunConfig, parse_classes
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -215,3 +215,15 @@ def test_every_preset_has_training_defaults_for_every_client_optimizer() -> None
         assert tuple(TRAINING_DEFAULTS[preset]) == CLIENT_OPTIMIZERS
         for values in TRAINING_DEFAULTS[preset].values():
             assert RunConfig.from_mapping(values).to_dict().items() >= values.items()
+
+
+def test_classes_parse_and_fit_the_dataset() -> None:
+    assert parse_classes("") == () and parse_classes("5-9") == (5, 6, 7, 8, 9)
+    assert parse_classes("0, 2,4-5,2") == (0, 2, 4, 5)
+    assert RunConfig.from_mapping({"classes": "0-4"}).classes == "0-4"
+    for bad, match in (("5-", "e.g. '5-9'"), ("a", "e.g. '5-9'"), ("9-5", "e.g. '5-9'"),
+                       ("3-10", "has classes 0-9")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"classes={bad!r}.*{match}"):
+            RunConfig.from_mapping({"classes": bad})
+    with pytest.raises(ConfigError, match="classes='1'.*dataset='celeba'"):
+        RunConfig.from_mapping({"classes": "1", "dataset": "celeba"})

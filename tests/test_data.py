@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from feddm_flower.config import parse_classes
 from feddm_flower.data import datasets
 from feddm_flower.data.loading import DataNotFoundError, load_client_data, load_dataset
 from feddm_flower.data.partitioning import make_partitioner, partition_indices
+from feddm_flower.evaluation.quality import load_eval_images
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +99,30 @@ def test_client_data_are_the_partition_images() -> None:
     )
     assert len(train) + len(held_out) == 20000
     assert train.images.shape[1:] == (1, 28, 28)
+
+
+def test_classes_restrict_the_clients_and_the_servers_images() -> None:
+    """classes='5-9': the clients' partitions split those classes' 30000 training images, the
+    server's test subset and FID's real images are theirs alone; '' changes nothing."""
+    classes = parse_classes("5-9")
+    options = {"partitioning": "dirichlet", "alpha": 0.5, "shards_per_client": 2,
+               "eval_fraction": 0.1, "seed": 0}  # fmt: skip
+    seen = 0
+    for pid in range(2):
+        train, held_out = load_client_data("fashion-mnist", "", pid, 2, **options, classes=classes)
+        for part in (train, held_out):
+            assert set(part.labels.tolist()) <= set(classes)
+            seen += len(part)
+    assert seen == 30000
+    whole = load_client_data("fashion-mnist", "", 1, 2, **options)[0]
+    assert torch.equal(whole.images, load_client_data("fashion-mnist", "", 1, 2, **options,
+                                                      classes=())[0].images)  # fmt: skip
+    test = load_dataset("fashion-mnist", "", train=False, limit=50, classes=classes)
+    assert len(test) == 50 and set(test.labels.tolist()) <= set(classes)
+    images = load_eval_images("fashion-mnist", "", 100, 0, classes)
+    assert len(images) == 100
+    everything = load_eval_images("fashion-mnist", "", 100, 0)
+    assert torch.equal(everything, load_eval_images("fashion-mnist", "", 100, 0, ()))
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:

@@ -26,7 +26,7 @@ from feddm_flower.app.records import (
     received_model,
     uplink_key,
 )
-from feddm_flower.config import RunConfig
+from feddm_flower.config import RunConfig, parse_classes
 from feddm_flower.data.loading import IMAGE_SHAPES, load_client_data
 from feddm_flower.fed.changes import CODED, ChangeCodec
 from feddm_flower.fed.downlink import NoBase, OutOfSync, digest
@@ -167,6 +167,7 @@ def _model_inputs(
         partition_by=cfg.partition_by,
         celeba_attribute=cfg.celeba_attribute,
         num_clusters=cfg.num_clusters,
+        classes=parse_classes(cfg.classes),
     )
     held_out = eval_set.images[: cfg.eval_max_examples]
     vae, _, _ = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])

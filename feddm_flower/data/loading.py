@@ -16,7 +16,14 @@ from feddm_flower.data.datasets import (
 )
 from feddm_flower.data.partitioning import make_partitioner, partition_indices, partition_labels
 
-__all__ = ["IMAGE_SHAPES", "DataNotFoundError", "ImageSet", "load_client_data", "load_dataset"]
+__all__ = [
+    "IMAGE_SHAPES",
+    "DataNotFoundError",
+    "ImageSet",
+    "class_rows",
+    "load_client_data",
+    "load_dataset",
+]
 
 
 @dataclass(frozen=True)
@@ -40,16 +47,30 @@ def _image_set(source: ImageSource, indices: np.ndarray) -> ImageSet:
 
 
 def load_dataset(
-    name: str, data_root: str, train: bool = True, limit: int | None = None
+    name: str,
+    data_root: str,
+    train: bool = True,
+    limit: int | None = None,
+    classes: tuple[int, ...] = (),
 ) -> ImageSet:
-    """The first ``limit`` images (default: all) of the train or test split of ``name``.
+    """The first ``limit`` images (default: all) of the train or test split of ``name``, of
+    the ``classes`` given (default: all).
 
     CelebA and LSUN decode image by image: bound them with ``limit`` (LSUN's 126k training
     images are 25 GB as uint8).
     """
     source = open_source(name, resolve_root(data_root), train)
-    n = source.size if limit is None else min(limit, source.size)
-    return _image_set(source, np.arange(n))
+    rows = class_rows(source, classes)
+    return _image_set(source, rows if limit is None else rows[:limit])
+
+
+def class_rows(source: ImageSource, classes: tuple[int, ...]) -> np.ndarray:
+    """The rows of ``source`` whose label is one of ``classes`` (every row for ())."""
+    if not classes:
+        return np.arange(source.size)
+    if source.labels is None:
+        raise ValueError("classes: this dataset has no class labels")
+    return np.flatnonzero(np.isin(source.labels, classes))
 
 
 def load_client_data(
@@ -66,13 +87,16 @@ def load_client_data(
     partition_by: str = "auto",
     celeba_attribute: str = "Smiling",
     num_clusters: int = 10,
+    classes: tuple[int, ...] = (),
 ) -> tuple[ImageSet, ImageSet]:
-    """One client's (train, held-out eval) images from the training split of ``dataset``.
+    """One client's (train, held-out eval) images from the training split of ``dataset``
+    (its ``classes`` only, if given: they are partitioned as the whole set would be).
 
     The partition is computed from labels, attributes or thumbnails alone; only its own images
     are decoded.
     """
     source = open_source(dataset, resolve_root(data_root), True)
+    rows = class_rows(source, classes)
     labels = partition_labels(
         source,
         partitioning,
@@ -84,5 +108,7 @@ def load_client_data(
     partitioner = make_partitioner(
         partitioning, num_partitions, alpha=alpha, shards_per_client=shards_per_client, seed=seed
     )
-    train_idx, eval_idx = partition_indices(labels, partitioner, partition_id, eval_fraction, seed)
-    return _image_set(source, train_idx), _image_set(source, eval_idx)
+    train_idx, eval_idx = partition_indices(
+        labels[rows], partitioner, partition_id, eval_fraction, seed
+    )
+    return _image_set(source, rows[train_idx]), _image_set(source, rows[eval_idx])

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
-from feddm_flower.config import RunConfig
+from feddm_flower.config import RunConfig, parse_classes
 from feddm_flower.data.datasets import open_source, resolve_root
-from feddm_flower.data.loading import load_dataset
+from feddm_flower.data.loading import class_rows, load_dataset
 from feddm_flower.evaluation.fid import fid_kid, real_stats_name
 from feddm_flower.protocol import (
     FID,
@@ -47,16 +47,20 @@ def balanced_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.stack(picks, axis=1).reshape(-1)
 
 
-def load_eval_images(dataset: str, data_root: str, n: int, seed: int) -> torch.Tensor:
+def load_eval_images(
+    dataset: str, data_root: str, n: int, seed: int, classes: tuple[int, ...] = ()
+) -> torch.Tensor:
     """uint8 images of the test split to measure the global model on: a class-balanced subset
-    of ``n`` (or the first ``n`` where the dataset has no classes, like FID's real images).
+    of ``n`` of the ``classes`` (default: all; or the first ``n`` where the dataset has no
+    classes, like FID's real images).
 
     Opens the split without decoding it, so CelebA and LSUN decode only the chosen images.
     """
     source = open_source(dataset, resolve_root(data_root), False)
     if source.labels is None:
         return source.read(np.arange(min(n, source.size)))
-    return source.read(balanced_subset(source.labels, n, seed))
+    rows = class_rows(source, classes)
+    return source.read(rows[balanced_subset(source.labels[rows], n, seed)])
 
 
 def load_eval_inputs(
@@ -65,7 +69,10 @@ def load_eval_inputs(
     """The ``server-eval-examples`` test images of :func:`load_eval_images` as the U-Net sees
     them: uint8 images, or with a ``vae`` their latents (encoded once, cached like the
     clients')."""
-    images = load_eval_images(cfg.dataset, cfg.data_root, cfg.server_eval_examples, cfg.seed)
+    classes = parse_classes(cfg.classes)
+    images = load_eval_images(
+        cfg.dataset, cfg.data_root, cfg.server_eval_examples, cfg.seed, classes
+    )
     if vae is None:
         return images
     cache = Path(cfg.latent_cache_dir or DEFAULT_LATENT_CACHE).expanduser()
@@ -85,9 +92,10 @@ def fid_scores(
     unet: UNet2DModel, vae: AutoencoderKL | None, cfg: RunConfig
 ) -> dict[str, float | int]:
     """FID/KID of ``fid-samples`` DDIM samples (seed + 1) against as many real test images
-    (the first ones), with both counts."""
+    (the first ones, of ``classes``), with both counts."""
     n, start = cfg.fid_samples, time.perf_counter()
-    real = load_dataset(cfg.dataset, cfg.data_root, train=False, limit=n).images
+    classes = parse_classes(cfg.classes)
+    real = load_dataset(cfg.dataset, cfg.data_root, train=False, limit=n, classes=classes).images
     fake = sample(
         unet,
         build_scheduler(),
@@ -97,7 +105,8 @@ def fid_scores(
         batch_size=cfg.batch_size,
         vae=vae,
     )
-    name = real_stats_name(cfg.dataset, real.shape[-1], len(real))
+    subset = f"{cfg.dataset}-classes{cfg.classes}" if classes else cfg.dataset
+    name = real_stats_name(subset, real.shape[-1], len(real))
     scores = fid_kid(fake, real.float() / 255, real_cache_name=name)
     log.info(
         "FID %.2f, KID %.4f (N=%d), %.0f s",

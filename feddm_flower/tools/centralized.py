@@ -24,7 +24,7 @@ import torch
 
 from feddm_flower import configure_logging
 from feddm_flower.app.overrides import parse
-from feddm_flower.config import ConfigError, RunConfig
+from feddm_flower.config import ConfigError, RunConfig, parse_classes
 from feddm_flower.data.loading import IMAGE_SHAPES, load_dataset
 from feddm_flower.evaluation.artifacts import RunDirectory
 from feddm_flower.evaluation.budget import central_steps, config_images, run_images
@@ -58,7 +58,8 @@ def train_and_measure(cfg: RunConfig, images: int, out: RunDirectory) -> dict[st
     unet = build_unet(cfg.model_preset, size, channels, seed=cfg.seed, latent=vae is not None)
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     unet.to(device, memory_format=layout)
-    inputs = load_dataset(cfg.dataset, cfg.data_root, train=True).images
+    classes = parse_classes(cfg.classes)
+    inputs = load_dataset(cfg.dataset, cfg.data_root, train=True, classes=classes).images
     if vae is not None:
         cache = Path(cfg.latent_cache_dir or DEFAULT_LATENT_CACHE).expanduser()
         inputs = cached_encode(vae, inputs, cache, batch_size=cfg.batch_size, device=device)
