@@ -9,6 +9,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from feddm_flower.app import node_tasks
 from feddm_flower.app.client_app import train
 from feddm_flower.app.compat import KEY_CLIPPING_NORM
 from feddm_flower.app.node_tasks import MODEL_KEY, RESIDUAL_KEY, node_store
@@ -199,3 +200,21 @@ def test_the_training_keys_reach_the_optimiser(fashion_context) -> None:
     assert [s[:2] for s in seen] == [("SGD", 0.5)] * 3
     assert [s[2] for s in seen] == pytest.approx([0.05, 0.1, 0.1])
     assert [s[3] for s in seen] == pytest.approx([1e-3] * 3, rel=1e-3)
+
+
+def test_a_node_keeps_its_built_model_for_the_next_run_that_builds_the_same(
+    fashion_context,
+) -> None:
+    """The module (compiled once on a GPU) stays from one run to the next unless what builds
+    it changes: another run's rounds or output keep it, another seed builds another."""
+
+    def built(**run_config: object) -> node_tasks.NodeModel:
+        fashion_context.run_config.update(run_config)
+        fashion_context.state.clear()  # a new run: a fresh node state
+        node_tasks.receive(_train_message(False, 1).content, fashion_context)
+        [model] = node_tasks._BUILT.values()
+        return model
+
+    first = built()
+    assert built(**{"num-server-rounds": 9, "output-dir": "elsewhere"}) is first
+    assert built(seed=1) is not first

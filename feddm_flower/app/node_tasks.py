@@ -199,8 +199,13 @@ class NodeModel:
     frozen: str
 
 
-# The one NodeModel this process keeps, under (run config, U-Net config, base digest).
-_BUILT: dict[tuple[RunConfig, str, str], NodeModel] = {}
+# The one NodeModel this process keeps, under what builds it (model_key): a node's worker
+# keeps it, compiled, from one run to the next that builds the same.
+_BUILT: dict[tuple[object, ...], NodeModel] = {}
+_BUILT_BY = (
+    "model_preset dataset autoencoder seed device channels_last compile "
+    "trainable lora_rank lora_alpha lora_targets lora_variant"
+).split()
 
 
 def _model(cfg: RunConfig, content: RecordDict, context: Context) -> NodeModel:
@@ -211,7 +216,7 @@ def _model(cfg: RunConfig, content: RecordDict, context: Context) -> NodeModel:
     the message (:class:`NoBase` if neither has them). ``trainable='lora'`` adds adapters."""
     config = content[CONFIG]
     arch, base_digest = str(config.get(UNET_CONFIG, "")), str(config.get(BASE_DIGEST, ""))
-    key = (cfg, arch, base_digest)
+    key = (*(getattr(cfg, name) for name in _BUILT_BY), arch, base_digest)
     if key in _BUILT:
         return _BUILT[key]
     vae, channels, size = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
