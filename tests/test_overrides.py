@@ -82,6 +82,17 @@ def test_cli_exit_codes_and_run_dir(capsys: pytest.CaptureFixture[str], tmp_path
     assert capsys.readouterr().out == "\n"
 
 
+def test_the_pre_flight_builds_the_starting_model(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """init-from and the lora-* keys fail here, with the key, before Flower starts."""
+    assert overrides.main([f"init-from='{tmp_path / 'none'}'"]) == 2
+    assert f"init-from='{tmp_path / 'none'}': no such directory" in capsys.readouterr().err
+    assert overrides.main(["trainable='lora' lora-targets='conv1,nope'"]) == 2
+    assert "lora-targets='conv1,nope': no module named ['nope']" in capsys.readouterr().err
+    assert overrides.main(["trainable='lora' lora-rank=16"]) == 0
+
+
 def _run_sh(tmp_path: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FEDDM_FLWR_HOME": str(tmp_path / "flwr-home")}
     return subprocess.run(

@@ -94,8 +94,18 @@ def _is_toml(text: str) -> bool:
 
 
 def check(configs: Sequence[str]) -> RunConfig:
-    """Parse the ``--run-config`` values, merge them over the defaults and validate them."""
-    return RunConfig.from_mapping({**RunConfig().to_dict(), **parse(configs)})
+    """Parse the ``--run-config`` values, merge them over the defaults and validate them;
+    with ``init-from`` or LoRA, build the starting model as the server will (its keys'
+    errors are ConfigErrors too)."""
+    cfg = RunConfig.from_mapping({**RunConfig().to_dict(), **parse(configs)})
+    if cfg.init_from or cfg.trainable == "lora":
+        from feddm_flower.app.server_app import fresh_model  # torch: only where it is needed
+        from feddm_flower.data.loading import IMAGE_SHAPES
+        from feddm_flower.task.latents import model_space
+
+        vae, channels, size = model_space(cfg.autoencoder, IMAGE_SHAPES[cfg.dataset])
+        fresh_model(cfg, channels, size, latent=vae is not None)
+    return cfg
 
 
 def run_dir(cfg: RunConfig) -> str:

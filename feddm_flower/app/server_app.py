@@ -86,7 +86,10 @@ def main(grid: Grid, context: Context) -> None:
             count_parameters(vae),
         )
     # Nodes rebuild the start themselves: a seeded preset, or a base they hold (LoRA's seeded).
-    arch = architecture(cfg, unet)
+    # A resumed run's base is still the one it started from (a LoRA model keeps it).
+    resumed_whole = state is not None and cfg.trainable == "all" and cfg.init_from
+    start = fresh_model(cfg, channels, size, latent=vae is not None) if resumed_whole else unet
+    arch = architecture(cfg, start)
     strategy = build_strategy(cfg, seeded_start=state is None, architecture=arch)
     if state is not None:
         restore(strategy, state, run.load_optimizer_state())
