@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
 State = dict[str, torch.Tensor]
-# peft's file names and the key prefix of PeftModel.save_pretrained.
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+# peft's weights file (its config file is LoraConfig.save_pretrained's) and the key prefix of
+# PeftModel.save_pretrained.
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 # Where a U-Net sits in each directory init-from accepts: a UNet2DModel folder, a
 # DDPMPipeline folder, one of our run directories (final pipeline, else last checkpoint).
