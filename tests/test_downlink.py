@@ -10,8 +10,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp.strategy import FedAdam
 
+from feddm_flower.app.dispatch import Architecture
 from feddm_flower.app.local_grid import LocalGrid, eval_metrics, train_metrics
 from feddm_flower.app.records import (
+    NO_BASE,
     OUT_OF_SYNC,
     downlink_content,
     encode_uplink,
@@ -25,7 +27,7 @@ from feddm_flower.app.records import (
 from feddm_flower.app.strategy import FedDMStrategy
 from feddm_flower.fed.changes import ChangeCodec, decode_change
 from feddm_flower.fed.downlink import DOWNLINKS, Delivery, ModelChain, OutOfSync, digest
-from feddm_flower.protocol import CHANGE, CONFIG, METRICS, SERVER_ROUND
+from feddm_flower.protocol import BASE, CHANGE, CONFIG, METRICS, SERVER_ROUND
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -345,3 +347,44 @@ def test_a_node_that_always_claims_out_of_sync_gets_one_resend_per_phase() -> No
     assert len(result.train_metrics_clientapp) == 2  # nodes 12 and 13 carried both rounds
     assert 11 not in strategy.dispatch.held
     assert strategy.dispatch.held[12] == strategy.dispatch.held[13] == strategy.chain.digest
+
+
+class AlwaysNoBase(SyncGrid):
+    """Node 11 answers every message with NO_BASE, base attached or not (a hostile node)."""
+
+    def __init__(self, nodes: Iterable[int]) -> None:
+        super().__init__(nodes)
+        self.bases_sent = 0
+
+    def answer(self, msg: Message) -> RecordDict | Error:
+        self.bases_sent += BASE in msg.content
+        if msg.metadata.dst_node_id == 11:
+            self.errors.append((11, "no base"))
+            return Error(NO_BASE, "the node holds no base model: always")
+        return super().answer(msg)
+
+
+def test_a_node_that_always_claims_no_base_gets_the_base_once_per_run() -> None:
+    """The base (143 MB on the paper U-Net) goes to a node once in a run, however often it
+    asks: later claims are ordinary rejected replies, so it cannot make the server resend it
+    every round; the bytes-base-down metric counts the one copy."""
+    grid = AlwaysNoBase([11, 12, 13])
+    base = _state(5)
+    architecture = Architecture(base=base, base_digest=digest(base))
+    strategy = FedDMStrategy(downlink="int8", codec={"quant-block-size": 16},
+                             seeded_start=True, poll_interval=0.0,
+                             architecture=architecture)  # fmt: skip
+    result = strategy.start(grid, ArrayRecord(START), num_rounds=3)
+    assert len(result.arrays) == 3 and grid.bases_sent == 1
+    assert len(grid.errors) == 3 * 2 + 1  # every message, and the one resend
+    history = strategy.history
+    assert [e["node"] for r in history for e in history[r].get("out-of-sync", [])] == ["11"]
+    assert sum(history[r].get("bytes-base-down", 0) for r in history) == (
+        to_record(base).count_bytes()
+    )
+    for rnd in (1, 2, 3):
+        assert [(r["node"], r["phase"]) for r in history[rnd]["rejected"]] == [
+            ("11", "train"),
+            ("11", "evaluate"),
+        ]
+    assert len(result.train_metrics_clientapp) == 3  # nodes 12 and 13 carried every round

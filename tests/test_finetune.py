@@ -16,19 +16,20 @@ import pytest
 import torch
 from conftest import TINY_RUN
 from diffusers import DDPMPipeline, UNet2DModel
-from flwr.app import RecordDict
+from flwr.app import Context, RecordDict
 from peft import PeftModel
 
 from feddm_flower.app.hostile import run_in_process
 from feddm_flower.app.local_grid import node_reply, train_metrics
+from feddm_flower.app.node_tasks import _base_weights, base_store
 from feddm_flower.app.records import payload_record, to_record, uplink_key
 from feddm_flower.app.server_app import build_strategy, fresh_model
 from feddm_flower.config import ConfigError, RunConfig
 from feddm_flower.evaluation.artifacts import RunDirectory
 from feddm_flower.fed.changes import ChangeCodec
-from feddm_flower.fed.downlink import digest
+from feddm_flower.fed.downlink import NoBase, digest
 from feddm_flower.fed.node_store import NodeStore
-from feddm_flower.protocol import METRICS
+from feddm_flower.protocol import BASE, METRICS
 from feddm_flower.task.finetune import (
     add_lora,
     check_space,
@@ -213,6 +214,22 @@ def test_replies_with_base_weights_or_misshapen_adapters_are_rejected(
     new = arrays.to_torch_state_dict()
     assert set(new) == set(adapter)
     torch.testing.assert_close(new[name], good[name], atol=1e-3, rtol=0)
+
+
+def test_a_stored_base_altered_on_disk_is_dropped_not_used(tmp_path: Path) -> None:
+    """A node checks its stored base against the digest the server names: an altered copy is
+    dropped and the node asks for the base (NoBase); sent the base, it keeps the right one."""
+    base = build_unet("tiny", 28, 1, seed=3).state_dict()
+    want = digest(base)
+    context = Context(run_id=1, node_id=7, node_config={"state-dir": str(tmp_path)},
+                      state=RecordDict(), run_config={})  # fmt: skip
+    store = base_store(context)
+    store.save(want, {k: v + 1.0 if v.is_floating_point() else v for k, v in base.items()})
+    with pytest.raises(NoBase):
+        _base_weights(want, RecordDict(), context)
+    assert store.load(want) is None  # dropped
+    sent = _base_weights(want, RecordDict({BASE: to_record(base)}), context)
+    assert digest(sent) == digest(store.load(want)) == want
 
 
 def test_no_module_imports_peft_when_loaded() -> None:

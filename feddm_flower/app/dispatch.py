@@ -87,6 +87,7 @@ class Dispatch:
         self.seeded_start, self.poll_interval = seeded_start, poll_interval
         self.architecture = architecture or Architecture()
         self._base: ArrayRecord | None = None
+        self.base_sent: set[int] = set()  # nodes sent the base this run: never twice
         self.held: dict[int, str] = {}
         self.sent: list[Metadata] = []
         self.phase: tuple[int, ConfigRecord, str] = (0, ConfigRecord(), MessageType.TRAIN)
@@ -127,7 +128,9 @@ class Dispatch:
 
         A node's confirmation (any reply that is not an error) records the model it now holds.
         A node that answers :data:`OUT_OF_SYNC` is resent the full model, once per phase, and
-        one that answers :data:`NO_BASE` the base model with it.
+        one that answers :data:`NO_BASE` the base model with it, once per run: a node that
+        asks for the base again keeps its error (a rejected reply), so it cannot make the
+        server send the base every round.
         """
         pending = {i for i in grid.push_messages(messages) if i}
         del messages
@@ -146,9 +149,10 @@ class Dispatch:
                         continue
                     self.held.pop(node, None)
                     code = reply.error.code
-                    if code in (OUT_OF_SYNC, NO_BASE) and node not in resent:
+                    base = code == NO_BASE
+                    again = node in resent or (base and node in self.base_sent)
+                    if code in (OUT_OF_SYNC, NO_BASE) and not again:
                         resent.add(node)
-                        base = code == NO_BASE
                         pending.update(self._resend(grid, node, reply.error.reason, base))
                         continue
                     yield reply
@@ -201,6 +205,7 @@ class Dispatch:
         else:
             content = downlink_content(Delivery("full"), self.chain.digest, config, self._full())
         if base and self.architecture.base is not None:
+            self.base_sent.add(node)
             self._base = self._base or to_record(self.architecture.base)
             content[BASE] = self._base
             history = self.book.history[server_round]

@@ -241,11 +241,14 @@ def _model(cfg: RunConfig, content: RecordDict, context: Context) -> NodeModel:
 
 def _base_weights(want: str, content: RecordDict, context: Context) -> dict[str, torch.Tensor]:
     """The base weights with digest ``want``: the node's copy, else the message's ``base``
-    record (checked, then kept under its digest for later runs); :class:`NoBase` if neither."""
+    record (checked, then kept under its digest for later runs); :class:`NoBase` if neither.
+    A stored copy whose digest differs (altered on disk) is dropped, as if absent."""
     store = base_store(context)
     held = store.load(want)
-    if held is not None:
+    if held is not None and digest(held) == want:
         return held
+    if held is not None:  # altered on disk: not the base the server names
+        store.drop(want)
     if BASE not in content:
         raise NoBase(f"the node holds no base model {want}")
     try:
