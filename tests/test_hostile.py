@@ -19,6 +19,7 @@ from conftest import REPO, TINY_RUN
 from diffusers import UNet2DModel
 
 from feddm_flower.app.hostile import run_in_process
+from feddm_flower.fed.group_testing import max_tests
 from feddm_flower.task.models import build_unet
 
 NODES = 7
@@ -58,6 +59,8 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 @pytest.fixture(scope="module")
 def honest(flwr_run, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     run = _run(flwr_run, tmp_path_factory.mktemp("honest"))
+    # An honest round: the last check measures one model, the new global one.
+    assert [r["server-evaluations"] for r in run["rows"]] == [1, 1]
     init = build_unet("tiny", 28, 1, seed=0).state_dict()
     run["moved"] = _distance(run["weights"], init)
     return run
@@ -79,10 +82,17 @@ def test_colluders_below_the_limit_leave_the_model_as_good_as_the_honest_runs(
     assert run["loss"] == pytest.approx(honest["loss"], rel=0.10)
     gap = _distance(run["weights"], honest["weights"])
     assert gap < 2 * honest["moved"], (gap, honest["moved"])
-    # Their replies' own models are far worse than the current one: each is refused, and says so.
+    # The round's model is refused; group tests find each colluder, whose own model is far
+    # worse than the current one, reject it with that reason, and the rest make the round.
+    # (The median needs no search: its model passes with the colluders in, at one evaluation.)
     for row in run["rows"]:
+        assert "aggregate-rejected" not in row
+        if keys.get("aggregation") == "median" and "rejected" not in row:
+            assert row["server-evaluations"] == 1
+            continue
         reasons = [r["reason"] for r in row["rejected"]]
         assert len(reasons) == hostile and all("its model's global-loss" in r for r in reasons)
+        assert 1 < row["server-evaluations"] <= 2 + max_tests(NODES, hostile), row
 
 
 def test_with_every_defence_off_the_same_colluders_wreck_the_model() -> None:

@@ -570,11 +570,11 @@ def test_a_refused_global_model_leaves_model_and_optimizer_state_as_they_were(
         plan = [good, bad, good] if attacked else [good, good]
         for rnd, target in enumerate(plan, start=1):
             refuse = target is bad
-            calls: list[int] = []  # the current model, the reply's model, the new global model
+            calls: list[int] = []  # the current model, the new global model
 
             def loss(state: dict, r: bool = refuse, calls: list[int] = calls) -> float:
                 calls.append(1)
-                return math.inf if r and len(calls) == 3 else 0.0
+                return math.inf if r and len(calls) == 2 else 0.0
 
             strategy.loss_check = LossCheck(loss, 1.5)
             strategy.configure_train(rnd, arrays, ConfigRecord(), _grid([1, 2]))

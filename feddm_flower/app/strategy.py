@@ -14,6 +14,8 @@ optimizer is Flower's (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad), as is a r
     aggregate_train   guard each reply -> fp32 update -> bounded influence (DP: the clip) ->
                       running mean, reply dropped | held (first round on disk; robust rule)
                       -> rule (DP: Flower's noise) -> server optimizer -> last check
+                      (one evaluation; if refused, group tests find the replies that fail
+                      alone, and the round is combined again without them)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from feddm_flower.app import privacy as dp
 from feddm_flower.app.compat import remember_model
 from feddm_flower.app.dispatch import Architecture, Dispatch, sample_nodes
 from feddm_flower.app.round_book import RoundBook
-from feddm_flower.app.server_step import check_own_model, describe, server_step
+from feddm_flower.app.server_step import describe, server_step
 from feddm_flower.fed.aggregation import (
     InfluenceBound,
     Intake,
@@ -53,7 +55,9 @@ class FedDMStrategy(Strategy):
     Every reply is checked on its own (``guard.contribution``); one that fails is logged with
     its node and reason, listed under ``rejected`` in the round's history, and left out.
     Accepted updates are bounded, combined and passed through the optimizer; the result is
-    taken only if it is finite and passes ``loss_check``, else model and optimizer state stay.
+    taken only if it is finite and passes ``loss_check``. If it does not, the replies whose
+    own models fail are found by group testing, rejected, and the rest combined again; if
+    that fails too, model and optimizer state stay.
 
     Parameters
     ----------
@@ -73,7 +77,7 @@ class FedDMStrategy(Strategy):
         they build on (``dispatch.Architecture``: a loaded U-Net's config, a LoRA base).
     bound, loss_check
         Caps on each reply's weight and update norm against the medians of the previous
-        round's accepted replies; the last check of each reply's model and each new one.
+        round's accepted replies; the last check of each new global model.
     dp_clip_norm, dp_noise_multiplier, dp_delta : float
         Differential privacy (both > 0, streamed mean only): clients and server clip updates;
         Flower's wrapper noises their sum (``privacy.py``); epsilon reported at ``dp_delta``.
@@ -216,29 +220,37 @@ class FedDMStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Guard, bound and combine the replies, then take the optimizer's step."""
-        intake = Intake(self.bound, self.reference, self.global_state, self.aggregator is None)
+        # The replies are kept (on disk) for a search if the last check refuses the round.
+        keep = self.loss_check is not None and self.privacy is None
+        streamed = self.aggregator is None
+        intake = Intake(self.bound, self.reference, self.global_state, streamed, keep)
         replied: set[int] = set()
         times = PhaseMeans()
         clip = self.privacy.clipping_norm if self.privacy is not None else None
         reference = self.chain.ref or self.global_state  # the model the nodes trained from
         for msg in self.dispatch.own_replies(server_round, "training", replies, replied):
+            node = self.dispatch.node_of(msg)
             try:
                 contribution = guard.contribution(msg, self.uplink, reference, clip)
-                if self.privacy is None:  # under DP a decision on one update is not noised
-                    check_own_model(self.loss_check, self.global_state, contribution.update)
             except InvalidReply as exc:
-                self.book.reject(server_round, "train", self.dispatch.node_of(msg), str(exc))
+                self.book.reject(server_round, "train", node, str(exc))
                 continue
+            contribution.node = node
             times.add(phase_times(msg.content[METRICS]))
             intake.add(contribution)
+        closing = time.monotonic()  # every reply is in: what the server adds from here
         self.reference = intake.close() or self.reference
-        records = [guard.metrics_reply(metrics, weight) for metrics, weight in intake.accepted]
         history = self.history[server_round]
         # Client drift: ‖w_local − w_received‖ across clients (under DP clipped).
         history.update({**intake.drift.summary("drift"), **times.summary("train-time-")})
         self.book.missing(server_round, replied)
-        log(INFO, "Round %d: %d training replies accepted", server_round, len(records))
-        new_state = server_step(server_round, intake, self.global_state, self, history)
+        log(INFO, "Round %d: %d training replies accepted", server_round, len(intake.accepted))
+        try:
+            new_state = server_step(server_round, intake, self.global_state, self, history)
+        finally:
+            intake.release()
+        history["server-time-train-close"] = round(time.monotonic() - closing, 3)
+        records = [guard.metrics_reply(metrics, weight) for metrics, weight in intake.accepted]
         if new_state is None:
             return None, None
         metrics = self.optimizer.train_metrics_aggr_fn(records, NUM_EXAMPLES)

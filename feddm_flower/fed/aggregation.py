@@ -88,13 +88,14 @@ def clip_update(update: State, max_norm: float) -> float:
 
 @dataclass
 class Contribution:
-    """One accepted reply: its weight, fp32 update, update norm and metrics."""
+    """One accepted reply: its weight, fp32 update, update norm, metrics and node."""
 
     weight: float
     update: State
     norm: float
     metrics: dict[str, float]
     spilled: Path | None = None  # where a held update waits on disk (its ``update`` empty)
+    node: int = 0
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ class BoundedStream:
         if self.spill is not None:
             path = self.spill / f"{len(self.pending)}.pt"
             torch.save(c.update, path)
-            c = Contribution(c.weight, {}, c.norm, c.metrics, path)
+            c = Contribution(c.weight, {}, c.norm, c.metrics, path, c.node)
         self.pending.append(c)
         return []
 
@@ -257,26 +258,33 @@ class Spread:
 
 
 class LossCheck:
-    """The last check of every model the server would let through: each reply's own model
-    (the global weights plus its update, before the bounds) and each new global model are
-    measured by their loss on the server's fixed data.
+    """The last check of every new global model: its loss on the server's fixed data.
 
     A model whose loss is not finite, or above ``max_ratio`` x the current global model's, is
-    refused (reasons as text). ``current`` is the loss of the model the server holds; it
-    follows every accepted global model, so the server's report can reuse it. Ours: a rule
-    over our own global-loss, in the spirit of Zeno (Xie et al. 2019) and FLTrust (Cao et al.
-    2021), which score replies on server-held data; no library implements it for Flower.
+    refused (reasons as text); the server then looks for the replies responsible
+    (:mod:`~feddm_flower.fed.group_testing`), testing models built from groups of them.
+    ``current`` is the loss of the model the server holds; it follows every accepted global
+    model, so the server's report can reuse it. ``evaluations`` counts the losses measured.
+    Ours: a rule over our own global-loss, in the spirit of Zeno (Xie et al. 2019) and
+    FLTrust (Cao et al. 2021), which score replies on server-held data; no library
+    implements it for Flower.
     """
 
     def __init__(self, loss: Callable[[State], float], max_ratio: float) -> None:
         self.loss, self.max_ratio = loss, max_ratio
         self.current: float | None = None
+        self.evaluations = 0
+
+    def measure(self, state: State) -> float:
+        """The loss of ``state`` (counted)."""
+        self.evaluations += 1
+        return self.loss(state)
 
     def judge(self, candidate: State, current: State) -> tuple[float, str | None]:
         """The loss of ``candidate`` and why it is refused against ``current``, or None."""
         if self.current is None:
-            self.current = self.loss(current)
-        loss = self.loss(candidate)
+            self.current = self.measure(current)
+        loss = self.measure(candidate)
         if not math.isfinite(loss):
             return loss, f"global-loss {loss} is not finite"
         if loss > self.max_ratio * self.current:
@@ -307,20 +315,36 @@ def refusal(new: State, current: State, loss_check: LossCheck | None) -> str | N
 
 class Intake:
     """One round's accepted updates: bounded as they arrive (:class:`BoundedStream`), then
-    folded into a :class:`RunningMean` and dropped (``streamed``), or held for a rule that
-    needs every reply at once. The streamed mean bounds by the previous round's ``reference``
-    or, without one, holds the round's updates on disk until :meth:`close`; a rule that holds
-    every reply bounds them by the round's own medians."""
+    folded into a :class:`RunningMean` (``streamed``), or held for a rule that needs every
+    reply at once. The streamed mean bounds by the previous round's ``reference`` or, without
+    one, holds the round's updates on disk until :meth:`close`; a rule that holds every reply
+    bounds them by the round's own medians.
+
+    With ``keep`` the streamed mean also keeps each bounded update on disk, one file each, so
+    that models of any group of the round's replies can be built (:meth:`mean_of`) and the
+    round aggregated again without some (:meth:`drop`); :meth:`release` deletes them. Memory
+    stays one update however many reply."""
 
     def __init__(
-        self, bound: InfluenceBound, reference: Reference | None, like: State, streamed: bool
+        self,
+        bound: InfluenceBound,
+        reference: Reference | None,
+        like: State,
+        streamed: bool,
+        keep: bool = False,
     ) -> None:
+        self.like = like
         self.mean = RunningMean(like) if streamed else None
         self._spill = tempfile.TemporaryDirectory(prefix="feddm-held-") if streamed else None
         spill = Path(self._spill.name) if self._spill else None
+        self.keep = keep
+        kept = keep and streamed
+        self._kept = tempfile.TemporaryDirectory(prefix="feddm-round-") if kept else None
         self.stream = BoundedStream(bound, reference if streamed else None, spill)
         self.held: list[Contribution] = []
+        self.kept: list[Path] = []  # streamed with ``keep``: each bounded update's file
         self.accepted: list[tuple[dict[str, float], float]] = []  # (metrics, weight)
+        self.nodes: list[int] = []  # the node of each accepted update
         self.drift = Spread()  # ‖update‖ of the accepted replies, as decoded, before bounds
 
     def add(self, c: Contribution) -> None:
@@ -334,10 +358,48 @@ class Intake:
             self._spill.cleanup()
         return self.stream.reference()
 
+    def mean_of(self, group: Iterable[int]) -> State:
+        """The weighted mean of the accepted (bounded) updates numbered ``group``."""
+        mean = RunningMean(self.like)
+        for i in group:
+            mean.add(self._update(i), self.accepted[i][1])
+        return mean.mean()
+
+    def drop(self, dropped: Iterable[int]) -> None:
+        """Leave out the accepted updates numbered ``dropped``; the mean is folded again."""
+        out = set(dropped)
+        keep = [i for i in range(len(self.accepted)) if i not in out]
+        self.accepted = [self.accepted[i] for i in keep]
+        self.nodes = [self.nodes[i] for i in keep]
+        if self.mean is None:
+            self.held = [self.held[i] for i in keep]
+            return
+        for i in out:
+            self.kept[i].unlink(missing_ok=True)
+        self.kept = [self.kept[i] for i in keep]
+        self.mean = RunningMean(self.like)
+        for i, (_, weight) in enumerate(self.accepted):
+            self.mean.add(self._update(i), weight)
+
+    def release(self) -> None:
+        """Delete the kept updates (the round is over)."""
+        self.held, self.kept = [], []
+        if self._kept is not None:
+            self._kept.cleanup()
+
+    def _update(self, i: int) -> State:
+        if self.mean is None:
+            return self.held[i].update
+        return torch.load(self.kept[i], weights_only=True)
+
     def _fold(self, ready: Iterable[Contribution]) -> None:
         for c in ready:
             self.accepted.append((c.metrics, c.weight))
-            if self.mean is not None:
-                self.mean.add(c.update, c.weight)  # and the update is dropped
-            else:
+            self.nodes.append(c.node)
+            if self.mean is None:
                 self.held.append(c)
+                continue
+            self.mean.add(c.update, c.weight)
+            if self._kept is not None:  # and the update leaves memory
+                self.kept.append(Path(self._kept.name) / f"{len(self.kept)}.pt")
+                torch.save(c.update, self.kept[-1])

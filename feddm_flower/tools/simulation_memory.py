@@ -7,11 +7,15 @@ its own, and samples every 0.5 s the proportional set size (PSS: shared pages sp
 the processes that map them) summed over all processes of that run: the local SuperLink, the
 simulation process, Ray and its actors, found by the run's own ``FLWR_HOME`` in their
 environment. It reports each run's peak and the growth per extra node, in models (fp32 bytes
-of the run's U-Net): the target (issue 20) is at most 0.1 model per extra node.
+of the run's U-Net): the target is at most 0.1 model per extra node. From each run's
+metrics.jsonl it also reports, per round, the server's own seconds once every training reply
+is in (``server-time-train-close``: the last check and the round's close) and the models the
+last check measured (``server-evaluations``): neither should grow with N in honest rounds.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import threading
@@ -27,6 +31,9 @@ DEFAULT_RUN_CONFIG = (
     "server-eval-examples=50 grid-samples=1 sample-steps=1"
 )
 MIB = 1 << 20
+# Per round, from metrics.jsonl: the server's seconds once every reply is in, the models the
+# last check measured, and the whole training phase as the server saw it.
+SERVER_FIELDS = ("server-time-train-close", "server-evaluations", "server-time-train")
 
 
 def _pss_bytes(pid: str) -> int:
@@ -100,7 +107,10 @@ def run(args: Any) -> dict[str, Any]:
             run_federation("simulation", cell_dir, args.run_config, nodes, args.threads)
         finally:
             peak = sampler.stop()
-        cells.append({"nodes": nodes, "peak_bytes": peak, "seconds": time.monotonic() - started})
+        rounds = [json.loads(line) for line in (cell_dir / "run" / "metrics.jsonl").open()]
+        server = {key: [r.get(key) for r in rounds] for key in SERVER_FIELDS}
+        cells.append({"nodes": nodes, "peak_bytes": peak, "seconds": time.monotonic() - started,
+                      **server})  # fmt: skip
         print(f"simulation-memory: {nodes} nodes: peak {peak / MIB:,.0f} MiB", flush=True)
     first, last = cells[0], cells[-1]
     extra = last["nodes"] - first["nodes"]
@@ -118,11 +128,18 @@ def run(args: Any) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = ["| nodes | peak PSS (MiB) | peak / model | seconds |", "|---:|---:|---:|---:|"]
+    lines = [
+        "| nodes | peak PSS (MiB) | peak / model | seconds | server s after the last reply, "
+        "per round | evaluations per round |",
+        "|---:|---:|---:|---:|---|---|",
+    ]
     for c in report["cells"]:
+        close = ", ".join(f"{t:.2f}" for t in c.get("server-time-train-close", []) if t is not None)
+        evals = ", ".join(str(e) for e in c.get("server-evaluations", []) if e is not None)
         lines.append(
             f"| {c['nodes']} | {c['peak_bytes'] / MIB:,.0f} | "
-            f"{c['peak_bytes'] / report['model_bytes']:.1f} | {c['seconds']:.0f} |"
+            f"{c['peak_bytes'] / report['model_bytes']:.1f} | {c['seconds']:.0f} | {close} | "
+            f"{evals} |"
         )
     lines.append(
         f"\nGrowth: **{report['models_per_extra_node']:.3f} model per extra node** (target <= "
