@@ -23,6 +23,8 @@ import pytest
 from conftest import TINY_RUN
 from diffusers import DDPMPipeline
 
+from feddm_flower.app.launch import free_port, start_on_free_port
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "scripts" / "deploy"
 BIN = Path(sys.executable).parent  # the venv's flwr, flower-superlink, flower-supernode
@@ -38,13 +40,6 @@ pytestmark = [
 
 
 # --- process helpers -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def process_tree(pid: int) -> list[int]:
@@ -122,7 +117,7 @@ class Federation:
         self, root: Path, tls: bool = True, auth: bool = False, persistent: bool = False
     ) -> None:
         self.root, self.tls, self.auth = root, tls, auth
-        self.port = free_port()
+        self.port = 0  # the SuperLink's, once started
         self.conn = "deploy"
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = {
@@ -136,13 +131,10 @@ class Federation:
             "CA_CERT": str(root / "certs" / "ca.crt"),
             # SQLite state only where a restart needs it; in memory it costs less CPU.
             "STATE_DIR": str(root / "superlink-state") if persistent else "",
-            "SUPERLINK": f"127.0.0.1:{self.port}",
         }
         self.env.pop("INSECURE", None)
         if tls:
             self.script("make-certs.sh", "127.0.0.1", str(root / "certs"))
-        security = str(root / "certs" / "ca.crt") if tls else "--insecure"
-        self.script("add-connection.sh", self.conn, f"127.0.0.1:{self.port}", security)
 
     # processes
 
@@ -160,12 +152,29 @@ class Federation:
         return self.procs[name]
 
     def start_superlink(self, name: str = "superlink") -> subprocess.Popen:
-        """Start the SuperLink and wait until it listens (SuperNodes retry, `flwr` does not)."""
+        """Start the SuperLink and wait until it listens (SuperNodes retry, `flwr` does not):
+        the first time on a free port, then the `flwr` connection to it; again on that port."""
         flags = ([] if self.tls else ["--insecure"]) + (["--auth"] if self.auth else [])
         cmd = [str(DEPLOY / "superlink.sh"), *flags]
-        proc = self.start(name, cmd, HOST="127.0.0.1", PORT=str(self.port))
         listening = re.compile(r"Uvicorn running on https?://127\.0\.0\.1:\d+")
-        wait_for(f"{name} to listen", lambda: listening.search(self.log(name)), 60, self.logs)
+
+        def start(port: int) -> subprocess.Popen:
+            return self.start(name, cmd, HOST="127.0.0.1", PORT=str(port))
+
+        def wait(proc: subprocess.Popen) -> None:
+            def up() -> object:
+                assert proc.poll() is None, f"{name} exited:\n{self.logs()}"
+                return listening.search(self.log(name))
+
+            wait_for(f"{name} to listen", up, 60, self.logs)
+
+        if self.port:
+            wait(proc := start(self.port))
+            return proc
+        proc, self.port = start_on_free_port(start, wait, lambda: self.log(name))
+        self.env["SUPERLINK"] = f"127.0.0.1:{self.port}"
+        security = str(self.root / "certs" / "ca.crt") if self.tls else "--insecure"
+        self.script("add-connection.sh", self.conn, f"127.0.0.1:{self.port}", security)
         return proc
 
     def start_supernode(
@@ -279,6 +288,40 @@ def assert_finished(fed: Federation, run: str, out_dir: Path, rounds: int, nodes
 
 
 # --- tests ---------------------------------------------------------------------------------
+
+
+def test_free_ports_are_never_handed_out_twice_and_a_taken_port_is_retried(
+    tmp_path: Path,
+) -> None:
+    """Two nodes started one after the other never get the same port, even before either
+    binds it; a process whose port another process took in between starts again on a new one
+    (here a real listener holds the first port, and the process says so as Flower does)."""
+    assert len({free_port() for _ in range(200)}) == 200
+    log = tmp_path / "server.log"
+    holder = socket.socket()
+    tried: list[int] = []
+
+    def start(port: int) -> subprocess.Popen:
+        if not tried:
+            holder.bind(("127.0.0.1", port))  # another process takes it first
+            holder.listen()
+        tried.append(port)
+        code = (
+            "import socket, sys\n"
+            "s = socket.socket()\n"
+            f"try: s.bind(('127.0.0.1', {port}))\n"
+            f"except OSError: sys.exit('Port in server address :{port} is already in use.')\n"
+            "print('listening', flush=True)\n"
+        )
+        with log.open("w") as out:
+            return subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=out)
+
+    def wait(proc: subprocess.Popen) -> None:
+        assert proc.wait(timeout=60) == 0 and "listening" in log.read_text()
+
+    with holder:
+        proc, port = start_on_free_port(start, wait, log.read_text)
+    assert len(tried) == 2 and port == tried[1] != tried[0] and proc.returncode == 0
 
 
 def test_two_supernodes_complete_a_run_insecure(federation, tmp_path: Path) -> None:

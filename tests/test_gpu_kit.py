@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -22,17 +21,12 @@ import numpy as np
 import pytest
 import torch
 
+from feddm_flower.app.launch import free_port
 from feddm_flower.tools import gpu_kit
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the size check, without downloading anything ----------------------------------------

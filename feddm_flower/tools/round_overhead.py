@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from feddm_flower.app.launch import flwr_executable, stop_local_superlink
+from feddm_flower.app.launch import flwr_executable, start_on_free_port, stop_local_superlink
 from feddm_flower.fed.timings import OVERHEAD_KEY, PHASES
 from feddm_flower.protocol import (
     ROUND_SECONDS,
@@ -37,12 +36,6 @@ DEPLOY = REPO / "scripts" / "deploy"
 # deployment round <= 1.15x the simulation round of the same run-config on the same machine.
 TARGET_OVERHEAD = 0.10
 TARGET_VS_SIMULATION = 1.15
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -99,27 +92,32 @@ def run_federation(
 
     try:
         if engine == "deployment":
-            port = _free_port()
-            link = start(
-                "superlink",
-                ["bash", str(DEPLOY / "superlink.sh")],
-                {"HOST": "127.0.0.1", "PORT": str(port), "STATE_DIR": "", "INSECURE": "1"},
+            _, port = start_on_free_port(
+                lambda p: start(
+                    "superlink",
+                    ["bash", str(DEPLOY / "superlink.sh")],
+                    {"HOST": "127.0.0.1", "PORT": str(p), "STATE_DIR": "", "INSECURE": "1"},
+                ),
+                lambda link: _wait_for(logs / "superlink.log", "Uvicorn running on", link, 120),
+                lambda: (logs / "superlink.log").read_text(errors="replace"),
             )
-            _wait_for(logs / "superlink.log", "Uvicorn running on", link, 120)
             for i in range(nodes):
                 extra = {
                     "SUPERLINK": f"127.0.0.1:{port}",
-                    "PORT": str(_free_port()),
                     "INSECURE": "1",
                     "WORKER": str(int(worker)),
                     "NUM_THREADS": str(threads),
                 }
-                node = start(
-                    f"supernode-{i}",
-                    ["bash", str(DEPLOY / "supernode.sh"), str(i), str(nodes)],
-                    extra,
+                node_log = logs / f"supernode-{i}.log"
+                start_on_free_port(
+                    lambda p, i=i, extra=extra: start(
+                        f"supernode-{i}",
+                        ["bash", str(DEPLOY / "supernode.sh"), str(i), str(nodes)],
+                        {**extra, "PORT": str(p)},
+                    ),
+                    lambda node, node_log=node_log: _wait_for(node_log, "SuperNode ID:", node, 300),
+                    lambda node_log=node_log: node_log.read_text(errors="replace"),
                 )
-                _wait_for(logs / f"supernode-{i}.log", "SuperNode ID:", node, 300)
             subprocess.run(
                 [
                     "bash",
