@@ -282,6 +282,9 @@ class RunConfig:
     fid_samples: int = _key(200, _at_least(2), "generated and real images per FID/KID")
     sample_steps: int = _key(50, _at_least(1), "DDIM steps for evaluation samples")
     grid_samples: int = _key(16, _at_least(1), "images in each round's sample grid")
+    tensorboard: bool = _key(
+        True, help="TensorBoard event files beside metrics.jsonl: scalars, samples, config"
+    )
     resume: str = _key("", help="run directory to continue after its last finished round")
     output_dir: str = _key("", help="results directory; '' = ~/feddm-flower/runs/<time>-<strategy>")
 

@@ -12,10 +12,21 @@ import torch
 from conftest import TINY_RUN
 from diffusers import DDPMPipeline, UNet2DModel
 from formats import write_celeba, write_cifar
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from feddm_flower.config import RunConfig
 from feddm_flower.evaluation.budget import config_images, run_images
 from feddm_flower.task.models import build_unet
+
+
+def board(run_dir: Path) -> EventAccumulator:
+    """The run's TensorBoard event files, as TensorBoard itself reads them."""
+    everything = {"scalars": 0, "images": 0, "tensors": 0}
+    return EventAccumulator(str(run_dir), size_guidance=everything).Reload()
+
+
+def scalar_steps(events: EventAccumulator, tag: str) -> list[int]:
+    return [e.step for e in events.Scalars(tag)]
 
 
 def test_two_rounds_write_metrics_samples_and_a_loadable_pipeline(flwr_run, tmp_path: Path):
@@ -49,6 +60,18 @@ def test_two_rounds_write_metrics_samples_and_a_loadable_pipeline(flwr_run, tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bytes-up-cumulative"] == rows[1]["bytes-up-cumulative"]
     assert "Traffic:" in proc.stdout + proc.stderr
+    # TensorBoard: each round's numbers, the rejected replies, the sample grids, the config.
+    events = board(out)
+    for tag in ("global-loss", "train-loss", "eval-loss", "bytes-down", "bytes-up",
+                "overhead-share", "replies-accepted", "replies-rejected"):  # fmt: skip
+        assert scalar_steps(events, tag) == [1, 2], tag
+    assert [e.value for e in events.Scalars("global-loss")] == pytest.approx(
+        [r["global-loss"] for r in rows]
+    )
+    assert [e.value for e in events.Scalars("replies-accepted")] == [2, 2]
+    assert [e.step for e in events.Images("samples")] == [0, 1, 2]
+    [config] = events.Tensors("run-config/text_summary")
+    assert '"num-server-rounds": 2' in config.tensor_proto.string_val[0].decode()
 
     pipe = DDPMPipeline.from_pretrained(out / "pipeline")
     images = pipe(batch_size=2, num_inference_steps=2, output_type="np").images
@@ -73,8 +96,10 @@ def test_resume_continues_after_the_last_checkpointed_round(flwr_run, tmp_path: 
     the EMA restored."""
     fedadam = {**TINY_RUN, "server-optimizer": "fedadam", "server-ema": 0.9}
     straight = tmp_path / "straight"
-    proc = flwr_run({**fedadam, "num-server-rounds": 3, "output-dir": str(straight)})
+    proc = flwr_run({**fedadam, "num-server-rounds": 3, "output-dir": str(straight),
+                     "tensorboard": False})  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not list(straight.glob("events.out.tfevents.*"))  # tensorboard=false: none
     out = tmp_path / "resumable"
     first = flwr_run({**fedadam, "num-server-rounds": 1, "output-dir": str(out)})
     assert first.returncode == 0, first.stdout + first.stderr
@@ -96,6 +121,8 @@ def test_resume_continues_after_the_last_checkpointed_round(flwr_run, tmp_path: 
     assert rows[2]["bytes-up-cumulative"] == sum(ups)  # the ledger survived the restart
     assert (out / "samples" / "round_003.png").exists()
     assert all(r["global-loss-ema"] > 0 for r in rows)
+    # TensorBoard shows each round once: the restart dropped the interrupted run's round 2.
+    assert scalar_steps(board(out), "global-loss") == [1, 2, 3]
     # The global weights (checkpoint) and their EMA (the pipeline) both match.
     for kept in ("checkpoint", "pipeline/unet"):
         resumed = UNet2DModel.from_pretrained(out / kept).state_dict()

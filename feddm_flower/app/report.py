@@ -24,6 +24,7 @@ from feddm_flower.evaluation.quality import (
     global_loss,
     load_eval_inputs,
 )
+from feddm_flower.evaluation.tensorboard import RunBoard
 from feddm_flower.fed.aggregation import State
 from feddm_flower.fed.timings import OVERHEAD_KEY, overhead_share
 from feddm_flower.protocol import (
@@ -83,6 +84,8 @@ class RoundReporter:
         self.start = self.round_start = time.perf_counter()
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feddm-report")
         self.pending: Future[None] | None = None
+        self.board = RunBoard(run.path, cfg.tensorboard, strategy.first_round)
+        self.board.config(cfg.to_dict())
 
     @property
     def model(self) -> UNet2DModel:
@@ -145,6 +148,7 @@ class RoundReporter:
         """Write what is pending and stop the writer thread."""
         self.wait()
         self.writer.shutdown()
+        self.board.close()
 
     def _write(
         self,
@@ -156,12 +160,14 @@ class RoundReporter:
         images = self._sample(self.cfg.grid_samples, seed=self.cfg.seed)
         grid_path = self.run.save_grid(images, server_round)
         if record is None or checkpoint is None:
+            self.board.round(server_round, None, images)
             return
         record["sample-grid"] = str(grid_path.relative_to(self.run.path))
         if self._fid_due(server_round):
             record.update(fid_scores(self.shown, self.vae, self.cfg))
         # Metrics first, then the checkpoint: a crash in between is undone by truncate_metrics.
         self.run.append_metrics(record)
+        self.board.round(server_round, record, images)
         state, optimizer, ema = checkpoint
         self.run.save_checkpoint(self.saved, state, optimizer, ema)
         log.info(

@@ -250,6 +250,7 @@ class FedDMStrategy(Strategy):
         finally:
             intake.release()
         history["server-time-train-close"] = round(time.monotonic() - closing, 3)
+        history["replies-accepted"] = len(intake.accepted)
         records = [guard.metrics_reply(metrics, weight) for metrics, weight in intake.accepted]
         if new_state is None:
             return None, None

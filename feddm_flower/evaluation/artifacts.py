@@ -33,6 +33,8 @@ class RunDirectory:
     run_config.json       the validated run configuration
     metrics.jsonl         one JSON object per finished round
     samples/round_NNN.png sample grid of the global model after round NNN (000 = init)
+    events.out.tfevents.* TensorBoard: the rounds' scalars and grids, the config
+                          (``tensorboard``)
     checkpoint/           latest global U-Net (diffusers ``save_pretrained``), strategy state,
                           server optimizer arrays, EMA weights (``server-ema``)
     pipeline/             final ``DDPMPipeline``, or ``LatentDDPMPipeline`` with its VAE and
