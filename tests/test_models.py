@@ -7,7 +7,7 @@ import torch
 
 from feddm_flower.task.models import build_unet, count_parameters, training_memory, unet_config
 
-# Parameter counts documented in the README (preset, pixels, channels) -> millions, +-5 %.
+# Parameter counts documented in docs/models.md (preset, pixels, channels) -> millions, +-5 %.
 DOCUMENTED_MILLIONS = {
     ("tiny", 28, 1): 0.267,
     ("paper", 28, 1): 25.8,

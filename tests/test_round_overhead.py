@@ -2,7 +2,7 @@
 
 The deployment one is a real ``flower-superlink`` and two ``flower-supernode`` processes (each
 with its node worker) on loopback, the simulation one Flower's simulation engine. The overhead
-figures themselves are a benchmark (README, docs/results.md), not asserted here; what is
+figures themselves are a benchmark (docs/benchmarks.md), not asserted here; what is
 asserted is that every round reports them and where the time went, and that both engines
 train the same model.
 """
