@@ -145,6 +145,8 @@ common+=" mixed-precision='${MIXED_PRECISION:-bf16}' channels-last=${CHANNELS_LA
 common+=" partitioning='dirichlet' dirichlet-alpha=${ALPHA:-0.1} num-server-rounds=${ROUNDS:-3}"
 common+=" local-steps=${STEPS:-200} batch-size=${BATCH:-128} learning-rate=${LR:-5e-4}"
 common+=" min-nodes=$NUM_NODES eval-every=0 seed=0 data-root='$DATA_ROOT' fraction-evaluate=0"
+# The kit carries no tensorboard (too large for it): metrics.jsonl holds every scalar.
+common+=" tensorboard=false"
 for cell in $CELLS; do
   [[ -n "${cell_keys[$cell]:-}" ]] || { say "unknown cell '$cell' (vanilla, prox, int8)"; exit 2; }
   python3 -m feddm_flower.app.overrides "$common ${cell_keys[$cell]} ${EXTRA_RUN_CONFIG:-}" || exit 2
