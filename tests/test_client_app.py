@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -9,12 +11,14 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from feddm_flower.app import node_tasks
+from feddm_flower.app import node_settings, node_tasks
 from feddm_flower.app.client_app import train
 from feddm_flower.app.compat import KEY_CLIPPING_NORM
-from feddm_flower.app.node_tasks import MODEL_KEY, RESIDUAL_KEY, node_store
+from feddm_flower.app.node_tasks import MODEL_KEY, RESIDUAL_KEY, node_store, run_task
+from feddm_flower.app.overrides import parse
 from feddm_flower.app.records import (
     OUT_OF_SYNC,
+    REFUSED,
     encode_uplink,
     from_record,
     payload_from,
@@ -25,6 +29,7 @@ from feddm_flower.fed.aggregation import update_norm
 from feddm_flower.fed.changes import ChangeCodec, decode_change
 from feddm_flower.fed.codecs import decode_update
 from feddm_flower.fed.downlink import digest
+from feddm_flower.fed.timings import Stopwatch
 from feddm_flower.protocol import NUM_PARTITIONS, PARTITION_ID, STATE_DIR
 from feddm_flower.task.models import build_unet
 
@@ -218,3 +223,55 @@ def test_a_node_keeps_its_built_model_for_the_next_run_that_builds_the_same(
     first = built()
     assert built(**{"num-server-rounds": 9, "output-dir": "elsewhere"}) is first
     assert built(seed=1) is not first
+
+
+def test_a_node_reads_its_own_data_root_and_logs_the_run_value_it_ignored(
+    fashion_context, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """node-config data-root wins over the run's (which here does not exist); the node logs
+    the ignored run value once, not per message."""
+    own = tmp_path / "node-data"
+    fashion_context.node_config["data-root"] = str(own)
+    fashion_context.run_config["data-root"] = str(tmp_path / "the-run-s")
+    with caplog.at_level(logging.WARNING):
+        for rnd in (1, 2):
+            status, _ = run_task("train", _train_message(False, rnd, "fp32").content,
+                                 fashion_context, Stopwatch(time.time()))  # fmt: skip
+            assert status == "ok"
+    assert (own / "FashionMNIST" / "raw").is_dir() and not (tmp_path / "the-run-s").exists()
+    ignored = [r.message for r in caplog.records if "wins over run-config data-root" in r.message]
+    assert len(ignored) == 1 and str(own) in ignored[0]
+
+
+def test_a_node_that_refuses_run_chosen_paths_answers_with_an_error_reply(
+    fashion_context, tmp_path: Path
+) -> None:
+    fashion_context.node_config["run-paths"] = "refuse"
+    fashion_context.run_config["latent-cache-dir"] = str(tmp_path / "cache")
+    msg = _train_message(False, 1, "fp32")
+    reply = train(msg, fashion_context)
+    assert reply.has_error() and reply.error.code == REFUSED
+    assert "latent-cache-dir" in reply.error.reason and "run-paths='refuse'" in reply.error.reason
+    fashion_context.node_config["latent-cache-dir"] = str(tmp_path / "own")  # the node's: fine
+    assert not train(msg, fashion_context).has_error()
+
+
+@pytest.mark.parametrize(
+    ("node_config", "match"),
+    [
+        ("data-root=5", "node-config data-root=5 has type int; allowed is a str"),
+        ("num-threads='two'", "node-config num-threads='two' has type str"),
+        ("run-paths='never'", "node-config run-paths='never' is invalid"),
+        ("device='tpu'", "node-config device='tpu' is invalid: allowed is one of"),
+    ],
+)
+def test_a_bad_node_config_value_is_an_error_at_the_node_naming_the_key(
+    fashion_context, capsys: pytest.CaptureFixture, node_config: str, match: str
+) -> None:
+    assert node_settings.main([f"partition-id=0 num-partitions=2 {node_config}"]) == 2
+    assert match in capsys.readouterr().err
+    key = node_config.partition("=")[0]
+    fashion_context.node_config[key] = parse([node_config])[key]
+    status, reason = run_task("train", _train_message(False, 1, "fp32").content,
+                              fashion_context, Stopwatch(time.time()))  # fmt: skip
+    assert status == "refused" and match in reason

@@ -62,6 +62,11 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
     status, payload = outcome
     if status == "ok":
         return Message(payload, reply_to=msg)
+    if status == "refused":
+        from feddm_flower.app.records import REFUSED
+
+        log.warning("this node refuses the run: %s", payload)
+        return Message(Error(code=REFUSED, reason=f"node refused: {payload}"), reply_to=msg)
     if status in ("out-of-sync", "no-base"):
         from feddm_flower.app.records import NO_BASE, OUT_OF_SYNC
 

@@ -19,6 +19,7 @@ from diffusers import UNet2DModel
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
 from feddm_flower.app.compat import KEY_CLIPPING_NORM
+from feddm_flower.app.node_settings import Refused, node_view
 from feddm_flower.app.records import (
     clipped_update,
     encode_uplink,
@@ -137,10 +138,16 @@ def evaluate(content: RecordDict, context: Context, clock: Stopwatch) -> RecordD
     return RecordDict({METRICS: MetricRecord(metrics)})
 
 
+def node_config(context: Context) -> RunConfig:
+    """The run's config as this node runs it: its node-config's own settings win
+    (:mod:`~feddm_flower.app.node_settings`; :class:`Refused` if it refuses the run)."""
+    return node_view(RunConfig.from_mapping(context.run_config), context.node_config)
+
+
 def _setup(context: Context) -> tuple[RunConfig, int, torch.Tensor, torch.Tensor]:
     """Config, partition id and this node's (train, held-out) model inputs; node-config
     ``num-threads`` (> 0) sets torch's CPU threads, the node's share of the machine."""
-    cfg = RunConfig.from_mapping(context.run_config)
+    cfg = node_config(context)
     threads = int(context.node_config.get(NUM_THREADS, 0))
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -312,7 +319,7 @@ def held_model(context: Context) -> dict[str, torch.Tensor] | None:
 
 def receive(content: RecordDict, context: Context) -> dict[str, torch.Tensor]:
     """The weights a message describes, kept as the node's copy, without training on them."""
-    cfg = RunConfig.from_mapping(context.run_config)
+    cfg = node_config(context)
     return _node_model(cfg, content, context)[1]
 
 
@@ -327,9 +334,12 @@ TASKS = {"train": train, "evaluate": evaluate}
 def run_task(kind: str, content: RecordDict, context: Context, clock: Stopwatch) -> Outcome:
     """``kind`` ('train' or 'evaluate') on ``content``: ("ok", the reply's records),
     ("out-of-sync", why) when the node cannot rebuild the model the message describes, or
-    ("no-base", why) when it lacks the base model the message names."""
+    ("no-base", why) when it lacks the base model the message names, ("refused", why) when
+    the node's own settings refuse the run."""
     try:
         return "ok", TASKS[kind](content, context, clock)
+    except Refused as exc:
+        return "refused", str(exc)
     except NoBase as exc:
         return "no-base", str(exc)
     except OutOfSync as exc:

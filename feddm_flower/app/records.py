@@ -35,6 +35,8 @@ PAYLOAD_STYPE = "feddm.codec"
 OUT_OF_SYNC = 409
 # ... and when it lacks the base model the message names: the server resends it with the model.
 NO_BASE = 410
+# A node whose operator's settings refuse the run (node_settings.py): a rejected reply.
+REFUSED = 403
 _FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # A model as a packed ArrayRecord (to_record): its layout and one flat Array per dtype.
 LAYOUT_KEY = "layout"

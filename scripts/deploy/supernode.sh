@@ -25,6 +25,13 @@
 #   NUM_THREADS [0]                torch CPU threads for this node (its share of the machine's
 #                                  cores when several nodes share one; 0 = torch's default)
 #
+# This node's own settings, which win over the run's run-config (unset: the run decides):
+#   NODE_DATA_ROOT, NODE_LATENT_CACHE_DIR, NODE_AUTOENCODER, NODE_DEVICE
+#                                  node-config data-root, latent-cache-dir, autoencoder, device
+#   NODE_STATE_DIR [~/.cache/feddm-flower/nodes]  where the node keeps its model copy and bases
+#   RUN_PATHS   [allow]            refuse = answer a run that names data-root, latent-cache-dir
+#                                  or autoencoder itself with an error reply (set them here)
+#
 # GPUs: run one SuperNode per GPU and pin each to its GPU, e.g. on a machine with 2 GPUs
 #   CUDA_VISIBLE_DEVICES=0 scripts/deploy/supernode.sh 2 4 &
 #   CUDA_VISIBLE_DEVICES=1 scripts/deploy/supernode.sh 3 4 &
@@ -32,8 +39,8 @@
 # GPU (as cuda:0); run-config `device` 'auto' or 'cuda' trains there. Several SuperNodes may
 # share one GPU.
 #
-# Data: the ClientApp reads FashionMNIST from run-config `data-root` (default
-# ~/.cache/feddm-flower/data) on THIS machine; see docs/deployment.md.
+# Data: the ClientApp reads FashionMNIST from NODE_DATA_ROOT, else run-config `data-root`
+# (default ~/.cache/feddm-flower/data) on THIS machine; see docs/deployment.md.
 set -euo pipefail
 
 # flower-supernode starts flower-superexec and flwr-clientapp by name: use the app's venv.
@@ -72,6 +79,14 @@ if ((threads > 0)); then
   node_config+=" num-threads=$threads"
   export OMP_NUM_THREADS="$threads"
 fi
+# The node's own settings win over the run's (docs/deployment.md, "Per-node settings").
+for pair in data-root:NODE_DATA_ROOT latent-cache-dir:NODE_LATENT_CACHE_DIR \
+  autoencoder:NODE_AUTOENCODER device:NODE_DEVICE state-dir:NODE_STATE_DIR run-paths:RUN_PATHS; do
+  key="${pair%%:*}" var="${pair#*:}"
+  if [[ -n "${!var:-}" ]]; then node_config+=" $key='${!var}'"; fi
+done
+PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" python3 -m feddm_flower.app.node_settings \
+  "$node_config" || exit 2
 if [[ "${WORKER:-1}" == 1 ]]; then
   # The worker exits when its parent, this process (flower-supernode after the exec), ends.
   sockdir="$(mktemp -d "${TMPDIR:-/tmp}/feddm-worker.XXXXXX")"
