@@ -178,18 +178,20 @@ class Federation:
         return proc
 
     def start_supernode(
-        self, name: str, partition: int, partitions: int, key: Path | None = None
+        self, name: str, partition: int, partitions: int, key: Path | None = None, **env: str
     ) -> subprocess.Popen:
+        """A SuperNode; ``env`` sets supernode.sh's variables (its node settings)."""
         cmd = [str(DEPLOY / "supernode.sh"), str(partition), str(partitions)]
         cmd += [] if self.tls else ["--insecure"]
-        env = {"PORT": str(free_port()), "AUTH_KEY": str(key) if key else ""}
+        env = {"PORT": str(free_port()), "AUTH_KEY": str(key) if key else "", **env}
         return self.start(name, cmd, **env)
 
-    def start_two_supernodes(self) -> set[str]:
-        """A SuperLink and SuperNodes sn0, sn1 for partitions 0 and 1 of 2; their node ids."""
+    def start_two_supernodes(self, **settings: dict[str, str]) -> set[str]:
+        """A SuperLink and SuperNodes sn0, sn1 for partitions 0 and 1 of 2 (``settings``: each
+        one's supernode.sh variables by name); their node ids."""
         self.start_superlink()
-        self.start_supernode("sn0", 0, 2)
-        self.start_supernode("sn1", 1, 2)
+        self.start_supernode("sn0", 0, 2, **settings.get("sn0", {}))
+        self.start_supernode("sn1", 1, 2, **settings.get("sn1", {}))
         return {self.node_id("sn0"), self.node_id("sn1")}
 
     def kill(self, name: str) -> None:
@@ -324,17 +326,32 @@ def test_free_ports_are_never_handed_out_twice_and_a_taken_port_is_retried(
     assert len(tried) == 2 and port == tried[1] != tried[0] and proc.returncode == 0
 
 
-def test_two_supernodes_complete_a_run_insecure(federation, tmp_path: Path) -> None:
+def test_two_supernodes_complete_a_run_insecure_each_on_its_own_settings(
+    federation, tmp_path: Path
+) -> None:
+    """A run that names its own data-root: sn0, started with its own, reads that one (the
+    run's directory is never created) and logs the run value it ignored; sn1 refuses
+    run-chosen paths, answers every message with an error reply and keeps running; the run
+    completes on sn0."""
     fed = federation(tls=False)
-    nodes = fed.start_two_supernodes()
+    own = tmp_path / "sn0-data"
+    nodes = fed.start_two_supernodes(sn0={"NODE_DATA_ROOT": str(own)},
+                                     sn1={"RUN_PATHS": "refuse"})  # fmt: skip
     assert "WARNING: SuperLink WITHOUT TLS" in fed.log("superlink")  # never silently insecure
+    sn0, sn1 = fed.node_id("sn0"), fed.node_id("sn1")
 
-    out = tmp_path / "run"
-    run, logs = fed.run({**TINY_RUN, "output-dir": str(out)})
+    out, the_runs = tmp_path / "run", tmp_path / "the-run-s-data"
+    run, logs = fed.run({**TINY_RUN, "output-dir": str(out), "data-root": str(the_runs)})
     assert "FedDM run finished" in logs  # `--stream` shows the ServerApp's log to the end
     rows = assert_finished(fed, run, out, 2, nodes)
-    assert all(set(r["bytes-up-per-node"]) == nodes for r in rows)
-    assert all("missing" not in r and "rejected" not in r for r in rows)
+    assert (own / "FashionMNIST" / "raw").is_dir() and not the_runs.exists()
+    assert f"node-config data-root='{own}' wins over run-config data-root" in fed.log("sn0")
+    for r in rows:
+        assert set(r["bytes-up-per-node"]) == {sn0} and "missing" not in r
+        refusals = {(x["node"], x["phase"]) for x in r["rejected"]}
+        assert refusals == {(sn1, "train"), (sn1, "evaluate")}, r["rejected"]
+        assert all("refuses run-chosen paths" in x["reason"] for x in r["rejected"])
+    assert fed.procs["sn1"].poll() is None  # the refusing node keeps running
 
 
 def test_over_tls_authentication_refuses_unregistered_nodes(federation, tmp_path: Path):
