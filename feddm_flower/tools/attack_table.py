@@ -70,12 +70,22 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "relative-loss": run.loss / honest.loss,
                         "distance-to-honest": _distance(run.final, honest.final) / moved,
                         "seconds": round(time.monotonic() - begun, 1),
+                        **_server_work(run.strategy.history),
                     })  # fmt: skip
                     print(json.dumps(rows[-1]), flush=True)
                     if args.out:
                         report = {"config": vars_text(args), "rows": rows}
                         args.out.write_text(json.dumps(report, indent=1))
     return rows
+
+
+def _server_work(history: dict[int, dict[str, object]]) -> dict[str, list[int]]:
+    """Per round: the models the server's last check measured, the replies it rejected."""
+    rounds = sorted(history)
+    return {
+        "server-evaluations": [int(history[r].get("server-evaluations", 0)) for r in rounds],
+        "rejected": [len(history[r].get("rejected", [])) for r in rounds],  # type: ignore[arg-type]
+    }
 
 
 def vars_text(args: argparse.Namespace) -> dict[str, Any]:
