@@ -94,3 +94,26 @@ def test_a_refused_round_drops_its_bad_replies_and_keeps_every_honest_one(
         assert history["server-evaluations"] <= 2 + max_tests(count, bad)
     else:
         assert history["server-evaluations"] == 1
+
+
+def test_the_probe_rejects_a_grossly_bad_reply_as_it_arrives_at_one_probe_each() -> None:
+    """With a probe, each reply's own model is measured on it (plus the current model once
+    per model): a reply far off is rejected before it is folded in; the new model is then
+    evaluated once, and the next round probes against it."""
+    target = torch.full_like(GLOBAL["w"], 1.0)
+
+    def loss(s: dict[str, torch.Tensor]) -> float:
+        return float(((s["w"] - target) ** 2).mean())
+
+    check = LossCheck(loss, 1.5, probe=loss)
+    check.current = loss(GLOBAL)
+    strategy = FedDMStrategy(loss_check=check)
+    strategy.global_state = {k: v.clone() for k, v in GLOBAL.items()}
+    replies = [_reply(1, 0.5), _reply(2, 50.0), _reply(3, 0.5)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    history = strategy.history[1]
+    assert [(r["node"], r["reason"][:25]) for r in history["rejected"]] == [
+        ("2", "its model's probe-loss 24")
+    ]
+    assert history["server-probes"] == 4 and history["server-evaluations"] == 1
+    assert arrays is not None and check.current_probe is None  # the model moved: re-probe

@@ -59,8 +59,10 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 @pytest.fixture(scope="module")
 def honest(flwr_run, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     run = _run(flwr_run, tmp_path_factory.mktemp("honest"))
-    # An honest round: the last check measures one model, the new global one.
+    # An honest round: the last check measures one model, the new global one, and probes
+    # each reply's model (and the current one) on a twentieth of its images.
     assert [r["server-evaluations"] for r in run["rows"]] == [1, 1]
+    assert [r["server-probes"] for r in run["rows"]] == [NODES + 1, NODES + 1]
     init = build_unet("tiny", 28, 1, seed=0).state_dict()
     run["moved"] = _distance(run["weights"], init)
     return run
@@ -82,17 +84,15 @@ def test_colluders_below_the_limit_leave_the_model_as_good_as_the_honest_runs(
     assert run["loss"] == pytest.approx(honest["loss"], rel=0.10)
     gap = _distance(run["weights"], honest["weights"])
     assert gap < 2 * honest["moved"], (gap, honest["moved"])
-    # The round's model is refused; group tests find each colluder, whose own model is far
-    # worse than the current one, reject it with that reason, and the rest make the round.
-    # (The median needs no search: its model passes with the colluders in, at one evaluation.)
+    # Each colluder's own model is far worse than the current one: the probe rejects it with
+    # that reason as it arrives, the rest make the round, and the server measured the new
+    # model once (a search would stay within its bound).
     for row in run["rows"]:
-        assert "aggregate-rejected" not in row
-        if keys.get("aggregation") == "median" and "rejected" not in row:
-            assert row["server-evaluations"] == 1
-            continue
         reasons = [r["reason"] for r in row["rejected"]]
-        assert len(reasons) == hostile and all("its model's global-loss" in r for r in reasons)
-        assert 1 < row["server-evaluations"] <= 2 + max_tests(NODES, hostile), row
+        assert len(reasons) == hostile and all("its model's probe-loss" in r for r in reasons)
+        assert "aggregate-rejected" not in row and row["replies-accepted"] == NODES - hostile
+        assert 1 <= row["server-evaluations"] <= 2 + max_tests(NODES, hostile), row
+        assert row["server-probes"] == NODES + 1
 
 
 def test_with_every_defence_off_the_same_colluders_wreck_the_model() -> None:

@@ -22,7 +22,7 @@ from feddm_flower.app.server_app import (
 )
 from feddm_flower.app.strategy import FedDMStrategy
 from feddm_flower.config import RunConfig
-from feddm_flower.evaluation.quality import global_loss, load_eval_inputs
+from feddm_flower.evaluation.quality import global_loss, load_eval_inputs, probe_inputs
 from feddm_flower.fed.aggregation import State
 from feddm_flower.fed.attacks import answers, claimed_examples, hostile_weights, skips_training
 from feddm_flower.fed.changes import CODED, decode_change
@@ -163,13 +163,13 @@ def run_in_process(
     initial = {k: v.clone() for k, v in trainable_state(unet).items()}
     inputs = load_eval_inputs(cfg, None)
 
-    def loss_of(state: State) -> float:
+    def loss_of(state: State, probe: bool = False) -> float:
         load_trainable(unet, state)
-        return global_loss(unet, inputs, cfg.seed)
+        return global_loss(unet, probe_inputs(inputs) if probe else inputs, cfg.seed)
 
     strategy = build_strategy(cfg, seeded_start=True, architecture=architecture(cfg, unet))
     strategy.dispatch.poll_interval = 0.0
-    strategy.loss_check = last_check(cfg, loss_of)
+    strategy.loss_check = last_check(cfg, loss_of, lambda state: loss_of(state, probe=True))
     grid = AttackGrid(run_config, nodes, attack, colluders, {} if cache is None else cache)
     final = run_rounds(strategy, grid, initial, cfg.num_server_rounds)
     return LocalRun(initial, final, loss_of(final), strategy)

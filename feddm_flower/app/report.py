@@ -23,6 +23,7 @@ from feddm_flower.evaluation.quality import (
     fid_scores,
     global_loss,
     load_eval_inputs,
+    probe_inputs,
 )
 from feddm_flower.evaluation.tensorboard import RunBoard
 from feddm_flower.fed.aggregation import State
@@ -187,6 +188,11 @@ class RoundReporter:
         """``global-loss`` of the weights ``state`` (the strategy's last check)."""
         load_trainable(self.unet, state)
         return global_loss(self.unet, self.eval_inputs, self.cfg.seed)
+
+    def probe_of(self, state: dict[str, torch.Tensor]) -> float:
+        """The same loss on the probe's twentieth of the images (one reply's model)."""
+        load_trainable(self.unet, state)
+        return global_loss(self.unet, probe_inputs(self.eval_inputs), self.cfg.seed)
 
     def _global_losses(self, ema: bool) -> dict[str, float]:
         """``global-loss`` of the global model and, if kept and asked for, ``global-loss-ema``

@@ -97,8 +97,9 @@ def main(grid: Grid, context: Context) -> None:
     initial_arrays = ArrayRecord(trainable_state(unet))  # before the reporter moves it to a GPU
     ema = run.load_ema() if state is not None else None
     reporter = RoundReporter(cfg, run, strategy, unet, vae, ema)
-    strategy.loss_check = last_check(cfg, reporter.loss_of if reporter.eval_inputs is not None
-                                     else None)  # fmt: skip
+    measured = reporter.eval_inputs is not None
+    strategy.loss_check = last_check(cfg, reporter.loss_of if measured else None,
+                                     reporter.probe_of)  # fmt: skip
     result = strategy.start(
         grid=grid,
         initial_arrays=initial_arrays,
@@ -233,16 +234,21 @@ def build_strategy(
     )
 
 
-def last_check(cfg: RunConfig, loss: Callable[[State], float] | None) -> LossCheck | None:
-    """The last check of every new global model under ``max-loss-ratio``, measuring it with
-    ``loss`` (the server's ``global-loss``; None when the server has no data to measure on)."""
+def last_check(
+    cfg: RunConfig,
+    loss: Callable[[State], float] | None,
+    probe: Callable[[State], float] | None = None,
+) -> LossCheck | None:
+    """The last check under ``max-loss-ratio``: every new global model measured with ``loss``
+    (the server's ``global-loss``; None when the server has no data to measure on), each
+    reply's own model with ``probe`` (the same on a twentieth of the data)."""
     if not cfg.max_loss_ratio:
         return None
     if loss is None:
         log.warning("max-loss-ratio=%g needs server-eval-examples > 0: new global models are "
                     "checked for finite weights only", cfg.max_loss_ratio)  # fmt: skip
         return None
-    return LossCheck(loss, cfg.max_loss_ratio)
+    return LossCheck(loss, cfg.max_loss_ratio, probe)
 
 
 def build_optimizer(cfg: RunConfig) -> FedAvg:

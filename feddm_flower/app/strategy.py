@@ -220,8 +220,10 @@ class FedDMStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Guard, bound and combine the replies, then take the optimizer's step."""
-        # The replies are kept (on disk) for a search if the last check refuses the round.
+        # Not under DP (a decision on one update would not be noised): each reply's model is
+        # probed, and the replies are kept (on disk) for a search if the last check refuses.
         keep = self.loss_check is not None and self.privacy is None
+        probes = self.loss_check.probes if self.loss_check is not None else 0
         streamed = self.aggregator is None
         intake = Intake(self.bound, self.reference, self.global_state, streamed, keep)
         replied: set[int] = set()
@@ -232,6 +234,8 @@ class FedDMStrategy(Strategy):
             node = self.dispatch.node_of(msg)
             try:
                 contribution = guard.contribution(msg, self.uplink, reference, clip)
+                if keep and (why := self.loss_check.screen(self.global_state, contribution.update)):
+                    raise InvalidReply(f"its model's {why}")
             except InvalidReply as exc:
                 self.book.reject(server_round, "train", node, str(exc))
                 continue
@@ -251,6 +255,8 @@ class FedDMStrategy(Strategy):
             intake.release()
         history["server-time-train-close"] = round(time.monotonic() - closing, 3)
         history["replies-accepted"] = len(intake.accepted)
+        if self.loss_check is not None and self.loss_check.probe is not None:
+            history["server-probes"] = self.loss_check.probes - probes
         records = [guard.metrics_reply(metrics, weight) for metrics, weight in intake.accepted]
         if new_state is None:
             return None, None

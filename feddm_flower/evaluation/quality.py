@@ -88,6 +88,16 @@ def global_loss(unet: UNet2DModel, inputs: torch.Tensor, seed: int) -> float:
     return denoising_loss(unet, build_scheduler(), inputs, seed=seed)
 
 
+# The last check's probe of one reply's model: every 20th of the server's fixed images, so
+# that it costs 1/20 of a global-loss evaluation (fed/aggregation.LossCheck.screen).
+PROBE_STRIDE = 20
+
+
+def probe_inputs(inputs: torch.Tensor) -> torch.Tensor:
+    """The probe's images (or latents): a fixed twentieth of ``inputs``, spread over them."""
+    return inputs[::PROBE_STRIDE]
+
+
 def fid_scores(
     unet: UNet2DModel, vae: AutoencoderKL | None, cfg: RunConfig
 ) -> dict[str, float | int]:

@@ -258,46 +258,71 @@ class Spread:
 
 
 class LossCheck:
-    """The last check of every new global model: its loss on the server's fixed data.
+    """The last check: every new global model's loss on the server's fixed data, and each
+    reply's own model (the global weights plus its update) on a small probe of that data.
 
-    A model whose loss is not finite, or above ``max_ratio`` x the current global model's, is
-    refused (reasons as text); the server then looks for the replies responsible
-    (:mod:`~feddm_flower.fed.group_testing`), testing models built from groups of them.
-    ``current`` is the loss of the model the server holds; it follows every accepted global
-    model, so the server's report can reuse it. ``evaluations`` counts the losses measured.
-    Ours: a rule over our own global-loss, in the spirit of Zeno (Xie et al. 2019) and
-    FLTrust (Cao et al. 2021), which score replies on server-held data; no library
-    implements it for Flower.
+    A model whose loss is not finite, or above ``max_ratio`` x the current global model's on
+    the same data, is refused (reasons as text). A refused global model makes the server look
+    for the replies responsible (:mod:`~feddm_flower.fed.group_testing`), testing models built
+    from groups of them. ``probe`` (optional) measures a reply's own model on a fixed
+    twentieth of the data, with fixed timesteps and noise: it catches grossly hostile replies
+    as they arrive, at 1/20 of an evaluation each, so that an honest round needs one full
+    evaluation. ``current`` is the loss of the model the server holds; it follows every
+    accepted global model, so the server's report can reuse it. ``evaluations`` and
+    ``probes`` count what was measured. Ours: a rule over our own global-loss, in the spirit
+    of Zeno (Xie et al. 2019) and FLTrust (Cao et al. 2021), which score replies on
+    server-held data; no library implements it for Flower.
     """
 
-    def __init__(self, loss: Callable[[State], float], max_ratio: float) -> None:
-        self.loss, self.max_ratio = loss, max_ratio
+    def __init__(
+        self,
+        loss: Callable[[State], float],
+        max_ratio: float,
+        probe: Callable[[State], float] | None = None,
+    ) -> None:
+        self.loss, self.max_ratio, self.probe = loss, max_ratio, probe
         self.current: float | None = None
-        self.evaluations = 0
+        self.current_probe: float | None = None  # the probe's loss of the current model
+        self.evaluations = self.probes = 0
 
     def measure(self, state: State) -> float:
         """The loss of ``state`` (counted)."""
         self.evaluations += 1
         return self.loss(state)
 
+    def _why(self, name: str, loss: float, current: float) -> str | None:
+        if not math.isfinite(loss):
+            return f"{name} {loss} is not finite"
+        if loss > self.max_ratio * current:
+            return (f"{name} {loss:.4g} is more than {self.max_ratio:g}x the current model's "
+                    f"{current:.4g} (max-loss-ratio)")  # fmt: skip
+        return None
+
     def judge(self, candidate: State, current: State) -> tuple[float, str | None]:
         """The loss of ``candidate`` and why it is refused against ``current``, or None."""
         if self.current is None:
             self.current = self.measure(current)
         loss = self.measure(candidate)
-        if not math.isfinite(loss):
-            return loss, f"global-loss {loss} is not finite"
-        if loss > self.max_ratio * self.current:
-            return loss, (f"global-loss {loss:.4g} is more than {self.max_ratio:g}x the current "
-                          f"model's {self.current:.4g} (max-loss-ratio)")  # fmt: skip
-        return loss, None
+        return loss, self._why("global-loss", loss, self.current)
+
+    def screen(self, model: State, update: State) -> str | None:
+        """Why one reply's own model, ``model`` + ``update``, fails the probe, or None (also
+        without a probe)."""
+        if self.probe is None:
+            return None
+        if self.current_probe is None:
+            self.probes += 1
+            self.current_probe = self.probe(model)
+        self.probes += 1
+        own = {k: v + update[k] if v.is_floating_point() else v for k, v in model.items()}
+        return self._why("probe-loss", self.probe(own), self.current_probe)
 
     def refusal(self, candidate: State, current: State) -> str | None:
         """Why the new global model ``candidate`` must not replace ``current``, or None (then
         it is current)."""
         loss, reason = self.judge(candidate, current)
         if reason is None:
-            self.current = loss
+            self.current, self.current_probe = loss, None
         return reason
 
 
