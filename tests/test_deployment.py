@@ -329,8 +329,8 @@ def test_free_ports_are_never_handed_out_twice_and_a_taken_port_is_retried(
 def test_two_supernodes_complete_a_run_insecure_each_on_its_own_settings(
     federation, tmp_path: Path
 ) -> None:
-    """A run that names its own data-root: sn0, started with its own, reads that one (the
-    run's directory is never created) and logs the run value it ignored; sn1 refuses
+    """A run that names its own data-root: sn0, started with its own, reads that one and logs
+    the run value it ignored; sn1 refuses
     run-chosen paths, answers every message with an error reply and keeps running; the run
     completes on sn0."""
     fed = federation(tls=False)
@@ -344,8 +344,11 @@ def test_two_supernodes_complete_a_run_insecure_each_on_its_own_settings(
     run, logs = fed.run({**TINY_RUN, "output-dir": str(out), "data-root": str(the_runs)})
     assert "FedDM run finished" in logs  # `--stream` shows the ServerApp's log to the end
     rows = assert_finished(fed, run, out, 2, nodes)
-    assert (own / "FashionMNIST" / "raw").is_dir() and not the_runs.exists()
+    # sn0 unpacked its data into its own directory, and named the run's only to say it
+    # ignored it (the server read the run's: it measures global-loss there).
+    assert f"into {own / 'FashionMNIST' / 'raw'}" in fed.log("sn0")
     assert f"node-config data-root='{own}' wins over run-config data-root" in fed.log("sn0")
+    assert fed.log("sn0").count(str(the_runs)) == 1
     for r in rows:
         assert set(r["bytes-up-per-node"]) == {sn0} and "missing" not in r
         refusals = {(x["node"], x["phase"]) for x in r["rejected"]}
