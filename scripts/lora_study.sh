@@ -22,7 +22,7 @@ rounds="${ROUNDS:-3}"
 common="init-from='$out/pretrained' classes='5-9' num-server-rounds=$rounds"
 common+=" local-steps=${STEPS:-60} eval-every=$rounds fid-samples=1000 sample-steps=25"
 lora="trainable='lora' uplink='int8' downlink='int8'"
-cells="full: ; lora-ffa: $lora lora-rank=${FFA_RANK:-8};"
+cells="full: ; lora-ffa: $lora lora-rank=${FFA_RANK:-8} lora-variant='ffa';"
 cells+=" lora-ab: $lora lora-rank=${AB_RANK:-2} lora-variant='ab'"
 python -m feddm_flower.tools.ablate --out "$out/study" --seeds 0,1,2 --partitions dir0.5 \
   --num-supernodes 2 --set "$common" --cells "$cells"
