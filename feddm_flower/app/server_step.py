@@ -14,13 +14,15 @@ from flwr.serverapp.strategy import FedAvg, Krum, Strategy
 from feddm_flower.app import privacy as dp
 from feddm_flower.app.compat import STEP_STATE, set_krum_byzantine
 from feddm_flower.app.guard import as_reply
-from feddm_flower.fed.aggregation import InfluenceBound, Intake, LossCheck, State, refusal
+from feddm_flower.fed.aggregation import (
+    InfluenceBound,
+    Intake,
+    LossCheck,
+    State,
+    refusal,
+    with_update,
+)
 from feddm_flower.fed.group_testing import find_culprits
-
-
-def with_update(model: State, update: State) -> State:
-    """``model`` plus ``update`` (float tensors); other tensors stay the model's."""
-    return {k: (g + update[k] if g.is_floating_point() else g) for k, g in model.items()}
 
 
 def combine(

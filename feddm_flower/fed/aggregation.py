@@ -53,6 +53,11 @@ def check_examples(value: object, key: str = "num-examples") -> float:
     return float(value)
 
 
+def with_update(model: State, update: State) -> State:
+    """``model`` plus ``update`` (float tensors); other tensors stay the model's."""
+    return {k: (g + update[k] if g.is_floating_point() else g) for k, g in model.items()}
+
+
 def update_norm(update: State) -> float:
     """L2 norm over all float tensors, in float64 (fp32 squares of finite values may overflow)."""
     total = sum(
@@ -314,8 +319,7 @@ class LossCheck:
             self.probes += 1
             self.current_probe = self.probe(model)
         self.probes += 1
-        own = {k: v + update[k] if v.is_floating_point() else v for k, v in model.items()}
-        return self._why("probe-loss", self.probe(own), self.current_probe)
+        return self._why("probe-loss", self.probe(with_update(model, update)), self.current_probe)
 
     def refusal(self, candidate: State, current: State) -> str | None:
         """Why the new global model ``candidate`` must not replace ``current``, or None (then
