@@ -163,9 +163,11 @@ class RunConfig:
     num_server_rounds: int = _key(6, _at_least(1), "federated rounds")
     fraction_train: float = _key(1.0, _unit_interval, "fraction of nodes sampled to train")
     fraction_evaluate: float = _key(
-        1.0,
+        0.0,
         lambda v: None if 0 <= v <= 1 else "in [0, 1]",
-        "fraction of nodes sampled to evaluate; 0 = no evaluate messages (one per round fewer)",
+        "fraction of nodes sent an evaluate message every round; 0 = one message per node "
+        "and round: train messages measure the model they carry (eval-loss, one round later) "
+        "and one evaluate message follows the last round (final-eval-loss)",
     )
     min_nodes: int = _key(2, _at_least(1), "nodes that must be connected and replying")
     min_replies: int = _key(1, _at_least(1), "accepted training replies needed to update")

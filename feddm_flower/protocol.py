@@ -22,11 +22,15 @@ UNET_CONFIG = "unet-config"  # JSON of the UNet2DModel config (init-from); absen
 BASE_DIGEST = "base-digest"  # the frozen base weights the node builds on (LoRA on init-from)
 FROZEN_DIGEST = "frozen-digest"  # the frozen LoRA factors (seeded) the node must rebuild
 BASE = "base"  # ArrayRecord: the base weights, sent to a node that lacks them
+# A train message asks the node to measure the model it received first (eval-loss, before
+# training: no separate evaluate message that round).
+EVALUATE_RECEIVED = "evaluate-received"
 
 # Keys of a reply's metrics.
 NUM_EXAMPLES = "num-examples"  # the reply's weight
 TRAIN_LOSS, TRAIN_STEPS, TRAIN_SECONDS = "train-loss", "train-steps", "train-seconds"
 EVAL_LOSS = "eval-loss"
+EVAL_EXAMPLES = "eval-examples"  # a train reply's held-out images, eval-loss's weight
 TRAIN_METRICS = (TRAIN_LOSS, TRAIN_STEPS, TRAIN_SECONDS)
 EVAL_METRICS = (EVAL_LOSS,)
 
@@ -34,6 +38,7 @@ EVAL_METRICS = (EVAL_LOSS,)
 # server writes and the tools read. The traffic fields come from fed.accounting's ledger.
 ROUND = "round"
 GLOBAL_LOSS, GLOBAL_LOSS_EMA = "global-loss", "global-loss-ema"
+FINAL_EVAL_LOSS = "final-eval-loss"  # the last round's model, by one evaluate message
 FID, KID, FID_NUM_FAKE = "fid", "kid", "fid-num-fake"
 DRIFT_MEAN = "drift-mean"  # the spread of clients' update norms: drift.summary("drift")
 ROUND_SECONDS, WALL_SECONDS = "round-seconds", "wall-seconds"

@@ -117,7 +117,8 @@ class Dispatch:
                 full = self._full() if delivery.kind == "full" else None
                 contents[key] = downlink_content(delivery, self.chain.digest, config, full)
             messages.append(Message(contents[key], dst_node_id=node, message_type=kind))
-        self.book.deliveries(server_round, _phase_name(kind), kinds)
+        if nodes:
+            self.book.deliveries(server_round, _phase_name(kind), kinds)
         self.book.count_down(server_round, messages, self.fp32_model)
         self.sent = [m.metadata for m in messages]
         return messages

@@ -20,7 +20,14 @@ from feddm_flower.fed.aggregation import (
     clip_update,
     update_norm,
 )
-from feddm_flower.protocol import ARRAYS, EVAL_METRICS, METRICS, NUM_EXAMPLES, TRAIN_METRICS
+from feddm_flower.protocol import (
+    ARRAYS,
+    EVAL_EXAMPLES,
+    EVAL_METRICS,
+    METRICS,
+    NUM_EXAMPLES,
+    TRAIN_METRICS,
+)
 
 
 def check_records(msg: Message, expected: set[str]) -> None:
@@ -55,15 +62,24 @@ def read_metrics(content: RecordDict, keys: tuple[str, ...]) -> tuple[float, dic
 
 
 def contribution(
-    msg: Message, uplink: str, reference: State, clip_norm: float | None = None
+    msg: Message,
+    uplink: str,
+    reference: State,
+    clip_norm: float | None = None,
+    evaluated: bool = False,
 ) -> Contribution:
     """A training reply as its fp32 update against ``reference`` (the model the node trained
     from), weight, norm and metrics; :class:`InvalidReply` with the reason if any part of it
     is unusable. With ``clip_norm`` (DP) the update is clipped here, whatever the client did,
-    and the weight is 1."""
+    and the weight is 1. ``evaluated``: the node was asked for the received model's
+    ``eval-loss`` and its ``eval-examples`` (checked as a weight), which join the metrics."""
     key = uplink_key(uplink)
     check_records(msg, {key, METRICS})
     weight, metrics = read_metrics(msg.content, TRAIN_METRICS)
+    if evaluated:
+        metrics.update(read_metrics(msg.content, EVAL_METRICS)[1])
+        examples = msg.content[METRICS].get(EVAL_EXAMPLES)
+        metrics[EVAL_EXAMPLES] = check_examples(examples, EVAL_EXAMPLES)
     update = decode_uplink(msg.content[key], uplink, reference)
     if clip_norm is not None:
         clip_update(update, clip_norm)
@@ -82,6 +98,21 @@ def evaluation(msg: Message) -> RecordDict:
 def metrics_reply(metrics: dict[str, float], weight: float) -> RecordDict:
     """Checked ``metrics`` with their weight, as Flower's metric aggregation takes them."""
     return RecordDict({METRICS: MetricRecord({**metrics, NUM_EXAMPLES: weight})})
+
+
+def metric_replies(
+    accepted: list[tuple[dict[str, float], float]],
+) -> tuple[list[RecordDict], list[RecordDict]]:
+    """The accepted training replies' checked (metrics, weight) as Flower's metric
+    aggregation takes them: their training metrics, and the evaluations of the received
+    model that came with them, weighted by ``eval-examples``."""
+    train, evaluations = [], []
+    for metrics, weight in accepted:
+        train.append(metrics_reply({k: metrics[k] for k in TRAIN_METRICS}, weight))
+        if EVAL_EXAMPLES in metrics:
+            evaluation = {k: metrics[k] for k in EVAL_METRICS}
+            evaluations.append(metrics_reply(evaluation, metrics[EVAL_EXAMPLES]))
+    return train, evaluations
 
 
 def as_reply(state: State, weight: float) -> Message:

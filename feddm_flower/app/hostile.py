@@ -30,6 +30,9 @@ from feddm_flower.fed.codecs import schema_of
 from feddm_flower.fed.timings import Stopwatch
 from feddm_flower.protocol import (
     CONFIG,
+    EVAL_EXAMPLES,
+    EVAL_LOSS,
+    EVALUATE_RECEIVED,
     METRICS,
     MODEL_DIGEST,
     NUM_EXAMPLES,
@@ -56,6 +59,8 @@ def hostile_reply(attack: str, content: RecordDict, context: Context, honest: Re
     if honest is None:
         received, trained, examples = receive(content, context), None, 1.0
         metrics = {TRAIN_LOSS: 0.0, TRAIN_STEPS: 0, TRAIN_SECONDS: 0.0}
+        if bool(config.get(EVALUATE_RECEIVED, False)):  # it claims a loss it never measured
+            metrics.update({EVAL_LOSS: 0.0, EVAL_EXAMPLES: 1})
     else:
         received = held_model(context)
         if uplink in CODED:

@@ -26,6 +26,7 @@ from feddm_flower.fed.aggregation import State
 from feddm_flower.fed.changes import CODED, ChangeCodec
 from feddm_flower.protocol import (
     CONFIG,
+    EVAL_EXAMPLES,
     EVAL_LOSS,
     METRICS,
     MODEL_DIGEST,
@@ -131,10 +132,11 @@ def node_reply(
 
 
 def train_metrics(num_examples: float, loss: float = 0.1, **extra: float) -> MetricRecord:
-    """A training reply's metrics, as a node's task writes them (``extra``: more, or
-    replacements)."""
+    """A training reply's metrics, as a node's task writes them under the default run-config
+    (with the received model's evaluation; ``extra``: more, or replacements)."""
     metrics = {NUM_EXAMPLES: num_examples, TRAIN_LOSS: loss, TRAIN_STEPS: 1, TRAIN_SECONDS: 1.0}
-    return MetricRecord({**metrics, **extra})
+    evaluation = {EVAL_LOSS: loss, EVAL_EXAMPLES: num_examples}
+    return MetricRecord({**metrics, **evaluation, **extra})
 
 
 def eval_metrics(num_examples: float, loss: float = 0.1) -> MetricRecord:

@@ -37,7 +37,9 @@ from feddm_flower.protocol import (
     BASE,
     BASE_DIGEST,
     CONFIG,
+    EVAL_EXAMPLES,
     EVAL_LOSS,
+    EVALUATE_RECEIVED,
     FROZEN_DIGEST,
     METRICS,
     NUM_EXAMPLES,
@@ -67,8 +69,10 @@ Outcome = tuple[str, RecordDict | str]
 def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict:
     """Train the received global U-Net on this node's partition; reply with the weights, or
     under an int8/int4/sparse uplink with the encoded update. Under differential privacy the update
-    is first clipped to the ``clipping_norm`` the server's DP wrapper put in the config."""
-    cfg, pid, train_inputs, _ = _setup(context)
+    is first clipped to the ``clipping_norm`` the server's DP wrapper put in the config. If
+    the config asks (``evaluate-received``), the received model's held-out loss is measured
+    first and sent with the training metrics: what an evaluate message would measure."""
+    cfg, pid, train_inputs, eval_inputs = _setup(context)
     clock.mark("data")
     config: ConfigRecord = content[CONFIG]
     server_round = int(config[SERVER_ROUND])
@@ -80,6 +84,11 @@ def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict
     # sends the difference from them, and DP clips that difference.
     received = weights if uplink in CODED or clip_norm > 0 else {}
     clock.mark("model")
+    evaluation = {}
+    if bool(config.get(EVALUATE_RECEIVED, False)):
+        evaluation = {EVAL_LOSS: _held_out_loss(cfg, node, eval_inputs),
+                      EVAL_EXAMPLES: len(eval_inputs)}  # fmt: skip
+        clock.mark("eval")
     result = train_local(
         node.compiled,
         build_scheduler(),
@@ -116,6 +125,7 @@ def train(content: RecordDict, context: Context, clock: Stopwatch) -> RecordDict
         TRAIN_LOSS: result.mean_loss,
         TRAIN_STEPS: result.steps,
         TRAIN_SECONDS: result.seconds,
+        **evaluation,
         **clock.metrics(),
     }
     return RecordDict({uplink_key(uplink): record, METRICS: MetricRecord(metrics)})
@@ -132,10 +142,16 @@ def evaluate(content: RecordDict, context: Context, clock: Stopwatch) -> RecordD
     clock.mark("data")
     node, _ = _node_model(cfg, content, context)
     clock.mark("model")
-    loss = denoising_loss(node.unet, build_scheduler(), eval_inputs, seed=cfg.seed)
+    loss = _held_out_loss(cfg, node, eval_inputs)
     clock.mark("eval")
     metrics = {NUM_EXAMPLES: len(eval_inputs), EVAL_LOSS: loss, **clock.metrics()}
     return RecordDict({METRICS: MetricRecord(metrics)})
+
+
+def _held_out_loss(cfg: RunConfig, node: NodeModel, eval_inputs: torch.Tensor) -> float:
+    """``eval-loss``: the denoising loss of the node's model on its held-out split, at the
+    run's fixed timesteps and noise."""
+    return denoising_loss(node.unet, build_scheduler(), eval_inputs, seed=cfg.seed)
 
 
 def node_config(context: Context) -> RunConfig:

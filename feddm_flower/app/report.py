@@ -30,6 +30,7 @@ from feddm_flower.fed.aggregation import State
 from feddm_flower.fed.timings import OVERHEAD_KEY, overhead_share
 from feddm_flower.protocol import (
     EVAL_LOSS,
+    FINAL_EVAL_LOSS,
     GLOBAL_LOSS,
     GLOBAL_LOSS_EMA,
     ROUND_SECONDS,
@@ -183,6 +184,9 @@ class RoundReporter:
             record[ROUND_SECONDS],
             _share(record[OVERHEAD_KEY]),
         )
+        if FINAL_EVAL_LOSS in record:
+            log.info("Round %d: final model's eval-loss %s", server_round,
+                     _fmt(record[FINAL_EVAL_LOSS]))  # fmt: skip
 
     def loss_of(self, state: dict[str, torch.Tensor]) -> float:
         """``global-loss`` of the weights ``state`` (the strategy's last check)."""

@@ -46,7 +46,7 @@ from feddm_flower.fed.aggregation import (
 from feddm_flower.fed.changes import CODED
 from feddm_flower.fed.downlink import ModelChain
 from feddm_flower.fed.timings import PhaseMeans, phase_times
-from feddm_flower.protocol import METRICS, NUM_EXAMPLES, PROXIMAL_MU, UPLINK
+from feddm_flower.protocol import EVALUATE_RECEIVED, METRICS, NUM_EXAMPLES, PROXIMAL_MU, UPLINK
 
 
 class FedDMStrategy(Strategy):
@@ -83,7 +83,11 @@ class FedDMStrategy(Strategy):
         Flower's wrapper noises their sum (``privacy.py``); epsilon reported at ``dp_delta``.
     fraction_train, fraction_evaluate, min_nodes, min_replies, seed, poll_interval
         Seeded sampling of at least ``min_nodes``; fewer than ``min_replies`` accepted
-        training replies leave the model unchanged.
+        training replies leave the model unchanged. ``fraction_evaluate`` > 0 sends an
+        evaluate message to that fraction every round; 0 (one message per node and round)
+        has each train message measure the model it received (``eval-loss`` of the previous
+        round's model) and sends one evaluate message after the last round
+        (``final-eval-loss``).
     """
 
     def __init__(
@@ -104,7 +108,7 @@ class FedDMStrategy(Strategy):
         dp_noise_multiplier: float = 0.0,
         dp_delta: float = 1e-5,
         fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
+        fraction_evaluate: float = 0.0,
         min_nodes: int = 2,
         min_replies: int = 1,
         seed: int = 0,
@@ -176,9 +180,10 @@ class FedDMStrategy(Strategy):
                 result.train_metrics_clientapp[rnd] = metrics
             trained = time.monotonic()
             config = ConfigRecord(evaluate_config or {})
-            if messages := self.configure_evaluate(rnd, arrays, config, grid):
+            final = rnd == num_rounds
+            if messages := self.configure_evaluate(rnd, arrays, config, grid, final):
                 replies = self.dispatch.replies(grid, messages, timeout)
-                if (metrics := self.aggregate_evaluate(rnd, replies)) is not None:
+                if (metrics := self.aggregate_evaluate(rnd, replies, final)) is not None:
                     result.evaluate_metrics_clientapp[rnd] = metrics
             # The server's view of the round: send, wait for and fold each phase's replies.
             self.history[rnd]["server-time-train"] = round(trained - begun, 3)
@@ -196,6 +201,7 @@ class FedDMStrategy(Strategy):
         if self.privacy is not None:  # puts clipping_norm in the config, opens the round
             self.privacy.configure_train(server_round, arrays, config, grid)
         config[PROXIMAL_MU], config[UPLINK] = self.proximal_mu, self.uplink
+        config[EVALUATE_RECEIVED] = self.evaluates_received
         if self.uplink in CODED:
             config.update({**self.codec, "lossless": self.lossless})
         nodes = sample_nodes(grid, f"{self.seed}/{server_round}/train", self.fraction_train,
@@ -206,13 +212,29 @@ class FedDMStrategy(Strategy):
             server_round, nodes, config, MessageType.TRAIN, self.global_state
         )
 
+    @property
+    def evaluates_received(self) -> bool:
+        """Whether train messages measure the model they carry (no evaluate messages but
+        the last round's)."""
+        return self.fraction_evaluate == 0
+
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        final: bool = False,
     ) -> list[Message]:
-        """The model to a seeded sample of nodes for evaluation (none: fraction 0)."""
+        """The model to a seeded sample of nodes for evaluation: ``fraction_evaluate`` of
+        them, or with fraction 0 none before the ``final`` round and then, once, as many as
+        train."""
+        fraction = self.fraction_evaluate
+        if self.evaluates_received:
+            fraction = self.fraction_train if final else 0.0
         self.global_state = arrays.to_torch_state_dict()
-        nodes = sample_nodes(grid, f"{self.seed}/{server_round}/evaluate",
-                             self.fraction_evaluate, self.min_nodes)  # fmt: skip
+        nodes = sample_nodes(grid, f"{self.seed}/{server_round}/evaluate", fraction,
+                             self.min_nodes)  # fmt: skip
         kind = MessageType.EVALUATE
         return self.dispatch.messages(server_round, nodes, config, kind, self.global_state)
 
@@ -233,7 +255,9 @@ class FedDMStrategy(Strategy):
         for msg in self.dispatch.own_replies(server_round, "training", replies, replied):
             node = self.dispatch.node_of(msg)
             try:
-                contribution = guard.contribution(msg, self.uplink, reference, clip)
+                contribution = guard.contribution(
+                    msg, self.uplink, reference, clip, self.evaluates_received
+                )
                 if keep and (why := self.loss_check.screen(self.global_state, contribution.update)):
                     raise InvalidReply(f"its model's {why}")
             except InvalidReply as exc:
@@ -257,7 +281,10 @@ class FedDMStrategy(Strategy):
         history["replies-accepted"] = len(intake.accepted)
         if self.loss_check is not None and self.loss_check.probe is not None:
             history["server-probes"] = self.loss_check.probes - probes
-        records = [guard.metrics_reply(metrics, weight) for metrics, weight in intake.accepted]
+        records, evaluations = guard.metric_replies(intake.accepted)
+        if evaluations:  # the model the nodes received: the previous round's
+            evaluated = self.optimizer.evaluate_metrics_aggr_fn(evaluations, NUM_EXAMPLES)
+            self.book.remember(server_round, "eval", evaluated)
         if new_state is None:
             return None, None
         metrics = self.optimizer.train_metrics_aggr_fn(records, NUM_EXAMPLES)
@@ -265,9 +292,10 @@ class FedDMStrategy(Strategy):
         return ArrayRecord(new_state), metrics
 
     def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
+        self, server_round: int, replies: Iterable[Message], final: bool = False
     ) -> MetricRecord | None:
-        """Weighted mean of the evaluation metrics of the replies that pass the guard."""
+        """Weighted mean of the evaluation metrics of the replies that pass the guard (the
+        ``final`` evaluation after one message per round: as ``final-eval-loss``)."""
         records, times = [], PhaseMeans()
         for msg in self.dispatch.own_replies(server_round, "evaluate", replies, set()):
             try:
@@ -280,7 +308,8 @@ class FedDMStrategy(Strategy):
         if not records:
             return None
         metrics = self.optimizer.evaluate_metrics_aggr_fn(records, NUM_EXAMPLES)
-        self.book.remember(server_round, "eval", metrics)
+        phase = "final" if final and self.evaluates_received else "eval"
+        self.book.remember(server_round, phase, metrics)
         return metrics
 
 
