@@ -329,10 +329,11 @@ def test_free_ports_are_never_handed_out_twice_and_a_taken_port_is_retried(
 def test_two_supernodes_complete_a_run_insecure_each_on_its_own_settings(
     federation, tmp_path: Path
 ) -> None:
-    """A run that names its own data-root: sn0, started with its own, reads that one and logs
-    the run value it ignored; sn1 refuses
-    run-chosen paths, answers every message with an error reply and keeps running; the run
-    completes on sn0."""
+    """Under the default run-config each node gets one message a round (the train message,
+    which measures the model it received: eval-loss) and one evaluate message after the last
+    round (final-eval-loss). A run that names its own data-root: sn0, started with its own,
+    reads that one and logs the run value it ignored; sn1 refuses run-chosen paths, answers
+    every message with an error reply and keeps running; the run completes on sn0."""
     fed = federation(tls=False)
     own = tmp_path / "sn0-data"
     nodes = fed.start_two_supernodes(sn0={"NODE_DATA_ROOT": str(own)},
@@ -349,11 +350,18 @@ def test_two_supernodes_complete_a_run_insecure_each_on_its_own_settings(
     assert f"into {own / 'FashionMNIST' / 'raw'}" in fed.log("sn0")
     assert f"node-config data-root='{own}' wins over run-config data-root" in fed.log("sn0")
     assert fed.log("sn0").count(str(the_runs)) == 1
+    for name in ("sn0", "sn1"):  # every ClientApp message, as the SuperNode received it
+        received = re.findall(r"Receiving: (\w+) message", fed.log(name))
+        assert received == ["train", "train", "evaluate"], (name, received)
     for r in rows:
         assert set(r["bytes-up-per-node"]) == {sn0} and "missing" not in r
-        refusals = {(x["node"], x["phase"]) for x in r["rejected"]}
-        assert refusals == {(sn1, "train"), (sn1, "evaluate")}, r["rejected"]
+        assert r["eval-loss"] > 0  # sn0's loss of the model it received
+        phases = ["train", "evaluate"] if r["round"] == 2 else ["train"]
+        assert [(x["node"], x["phase"]) for x in r["rejected"]] == [(sn1, p) for p in phases]
         assert all("refuses run-chosen paths" in x["reason"] for x in r["rejected"])
+    # Round 2's nodes received round 1's model, which trained: its loss is below the start's.
+    assert rows[1]["eval-loss"] < rows[0]["eval-loss"]
+    assert "final-eval-loss" not in rows[0] and rows[1]["final-eval-loss"] > 0
     assert fed.procs["sn1"].poll() is None  # the refusing node keeps running
 
 

@@ -42,14 +42,22 @@ def test_two_rounds_write_metrics_samples_and_a_loadable_pipeline(flwr_run, tmp_
         assert r["strategy"] == "vanilla"
         assert r["train-loss"] > 0 and r["eval-loss"] > 0 and r["wall-seconds"] > 0
         assert math.isfinite(r["global-loss"]) and "global-loss-ema" not in r  # EMA off
-        # Each model goes down once per node: the nodes rebuild the seeded start themselves,
-        # the evaluate message brings the round's new model, the next train message only its
-        # digest (FedAvg: 4 models down). 2 train replies carry the fp32 weights up.
-        assert 2 * model_bytes <= r["bytes-down"] < 2 * model_bytes * 1.05  # + tensor names
-        assert r["compression-down"] == pytest.approx(2.0, rel=0.02)
-        assert 2 * model_bytes <= r["bytes-up"] < 2 * model_bytes * 1.05
-        assert len(r["bytes-up-per-node"]) == 2 and "downlink-full" in r
+        # 2 train replies carry the fp32 weights up.
+        assert 2 * model_bytes <= r["bytes-up"] < 2 * model_bytes * 1.05  # + tensor names
+        assert len(r["bytes-up-per-node"]) == 2
+    # One message per node and round, and one evaluate message after the last: each model
+    # goes down once per node. Round 1 sends none (the nodes rebuild the seeded start), round
+    # 2's train messages bring round 1's model, the final evaluation round 2's (FedAvg: the
+    # model in all 6 messages).
+    assert rows[0]["bytes-down"] < 1000 and "downlink-full" not in rows[0]
+    assert 4 * model_bytes <= rows[1]["bytes-down"] < 4 * model_bytes * 1.05
+    assert rows[1]["compression-down"] == pytest.approx(6 / 4, rel=0.02)
     assert rows[1]["bytes-down-cumulative"] == rows[0]["bytes-down"] + rows[1]["bytes-down"]
+    # eval-loss: the nodes' loss of the model they received (round 1: the initial weights);
+    # the final model's comes from the one evaluate message, in the last line only.
+    assert rows[0]["eval-loss"] > rows[1]["eval-loss"]
+    assert "final-eval-loss" not in rows[0] and rows[1]["final-eval-loss"] > 0
+    assert "evaluate-time-total" not in rows[0] and rows[1]["evaluate-time-total"] > 0
     assert rows[0]["global-loss-initial"] > rows[1]["global-loss"] > 0  # round 0: random init
     # The centralized baseline's equal compute: 2 rounds x 2 clients x 2 steps of 16 images.
     cfg = RunConfig.from_mapping({**TINY_RUN, "output-dir": str(out)})
@@ -59,6 +67,7 @@ def test_two_rounds_write_metrics_samples_and_a_loadable_pipeline(flwr_run, tmp_
     assert json.loads((out / "run_config.json").read_text())["num-server-rounds"] == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bytes-up-cumulative"] == rows[1]["bytes-up-cumulative"]
+    assert summary["final-eval-loss"] == rows[1]["final-eval-loss"]
     assert "Traffic:" in proc.stdout + proc.stderr
     # TensorBoard: each round's numbers, the rejected replies, the sample grids, the config.
     events = board(out)

@@ -61,7 +61,7 @@ def test_round_overhead_on_both_engines(tmp_path: Path) -> None:
             for phase in ("startup", "data", "model", "train", "encode", "total"):
                 assert r[f"train_{phase}"] >= 0
             assert r["train_total"] >= r["train_train"]
-            assert r["evaluate_eval"] > 0
+            assert r["train_eval"] > 0  # the train message measured the model it received
         # Only the deployment's nodes hand their messages to a worker.
         assert ("train_handoff" in rows[-1]) == (engine == "deployment")
         metrics = (Path(result["output_dir"]) / "metrics.jsonl").read_text().splitlines()
@@ -75,7 +75,7 @@ def test_round_overhead_on_both_engines(tmp_path: Path) -> None:
         losses["deployment"], losses["simulation"], strict=True
     ):
         assert (loss, down) == (loss2, down2) and abs(up - up2) < 0.01 * up2
-        assert up < 40_000 and down < 40_000
+        assert up < 40_000 and down < 2 * 40_000  # round 2: its change and the final one
     assert report["deployment_vs_simulation"] > 0
     assert isinstance(report["deployment_overhead_ok"], bool)
     table = markdown(report)

@@ -64,11 +64,14 @@ def _context(worker: str = "") -> Context:
 
 
 def test_the_worker_computes_what_the_clientapp_would(worker: str) -> None:
-    """The same reply, bit for bit, the node's copy kept in its state, timings from both."""
+    """The same reply, bit for bit, the node's copy kept in its state, timings from both. A
+    train message that asks for it measures the model it carries first: the eval-loss an
+    evaluate message measures, to the bit."""
     message = _train_message(False, 1, "int8")
     other = build_unet("tiny", 28, 1, seed=1).state_dict()  # not what a node starts from
     message.content["arrays"] = to_record(other)
     message.content["config"]["model-digest"] = digest(other)
+    message.content["config"]["evaluate-received"] = True
     here, there = _context(), _context(worker)
     local = train(message, here)
     remote = train(message, there)
@@ -84,7 +87,7 @@ def test_the_worker_computes_what_the_clientapp_would(worker: str) -> None:
     config = current.content["config"]
     config["model-base"] = config["model-digest"] = digest(held)
     current.content = RecordDict({"config": config})
-    assert not train(current, there).has_error()
+    assert "eval-loss" not in train(current, there).content["metrics"]  # not asked
     assert train(current, _context(worker="")).error.code == OUT_OF_SYNC  # no copy here
     metrics = remote.content["metrics"]
     assert "time-handoff" in metrics and "time-handoff" not in local.content["metrics"]
@@ -93,9 +96,12 @@ def test_the_worker_computes_what_the_clientapp_would(worker: str) -> None:
     # Only a process's first message counts its start-up; later ones start at their handler
     # (a long-lived process: a Ray actor in simulation, or this test's).
     assert metrics["time-startup"] < 0.5
-    # Evaluate through the worker: the same loss as here.
+    # Evaluate through the worker: the same loss as here, and as the train message measured.
     loss = evaluate(message, there).content["metrics"]["eval-loss"]
-    assert loss == evaluate(message, here).content["metrics"]["eval-loss"]
+    evaluated = evaluate(message, here).content["metrics"]
+    assert loss == evaluated["eval-loss"] == metrics["eval-loss"]
+    assert evaluated["num-examples"] == metrics["eval-examples"] == 8
+    assert metrics["time-eval"] > 0
 
 
 def test_out_of_sync_through_the_worker(worker: str) -> None:

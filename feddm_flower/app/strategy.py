@@ -8,7 +8,8 @@ optimizer is Flower's (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad), as is a r
 (FedMedian, FedTrimmedAvg, Krum), given decoded fp32 weights. One training round::
 
     configure_train   seeded sample; per node what it lacks of the current model (nothing,
-                      the changes since its copy, or the full model) + config
+                      the changes since its copy, or the full model) + config (by default
+                      with evaluate-received: the node first measures the model it got)
     Dispatch.replies  push, then pull one reply at a time as it arrives; a node out of sync
                       is resent the full model
     aggregate_train   guard each reply -> fp32 update -> bounded influence (DP: the clip) ->

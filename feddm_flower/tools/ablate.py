@@ -59,8 +59,10 @@ from feddm_flower.protocol import (
     BYTES_DOWN_CUMULATIVE,
     BYTES_UP_CUMULATIVE,
     DRIFT_MEAN,
+    EVAL_LOSS,
     FID,
     FID_NUM_FAKE,
+    FINAL_EVAL_LOSS,
     GLOBAL_LOSS,
     GLOBAL_LOSS_EMA,
     KID,
@@ -369,7 +371,8 @@ def collect(
                     "kid": s.get(KID),
                     "kid_std": s.get("kid-std"),
                     "fid_n": s.get(FID_NUM_FAKE),
-                    "eval_loss": s.get("eval-loss"),
+                    # The final model's: its own evaluate message (or the last round's).
+                    "eval_loss": s.get(FINAL_EVAL_LOSS, s.get(EVAL_LOSS)),
                     "global_loss": s.get(GLOBAL_LOSS),
                     "global_loss_ema": s.get(GLOBAL_LOSS_EMA),
                     "drift": s.get(DRIFT_MEAN),
@@ -531,7 +534,7 @@ def write_tables(
         + ": `uplink_compression` and "
         "`traffic_compression` are the baseline's bytes ÷ the cell's (uplink; `bytes_total` = "
         "down + up), above 1 = less traffic; `traffic_compression_vs_fedavg` compares with "
-        "what Flower's FedAvg sends (the fp32 model in every train and evaluate message and "
+        "what Flower's FedAvg sends (the fp32 model in every message the run sent and "
         "every reply); `fid_ratio` is the cell's FID ÷ the baseline's.",
         "",
         "| " + " | ".join(columns) + " |",

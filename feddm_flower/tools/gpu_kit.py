@@ -255,6 +255,7 @@ def cell_summary(cell: Path) -> dict[str, Any]:
         "round",
         "train-loss",
         "eval-loss",
+        "final-eval-loss",
         GLOBAL_LOSS,
         "global-loss-initial",
         BYTES_DOWN_CUMULATIVE,

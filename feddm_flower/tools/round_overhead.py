@@ -32,10 +32,10 @@ from feddm_flower.protocol import (
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "scripts" / "deploy"
-# The CPU target of issue 18, rounds 2 and later: deployment overhead share <= 10% and a
-# deployment round <= 1.15x the simulation round of the same run-config on the same machine.
+# The CPU targets, rounds 2 and later: deployment overhead share <= 10% and a deployment
+# round <= 1.10x the simulation round of the same run-config on the same machine.
 TARGET_OVERHEAD = 0.10
-TARGET_VS_SIMULATION = 1.15
+TARGET_VS_SIMULATION = 1.10
 
 
 def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> None:
