@@ -145,7 +145,42 @@ def _bad_replies() -> dict[str, Message]:
             ),
         ),
         "second-metric-record-first": node_reply(26, two_metrics),
+        # Asked for the received model's loss (the default), a reply must carry it.
+        "no-eval-loss": _metrics_reply(27, good, without="eval-loss"),
+        "nan-eval-loss": _metrics_reply(28, good, **{"eval-loss": math.nan}),
+        "zero-eval-examples": _metrics_reply(29, good, **{"eval-examples": 0}),
+        "huge-eval-examples": _metrics_reply(30, good, **{"eval-examples": 1.7e308}),
     }
+
+
+def _metrics_reply(node: int, state: dict[str, torch.Tensor], without: str = "", **metrics):
+    """A training reply whose metrics are ``train_metrics(10)`` with ``metrics`` replaced and
+    the key ``without`` left out."""
+    record = train_metrics(10, **metrics)
+    if without:
+        del record[without]
+    return node_reply(node, RecordDict({ARRAYS: to_record(state), METRICS: record}))
+
+
+def test_train_replies_report_the_received_models_loss_weighted_by_its_examples() -> None:
+    """Asked for it, each accepted reply's loss of the model it received joins the round's
+    eval-loss, weighted by its eval-examples (not its training examples); not asked (an
+    evaluate message every round), the same keys are ignored."""
+    replies = [
+        _metrics_reply(1, _random_state(1), **{"eval-loss": 0.2, "eval-examples": 1}),
+        _metrics_reply(2, _random_state(2), **{"eval-loss": 0.5, "eval-examples": 3}),
+        _metrics_reply(3, _random_state(3), **{"eval-loss": math.inf}),
+    ]
+    strategy = _strategy()
+    strategy.aggregate_train(2, replies)
+    history = strategy.history[2]
+    assert history["eval-loss"] == pytest.approx((0.2 * 1 + 0.5 * 3) / 4)
+    assert not any(k.startswith("train-eval") for k in history)
+    [rejected] = history["rejected"]
+    assert rejected["node"] == "3" and "eval-loss" in rejected["reason"]
+    per_round = _strategy(fraction_evaluate=1.0)
+    per_round.aggregate_train(2, replies)
+    assert "eval-loss" not in per_round.history[2] and "rejected" not in per_round.history[2]
 
 
 @pytest.mark.parametrize("case", sorted(_bad_replies()))
@@ -366,11 +401,27 @@ def test_node_sampling_is_seeded_and_recorded() -> None:
     assert sampled(0, 1) != sampled(0, 2) or sampled(0, 3) != sampled(0, 4)
 
 
-def test_fraction_evaluate_zero_sends_no_evaluate_messages() -> None:
+def test_fraction_evaluate_zero_sends_evaluate_messages_after_the_last_round_only() -> None:
+    """The default: train messages ask for the received model's loss, and the only evaluate
+    messages follow the last round, to as many nodes as train (final-eval-loss); a fraction
+    above 0 sends evaluate messages every round instead (eval-loss)."""
+    grid, model = _grid([1, 2, 3]), ArrayRecord(GLOBAL)
     strategy = _strategy(fraction_evaluate=0.0)
-    grid = _grid([1, 2, 3])
-    assert strategy.configure_evaluate(1, ArrayRecord(GLOBAL), ConfigRecord(), grid) == []
-    assert len(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), grid)) == 3
+    train = strategy.configure_train(1, model, ConfigRecord(), grid)
+    assert len(train) == 3 and all(m.content["config"]["evaluate-received"] for m in train)
+    assert strategy.configure_evaluate(1, model, ConfigRecord(), grid) == []
+    assert len(strategy.configure_evaluate(1, model, ConfigRecord(), grid, final=True)) == 3
+    metrics = MetricRecord({"num-examples": 4, "eval-loss": 0.3})
+    reply = node_reply(1, RecordDict({METRICS: metrics}), kind="evaluate")
+    strategy.aggregate_evaluate(1, [reply], final=True)
+    assert strategy.history[1]["final-eval-loss"] == pytest.approx(0.3)
+    assert "eval-loss" not in strategy.history[1]
+    per_round = _strategy(fraction_evaluate=1.0)
+    train = per_round.configure_train(1, model, ConfigRecord(), grid)
+    assert not any(m.content["config"]["evaluate-received"] for m in train)
+    assert len(per_round.configure_evaluate(1, model, ConfigRecord(), grid)) == 3
+    per_round.aggregate_evaluate(1, [reply], final=True)
+    assert per_round.history[1]["eval-loss"] == pytest.approx(0.3)
 
 
 def test_after_every_round_and_before_the_first_evaluate_fn_then_end_round() -> None:
