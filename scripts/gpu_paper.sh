@@ -26,8 +26,9 @@
 #   CELLS ["vanilla prox int8"]  NUM_NODES [4]  ROUNDS [3]  STEPS [200] local steps per round
 #   BATCH [128]  LR [5e-4]  ALPHA [0.1]  PRESET [paper]  DEVICE [cuda]  MIXED_PRECISION [bf16]
 #   CHANNELS_LAST [true]  WORKER [1]  THREADS [cores / NUM_NODES] per SuperNode
-#   EXTRA_RUN_CONFIG [] appended to every cell's --run-config (clients send no evaluate
-#   messages: fraction-evaluate=0; the server's global-loss measures every round)
+#   EXTRA_RUN_CONFIG [] appended to every cell's --run-config (one message per node and
+#   round, the default: the train message measures the model it received; one evaluate
+#   message after the last round; the server's global-loss measures every round)
 #   SAMPLES [1000]  SAMPLE_STEPS [25] DDIM steps  SAMPLE_BATCH [500]
 #   BENCH_PRESET [paper] BENCH_SIZE [32] BENCH_CHANNELS [3] BENCH_BATCH [256] BENCH_STEPS [60]
 #   BENCH_WARMUP [10]  BENCH_COMPILE [1]: also time ours under torch.compile
@@ -144,7 +145,7 @@ common="model-preset='${PRESET:-paper}' device='${DEVICE:-cuda}'"
 common+=" mixed-precision='${MIXED_PRECISION:-bf16}' channels-last=${CHANNELS_LAST:-true}"
 common+=" partitioning='dirichlet' dirichlet-alpha=${ALPHA:-0.1} num-server-rounds=${ROUNDS:-3}"
 common+=" local-steps=${STEPS:-200} batch-size=${BATCH:-128} learning-rate=${LR:-5e-4}"
-common+=" min-nodes=$NUM_NODES eval-every=0 seed=0 data-root='$DATA_ROOT' fraction-evaluate=0"
+common+=" min-nodes=$NUM_NODES eval-every=0 seed=0 data-root='$DATA_ROOT'"
 # The kit carries no tensorboard (too large for it): metrics.jsonl holds every scalar.
 common+=" tensorboard=false"
 for cell in $CELLS; do
