@@ -75,9 +75,8 @@ def contribution(
     ``eval-loss`` and its ``eval-examples`` (checked as a weight), which join the metrics."""
     key = uplink_key(uplink)
     check_records(msg, {key, METRICS})
-    weight, metrics = read_metrics(msg.content, TRAIN_METRICS)
+    weight, metrics = read_metrics(msg.content, TRAIN_METRICS + (EVAL_METRICS if evaluated else ()))
     if evaluated:
-        metrics.update(read_metrics(msg.content, EVAL_METRICS)[1])
         examples = msg.content[METRICS].get(EVAL_EXAMPLES)
         metrics[EVAL_EXAMPLES] = check_examples(examples, EVAL_EXAMPLES)
     update = decode_uplink(msg.content[key], uplink, reference)
